@@ -1,0 +1,158 @@
+"""Running stages: upstream checks, the cache decision, writing the manifest, and freshness (`status`).
+
+A stage is skipped ("cached") when its manifest exists, its fingerprint equals the one the current inputs
+and upstream manifests give, and its outputs still check out; the file is then left untouched (same
+bytes, same mtime), so make-style chains don't cascade. Anything else runs the stage and rewrites it.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from stages import ORDER, errors, get_stage
+from stages.base import Context, Reporter
+from stages.manifest import Manifest, fingerprint, manifest_path, read, write
+
+_LIBS = ("prestage", "torch", "transformers", "huggingface_hub", "safetensors", "tokenizers", "msgpack", "click")
+
+
+def library_versions() -> dict:
+    """Installed versions, from package metadata (no import of the libraries themselves)."""
+    out = {}
+    for lib in _LIBS:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def load_upstream(stage, run_dir: Path) -> dict[str, Manifest]:
+    """The upstream manifests a stage reads, each checked to be present and fresh against its own upstream."""
+    found: dict[str, Manifest] = {}
+    for name in stage.requires + stage.optional:
+        path = manifest_path(run_dir, name)
+        if not path.exists():
+            if name in stage.requires:
+                hint = "prestage resolve MODEL" if name == "resolve" else f"prestage {name} {run_dir.name}"
+                raise errors.StaleUpstreamError(f"{stage.name} needs the {name} manifest, and {path} does not "
+                                                f"exist; run `{hint}` first (or `prestage run`)")
+            continue
+        found[name] = read(path)
+    for name, m in found.items():
+        reason = upstream_drift(run_dir, m)
+        if reason:
+            raise errors.StaleUpstreamError(f"{name} is stale ({reason}); re-run `prestage {name} "
+                                            f"{run_dir.name}` before {stage.name}")
+    return found
+
+
+def upstream_drift(run_dir: Path, m: Manifest) -> str | None:
+    """Why `m` no longer matches the upstream manifests it was built from, or None."""
+    for up, digest in sorted(m.upstream.items()):
+        path = manifest_path(run_dir, up)
+        if not path.exists():
+            return f"its upstream {up} manifest is gone"
+        try:
+            current = read(path)
+        except errors.BadManifestError:
+            return f"its upstream {up} manifest is unreadable"
+        if current.digest != digest:
+            return f"{up} changed since it ran"
+    return None
+
+
+@dataclass
+class Outcome:
+    stage: str
+    status: str  # "ran" | "cached"
+    manifest: Manifest
+    path: Path
+
+
+def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force: bool = False) -> Outcome:
+    stage = get_stage(name)
+    run_dir = Path(run_dir)
+    upstream = load_upstream(stage, run_dir)
+    params = {**params, "run_dir": str(run_dir)}
+    inputs = stage.inputs(params, upstream)
+    up_digests = {n: m.digest for n, m in upstream.items()}
+    fp = fingerprint(stage.name, stage.version, inputs, up_digests)
+    path = manifest_path(run_dir, name)
+    if not force and not stage.always_run and path.exists():
+        try:
+            old = read(path)
+        except errors.BadManifestError as e:
+            reporter.warn(f"{e}; re-running {name}")
+            old = None
+        if old is not None and old.fingerprint == fp:
+            reason = stage.check_outputs(run_dir, old)
+            if reason is None:
+                reporter.info(f"{name}: cached, inputs unchanged ({path})")
+                return Outcome(name, "cached", old, path)
+            reporter.info(f"{name}: re-running: {reason}")
+        elif old is not None:
+            reporter.detail(f"{name}: inputs changed, re-running")
+    reporter.info(f"{name}: running")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    result = stage.run(Context(run_dir=run_dir, params=params, upstream=upstream, reporter=reporter), inputs)
+    volatile = {"started_at": started, "duration_s": round(time.perf_counter() - t0, 4),
+                "host": platform.node(), "python": platform.python_version(), "versions": library_versions(),
+                **result.volatile}
+    m = Manifest(stage=stage.name, stage_version=stage.version, inputs=inputs, upstream=up_digests,
+                 outputs=result.outputs, warnings=list(result.warnings), volatile=volatile)
+    write(path, m)
+    for w in m.warnings:
+        reporter.warn(f"{name}: {w}")
+    reporter.info(f"{name}: done in {volatile['duration_s']:.2f}s -> {path}")
+    return Outcome(name, "ran", m, path)
+
+
+def stage_status(run_dir: Path) -> list[dict]:
+    """fresh / stale (with the reason) / missing for every stage, without running anything heavy."""
+    rows: list[dict] = []
+    state: dict[str, str] = {}
+    for name in ORDER:
+        path = manifest_path(run_dir, name)
+        row = {"stage": name, "manifest": str(path)}
+        if not path.exists():
+            row.update(state="missing", reason=None)
+        else:
+            row.update(_freshness(name, run_dir, path, state))
+        state[name] = row["state"]
+        rows.append(row)
+    return rows
+
+
+def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str]) -> dict:
+    try:
+        m = read(path)
+    except errors.BadManifestError as e:
+        return {"state": "stale", "reason": str(e)}
+    stage = get_stage(name)
+    if m.stage != name:
+        return {"state": "stale", "reason": f"the file holds a '{m.stage}' manifest"}
+    if m.stage_version != stage.version:
+        return {"state": "stale", "reason": f"prestage's {name} changed (v{m.stage_version} -> v{stage.version})"}
+    for req in stage.requires:
+        if req not in m.upstream:
+            return {"state": "stale", "reason": f"built without {req}"}
+    for opt_up in stage.optional:
+        if opt_up not in m.upstream and manifest_path(run_dir, opt_up).exists():
+            return {"state": "stale", "reason": f"{opt_up} ran after it"}
+    drift = upstream_drift(run_dir, m)
+    if drift:
+        return {"state": "stale", "reason": drift}
+    for up in m.upstream:
+        if state.get(up) == "stale":
+            return {"state": "stale", "reason": f"upstream {up} is stale"}
+    reason = stage.check_outputs(run_dir, m)
+    if reason:
+        return {"state": "stale", "reason": reason}
+    return {"state": "fresh", "reason": None, "fingerprint": m.fingerprint}

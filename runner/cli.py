@@ -1,0 +1,289 @@
+"""The `prestage` command line (click).
+
+    prestage resolve MODEL          prestage configure RUN       prestage tokenize-prep RUN
+    prestage fetch-weights RUN      prestage launch RUN          prestage run MODEL [--to/--from/--force]
+    prestage inspect FILE|RUN       prestage status RUN          prestage verify RUN
+
+Stage commands are built from each stage's declared options, lazily: `--help`, `inspect` and `status`
+import neither torch nor transformers nor huggingface_hub. Every failure prints one line and exits with the
+code of its class (see the table in `prestage --help`); `-v` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from stages import ORDER, STAGES, errors, get_stage
+from stages.base import Reporter
+
+_RUN_HELP = "Run name or run folder (a folder under --artifacts, or a path)."
+_EPILOG = "\b\nExit codes:\n" + errors.exit_code_table()
+
+
+class _State:
+    def __init__(self, artifacts: str, run: str | None, verbose: int, quiet: bool):
+        self.artifacts = Path(artifacts)
+        self.run = run
+        self.verbose = verbose
+        self.quiet = quiet
+
+    def reporter(self, json_out: bool = False) -> Reporter:
+        return Reporter(verbosity=self.verbose, quiet=self.quiet, json=json_out)
+
+    def run_dir(self, run: str) -> Path:
+        p = Path(run)
+        if os.sep in run or (p.is_dir() and any(p.glob("*.msgpack"))):
+            return p
+        return self.artifacts / run
+
+
+def default_run_name(model: str) -> str:
+    p = Path(model).expanduser()
+    if p.exists():
+        return p.resolve().name or "model"
+    return model.strip("/").replace("/", "--")
+
+
+def _stage_options(names) -> list:
+    """The click options of these stages plus the hub flags, de-duplicated by destination."""
+    from stages import hub
+
+    seen, out = set(), []
+    for spec in [*hub.OPTIONS, *(o for n in names for o in get_stage(n).options)]:
+        if spec.dest not in seen:
+            seen.add(spec.dest)
+            out.append(spec)
+    return out
+
+
+def _emit(reporter: Reporter, payload) -> None:
+    if reporter.json:
+        from runner.show import dumps
+
+        click.echo(dumps(payload))
+
+
+def _stage_command(name: str) -> click.Command:
+    def callback(run, json_out, force, **params):
+        state: _State = click.get_current_context().find_object(_State)
+        reporter = state.reporter(json_out)
+        from runner.chain import run_stage
+
+        if name == "resolve":
+            params["model"] = run
+            run_dir = state.artifacts / (state.run or default_run_name(run))
+        else:
+            run_dir = state.run_dir(run)
+        outcome = run_stage(name, run_dir, params, reporter, force=force)
+        _emit(reporter, {"stage": name, "status": outcome.status, "manifest": str(outcome.path),
+                         **outcome.manifest.to_dict()})
+
+    arg = click.Argument(["run"], metavar="MODEL" if name == "resolve" else "RUN")
+    params = [arg, click.Option(["--json", "json_out"], is_flag=True, help="Print the manifest as JSON on stdout."),
+              click.Option(["--force"], is_flag=True, help="Re-run even if the manifest is fresh.")]
+    params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options([name])]
+    doc = (get_stage(name).__doc__ or sys.modules[type(get_stage(name)).__module__].__doc__ or "").strip()
+    summary = doc.splitlines()[0] if doc else f"Run the {name} stage."
+    what = "MODEL (a hub id or a local folder)" if name == "resolve" else "the run RUN"
+    return click.Command(name, callback=callback, params=params, short_help=summary,
+                         help=f"{summary}\n\nRuns {name} for {what} and writes {name}.msgpack in the run folder.")
+
+
+def _run_command() -> click.Command:
+    def callback(model, to, from_, force, json_out, **params):
+        state: _State = click.get_current_context().find_object(_State)
+        reporter = state.reporter(json_out)
+        from runner.chain import run_stage
+
+        run_dir = state.artifacts / (state.run or default_run_name(model))
+        params["model"] = model
+        wants_launch = bool(params.get("prompt") or params.get("prompts_file"))
+        last = to or ("launch" if wants_launch else "fetch-weights")
+        first = from_ or ORDER[0]
+        if ORDER.index(first) > ORDER.index(last):
+            raise errors.UsageError(f"--from {first} comes after --to {last}; pick a range in pipeline order "
+                                    f"({' -> '.join(ORDER)})")
+        results = []
+        for name in ORDER[ORDER.index(first): ORDER.index(last) + 1]:
+            outcome = run_stage(name, run_dir, params, reporter, force=force or (from_ is not None))
+            results.append({"stage": name, "status": outcome.status, "manifest": str(outcome.path)})
+        if last != "launch" and not wants_launch:
+            reporter.info(f"run {run_dir.name}: ready; `prestage launch {run_dir.name} --prompt TEXT` "
+                          "generates")
+        payload = {"run": run_dir.name, "run_dir": str(run_dir), "stages": results}
+        if last == "launch":
+            payload["launch"] = outcome.manifest.outputs
+        _emit(reporter, payload)
+
+    choice = click.Choice(ORDER)
+    params = [click.Argument(["model"], metavar="MODEL"),
+              click.Option(["--to"], type=choice, default=None,
+                           help="Last stage to run (default: launch when prompts are given, else fetch-weights)."),
+              click.Option(["--from", "from_"], type=choice, default=None,
+                           help="Re-run from this stage on (earlier manifests must exist)."),
+              click.Option(["--force"], is_flag=True, help="Re-run every stage in the range."),
+              click.Option(["--json", "json_out"], is_flag=True, help="Print the result as JSON on stdout.")]
+    params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(ORDER)]
+    return click.Command("run", callback=callback, params=params,
+                         short_help="Chain the stages for MODEL, skipping the fresh ones.",
+                         help="Chain resolve -> configure -> tokenize-prep -> fetch-weights -> launch for MODEL. "
+                              "A stage whose manifest is fresh (same fingerprint, outputs intact) is reported as "
+                              "cached and left untouched; a changed input re-runs it and everything after it.")
+
+
+@click.command("inspect")
+@click.argument("target")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
+@click.option("--full", is_flag=True, help="Do not shorten long lists.")
+@click.pass_obj
+def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
+    """Show a manifest FILE, or every manifest of a RUN."""
+    from runner.show import dumps, manifest_text
+    from stages.manifest import manifest_path, read
+
+    p = Path(target)
+    if p.is_file():
+        docs = {str(p): read(p).to_dict()}
+    else:
+        run_dir = state.run_dir(target)
+        if not run_dir.is_dir():
+            raise errors.NotFoundError(f"{target}: no such manifest file or run (looked in {run_dir}); see "
+                                       f"`ls {state.artifacts}`")
+        docs = {str(manifest_path(run_dir, n)): read(manifest_path(run_dir, n)).to_dict()
+                for n in ORDER if manifest_path(run_dir, n).exists()}
+        if not docs:
+            raise errors.NotFoundError(f"{run_dir}: no manifests in this run folder; run a stage first")
+    if json_out:
+        click.echo(dumps(next(iter(docs.values())) if p.is_file() else
+                         {d["stage"]: d for d in docs.values()}))
+    else:
+        click.echo("\n\n".join(manifest_text(d, path, full) for path, d in docs.items()))
+
+
+@click.command("status")
+@click.argument("run")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
+@click.pass_obj
+def status_cmd(state: _State, run: str, json_out: bool):
+    """Say fresh, stale (and why) or missing for every stage of RUN."""
+    from runner.chain import stage_status
+    from runner.show import dumps, status_text
+
+    run_dir = state.run_dir(run)
+    if not run_dir.is_dir():
+        raise errors.NotFoundError(f"{run}: no such run (looked in {run_dir}); start one with `prestage run MODEL`")
+    rows = stage_status(run_dir)
+    click.echo(dumps({"run": run_dir.name, "stages": rows}) if json_out else status_text(run_dir.name, rows))
+
+
+@click.command("verify")
+@click.argument("run")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
+@click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
+@click.pass_obj
+def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
+    """Re-hash every weight and tokenizer file of RUN and report each one."""
+    from runner.show import dumps
+    from runner.verify import verify_run
+
+    run_dir = state.run_dir(run)
+    ok, report = verify_run(run_dir, {"download_dir": download_dir}, state.reporter(json_out))
+    if json_out:
+        click.echo(dumps({"run": run_dir.name, "ok": ok, "files": report}))
+    if not ok:
+        bad = [r for r in report if not r.get("ok")]
+        raise errors.IntegrityError(f"{len(bad)} of {len(report)} files of run {run_dir.name} fail verification "
+                                    f"(first: {bad[0].get('path')}: {bad[0].get('reason')}); re-run "
+                                    "`prestage fetch-weights --force`")
+
+
+_BUILTIN = {"run": _run_command, "inspect": lambda: inspect_cmd, "status": lambda: status_cmd,
+            "verify": lambda: verify_cmd}
+_SHORT = {"resolve": "Find MODEL, pin its revision, record its files.",
+          "configure": "Build the config as vLLM would: class, patches, max_model_len, dtype, implementation.",
+          "tokenize-prep": "Load the tokenizer once, check it, store it with its cached attributes.",
+          "fetch-weights": "Select, download and verify the weight files.",
+          "launch": "Load the model and generate.",
+          "run": "Chain the stages for MODEL, skipping the fresh ones.",
+          "inspect": "Show a manifest FILE, or every manifest of a RUN.",
+          "status": "Say fresh, stale (and why) or missing for every stage of RUN.",
+          "verify": "Re-hash every weight and tokenizer file of RUN and report each one."}
+
+
+class _Group(click.Group):
+    """Builds commands on demand, so `--help` and `inspect` don't import every stage."""
+
+    def list_commands(self, ctx):
+        return [*ORDER, "run", "inspect", "status", "verify"]
+
+    def get_command(self, ctx, name):
+        if name in STAGES:
+            return _stage_command(name)
+        if name in _BUILTIN:
+            return _BUILTIN[name]()
+        return None
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, _SHORT[n]) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_Group, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"],
+                                                          "max_content_width": 110})
+@click.option("--artifacts", default="artifacts", show_default=True, metavar="DIR",
+              help="Folder holding one folder per run.")
+@click.option("--run", "run_name", default=None, metavar="NAME",
+              help="Run name (default: derived from the model id).")
+@click.option("-v", "--verbose", count=True, help="More detail; tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no progress bars.")
+@click.version_option(package_name="prestage", prog_name="prestage")
+@click.pass_context
+def cli(ctx, artifacts, run_name, verbose, quiet):
+    """prestage: prepare a Hugging Face model for inference as resumable stages, then run it.
+
+    \b
+      resolve -> configure -> tokenize-prep -> fetch-weights -> launch
+    Each stage reads the manifest its predecessor wrote (artifacts/RUN/STAGE.msgpack) and writes its own.
+    """
+    ctx.obj = _State(artifacts, run_name, verbose, quiet)
+
+
+def main(argv=None) -> None:
+    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"})
+                  for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="prestage", standalone_mode=False)
+    except errors.PrestageError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"prestage: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("prestage: interrupted", err=True)
+        sys.exit(errors.CODE["interrupted"])
+    except click.ClickException as e:
+        e.show()
+        sys.exit(errors.CODE["usage"])
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("prestage: interrupted", err=True)
+        sys.exit(errors.CODE["interrupted"])
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as e:  # a bug: one line, the traceback only with -v
+        if verbose:
+            traceback.print_exc()
+        msg = " ".join(str(e).split())
+        click.echo(f"prestage: internal error: {type(e).__name__}: {msg} (rerun with -v and report it)", err=True)
+        sys.exit(errors.CODE["internal"])
+
+
+if __name__ == "__main__":
+    main()

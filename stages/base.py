@@ -1,0 +1,103 @@
+"""The small interface every stage implements, and the option declarations the CLI turns into flags.
+
+A stage is a class with:
+    name, version          identity; `version` is bumped when the stage's outputs would change
+    requires / optional    upstream stages whose manifests it reads (optional: read when present)
+    options                its flags, declared as `Option`s (click kwargs, so stages never import click)
+    inputs(params, up)     the normalized inputs recorded in the manifest: plain data, never a secret
+    run(ctx, inputs)       does the work, returns a `StageResult`
+    check_outputs(ctx, m)  None when what the manifest `m` describes is still there, else the reason
+
+Stage modules keep torch, transformers and huggingface_hub imports inside functions, so that
+`--help`, `inspect` and `status` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from stages.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Option:
+    """A flag: `decls` and `kwargs` are handed to click.Option as they are."""
+
+    decls: tuple
+    kwargs: dict
+
+    @property
+    def dest(self) -> str:
+        for d in self.decls:
+            if not d.startswith("-"):
+                return d
+        longest = max((d for d in self.decls if d.startswith("--")), key=len)
+        return longest.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def opt(*decls: str, **kwargs: Any) -> Option:
+    return Option(tuple(decls), kwargs)
+
+
+@dataclass
+class Reporter:
+    """Human output on stderr; `quiet` silences info, `verbose` adds detail, `json` means stdout is data."""
+
+    verbosity: int = 0
+    quiet: bool = False
+    json: bool = False
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def detail(self, msg: str) -> None:
+        if self.verbosity > 0 and not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def warn(self, msg: str) -> None:
+        print(f"prestage: warning: {msg}", file=sys.stderr, flush=True)
+
+    @property
+    def progress(self) -> bool:
+        """Whether progress bars may be drawn (stderr, not under -q or --json)."""
+        return not (self.quiet or self.json)
+
+
+@dataclass
+class Context:
+    run_dir: Path
+    params: dict  # raw CLI parameters, secrets included: never written anywhere
+    upstream: dict  # stage name -> Manifest
+    reporter: Reporter = field(default_factory=Reporter)
+
+
+@dataclass
+class StageResult:
+    outputs: dict
+    warnings: list = field(default_factory=list)
+    volatile: dict = field(default_factory=dict)
+
+
+class Stage(ABC):
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    requires: ClassVar[tuple] = ()
+    optional: ClassVar[tuple] = ()
+    options: ClassVar[tuple] = ()
+    always_run: ClassVar[bool] = False  # launch: its output is a fresh generation, never cached
+
+    @abstractmethod
+    def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
+        """The normalized inputs: everything that decides the outputs, and no secret."""
+
+    @abstractmethod
+    def run(self, ctx: Context, inputs: dict) -> StageResult:
+        """Do the work; heavy imports live in here."""
+
+    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
+        return None
