@@ -1,0 +1,51 @@
+"""The CLI's fast paths beside the plain way, same run, 2-core machine.
+
+    prestage --help                  vs  python -c "import huggingface_hub"  (what a plain script pays to start)
+    prestage inspect RUN             vs  a script loading the cached config with transformers.AutoConfig
+    prestage resolve (cached, hub    vs  a script: HF_HUB_OFFLINE=1 AutoConfig.from_pretrained(repo) +
+      stopped)                           huggingface_hub.try_to_load_from_cache for the listing's files
+Targets: --help and inspect under 0.3 s, cached resolve under 0.5 s.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import hub_env, prestage_cmd, row, wall, write
+from tests.support.checkpoints import build_checkpoint
+from tests.support.hub_server import LocalHub
+
+REPO = "bench-org/tiny"
+
+
+def main(repeat: int = 7) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="prestage-bench-cli-"))
+    model = build_checkpoint(tmp / "model", layout="single", arch="qwen2")
+    cache, arts = tmp / "cache", tmp / "arts"
+    with LocalHub(tmp / "hub") as hub:
+        hub.commit(REPO, model)
+        env = hub_env(hub.url, cache)
+        wall(prestage_cmd("--artifacts", str(arts), "resolve", REPO), env, repeat=1)
+        dead_env = hub_env("http://127.0.0.1:9", cache)  # the hub is gone: nothing listens there
+    plain_cfg = ("from transformers import AutoConfig; AutoConfig.from_pretrained(%r)" % REPO)
+    results = {
+        "help": (wall(prestage_cmd("--help"), env, repeat),
+                 wall([sys.executable, "-c", "import huggingface_hub"], env, repeat), 0.3),
+        "inspect": (wall(prestage_cmd("--artifacts", str(arts), "inspect", REPO.replace("/", "--")), env, repeat),
+                    wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat), 0.3),
+        "resolve_cached_hub_stopped": (
+            wall(prestage_cmd("--artifacts", str(tmp / "arts2"), "resolve", REPO, "--force"), dead_env, repeat),
+            wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat), 0.5),
+    }
+    print("\nCLI fast paths (median wall time)")
+    for key, (ours, base, target) in results.items():
+        print(row(key, ours, base, target))
+    payload = {k: {"prestage": o, "baseline": b, "target_s": t} for k, (o, b, t) in results.items()}
+    write("cli", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
