@@ -29,7 +29,7 @@ def main(repeat: int = 7) -> dict:
         env = hub_env(hub.url, cache)
         wall(prestage_cmd("--artifacts", str(arts), "resolve", REPO), env, repeat=1)
         dead_env = hub_env("http://127.0.0.1:9", cache)  # the hub is gone: nothing listens there
-    plain_cfg = ("from transformers import AutoConfig; AutoConfig.from_pretrained(%r)" % REPO)
+    plain_cfg = f"from transformers import AutoConfig; AutoConfig.from_pretrained({REPO!r})"
     results = {
         "help": (wall(prestage_cmd("--help"), env, repeat),
                  wall([sys.executable, "-c", "import huggingface_hub"], env, repeat), 0.3),

@@ -62,7 +62,8 @@ def test_help_inspect_status_import_no_heavy_library(tmp_path, local_model):
     r = cli("--artifacts", arts, "resolve", str(local_model))
     assert r.returncode == 0, r.stderr
     for args in (["--help"], ["resolve", "--help"], ["run", "--help"],
-                 ["--artifacts", arts, "inspect", "tiny-llama"], ["--artifacts", arts, "inspect", "tiny-llama", "--json"],
+                 ["--artifacts", arts, "inspect", "tiny-llama"],
+                 ["--artifacts", arts, "inspect", "tiny-llama", "--json"],
                  ["--artifacts", arts, "status", "tiny-llama"]):
         assert _imports_of(args, tmp_path) == set(), args
 
