@@ -1,0 +1,156 @@
+"""Where the tokenizer comes from: the model itself, another hub repo, or a local folder.
+
+`locate(run_dir, params, inputs, resolve_outputs)` returns a `TokenizerSource`: the folder holding the
+tokenizer files, the hub id and pinned commit (hub only), and the repo listing used to pick the tokenizer
+mode. As vLLM does (reference §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole repo
+(config, tokenizer, chat-template, processor and *.py files) into the Hugging Face cache, HF_HUB_CACHE, not
+`--download-dir`. The model's own tokenizer uses resolve's pinned commit; another repo or revision is
+pinned here (HfApi.model_info online, the cached ref offline).
+
+`pick_mode(mode, paths)` applies vLLM's auto rule: `mistral` when the repo has consolidated*.safetensors
+and tekken.json or tokenizer.model.v*, else `hf`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from stages import errors, hub
+
+# vLLM's _WEIGHT_FILE_PATTERNS: what the non-weight snapshot leaves out.
+WEIGHT_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx",
+    "*.onnx_data", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp3", "*.mp4", "*.wav", "*.flac",
+    "*.parquet", "*.arrow", "*.ipynb", "*.zip", "*.tar*",
+)
+MODES = ("auto", "hf", "mistral")
+
+
+@dataclass
+class TokenizerSource:
+    kind: str  # "model" (the resolved model's own files), "hub" (another repo or revision), "local"
+    folder: Path  # absolute folder holding the tokenizer files
+    name: str  # what the tokenizer's name_or_path is set back to: the hub id, or the path as typed
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    snapshot: str | None = None  # relative to the HF cache root
+    local_dir: str | None = None  # relative to the run folder
+    paths: list = field(default_factory=list)  # the repo listing (POSIX, repo-relative)
+
+    def where(self) -> str:
+        return f"{self.repo_id}@{self.commit[:12]}" if self.repo_id else str(self.folder)
+
+
+def normalize_tokenizer_arg(tokenizer: str | None, resolve_outputs: dict) -> dict:
+    """The tokenizer argument as recorded in the inputs: None means the model's own tokenizer."""
+    if not tokenizer or tokenizer == resolve_outputs.get("model") or tokenizer == resolve_outputs.get("repo_id"):
+        return {"kind": "model", "value": None}
+    p = Path(tokenizer).expanduser()
+    if p.is_dir():
+        return {"kind": "local", "value": tokenizer}
+    if p.exists():
+        raise errors.UsageError(f"--tokenizer {tokenizer}: is a file, not a folder; pass a tokenizer folder or a "
+                                "hub id")
+    if tokenizer.count("/") > 1 or tokenizer.startswith((".", "/", "~")):
+        raise errors.NotFoundError(f"--tokenizer {tokenizer}: no such folder, and not a hub id (org/name); "
+                                   "check the path")
+    return {"kind": "hub", "value": tokenizer}
+
+
+def pick_mode(mode: str, paths: list[str]) -> tuple[str, str]:
+    """(mode used, why) following vLLM's auto rule."""
+    if mode != "auto":
+        return mode, f"--tokenizer-mode {mode}"
+    names = [PurePosixPath(p).name for p in paths]
+    consolidated = any(fnmatch.fnmatch(n, "consolidated*.safetensors") for n in names)
+    mistral_tok = any(n == "tekken.json" or n.startswith("tokenizer.model.v") for n in names)
+    if consolidated and mistral_tok:
+        return "mistral", "auto: the repo has consolidated*.safetensors and a Mistral tokenizer file"
+    return "hf", "auto"
+
+
+def _walk(folder: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            out.append((Path(root) / f).relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def _pin(repo_id: str, revision: str, s: hub.HubSettings) -> tuple[str, list[str] | None]:
+    """(commit, listing or None) for repo@revision: the cached ref offline, the hub's answer online."""
+    if s.offline:
+        commit = hub.read_ref(s.cache_dir, repo_id, revision)
+        if commit is None:
+            raise errors.OfflineMissError(f"{repo_id}@{revision} (tokenizer): revision not in the cache "
+                                          f"{s.cache_dir} and offline mode is on; run once online to fetch it")
+        return commit, None
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=s.endpoint, token=s.token)
+    try:
+        info = hub.with_retries(lambda: api.model_info(repo_id, revision=revision))
+    except Exception as e:
+        raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer") from None
+    hub.write_ref(s.cache_dir, repo_id, revision, info.sha)
+    return info.sha, sorted(x.rfilename for x in (info.siblings or []))
+
+
+def _snapshot(repo_id: str, revision: str, commit: str, s: hub.HubSettings, progress: bool) -> Path:
+    """Download the non-weight files of repo@commit into the cache; the snapshot folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        path = hub.with_retries(lambda: snapshot_download(
+            repo_id, revision=commit, cache_dir=s.cache_dir, token=s.token, local_files_only=s.offline,
+            endpoint=s.endpoint,
+            ignore_patterns=list(WEIGHT_PATTERNS)))
+    except Exception as e:
+        raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer files") from None
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+    return Path(path)
+
+
+def locate(run_dir: Path, params: dict, inputs: dict, resolve: dict, progress: bool = False) -> TokenizerSource:
+    """Find, pin and (for hub repos) download the tokenizer's files; see the module docstring."""
+    # The tokenizer goes to the default cache (HF_HUB_CACHE), as vLLM: --download-dir is for weights only.
+    s = hub.settings({**params, "download_dir": None})
+    hub.prepare_env(s)
+    tok = inputs["tokenizer"]
+    revision = inputs["tokenizer_revision"] or resolve.get("revision") or "main"
+
+    if tok["kind"] == "local":
+        folder = (Path(run_dir) / tok["local_dir"]).resolve()
+        if not folder.is_dir():
+            raise errors.NotFoundError(f"--tokenizer {tok['value']}: the folder is gone ({folder}); pass an "
+                                       "existing tokenizer folder")
+        return TokenizerSource(kind="local", folder=folder, name=tok["value"], local_dir=tok["local_dir"],
+                               paths=_walk(folder))
+    if tok["kind"] == "model" and resolve["source"] == "local":
+        folder = hub.model_dir(run_dir, resolve, params)
+        return TokenizerSource(kind="model", folder=folder, name=resolve["model"],
+                               local_dir=resolve["local_dir"], paths=_walk(folder))
+
+    repo_id = resolve["repo_id"] if tok["kind"] == "model" else tok["value"]
+    same_pin = tok["kind"] == "model" and revision in (resolve.get("revision"), resolve.get("commit"))
+    if same_pin:
+        commit, paths = resolve["commit"], [f["path"] for f in resolve.get("files", [])]
+    else:
+        commit, paths = _pin(repo_id, revision, s)
+    folder = _snapshot(repo_id, revision, commit, s, progress)
+    if paths is None:  # offline, another repo: what the cached snapshot holds
+        paths = _walk(folder)
+    return TokenizerSource(kind="model" if same_pin else "hub", folder=folder, name=repo_id, repo_id=repo_id,
+                           revision=revision, commit=commit, snapshot=hub.snapshot_rel(repo_id, commit),
+                           paths=paths)

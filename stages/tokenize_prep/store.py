@@ -1,0 +1,119 @@
+"""The stored tokenizer folder `<run>/tokenizer/` and the checks on it.
+
+`save(run_dir, tok, source_folder, template)` writes the folder through a temporary sibling and a rename
+(a crash leaves the old folder or the new one): `save_pretrained` output, the repo's original
+tokenizer.json bytes under `original/` when `save_pretrained` re-serialized them differently, and the
+resolved chat template as `chat_template.resolved.jinja` unless `save_pretrained`'s own chat_template.jinja
+holds the same text. `check_outputs` compares sizes (cheap: run on every cache decision); `verify_files`
+compares sha256 (launch and verify).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from stages import errors
+
+TOKENIZER_DIR = "tokenizer"
+RESOLVED_TEMPLATE = "chat_template.resolved.jinja"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def listing(run_dir: Path) -> list[dict]:
+    """[{path, size, sha256}] for every file under tokenizer/, paths relative to the run folder, sorted."""
+    root = Path(run_dir) / TOKENIZER_DIR
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out.append({"path": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size,
+                        "sha256": sha256_file(p)})
+    return out
+
+
+def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
+    """Write tokenizer/ and return {chat_template_file, tokenizer_json_sha256}."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / TOKENIZER_DIR
+    tmp = run_dir / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
+    old = run_dir / f".{TOKENIZER_DIR}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok.save_pretrained(str(tmp))
+        original = source_folder / "tokenizer.json"
+        tj_sha = None
+        if original.is_file():
+            data = original.read_bytes()
+            tj_sha = hashlib.sha256(data).hexdigest()
+            saved = tmp / "tokenizer.json"
+            if not saved.is_file() or sha256_file(saved) != tj_sha:
+                (tmp / "original").mkdir(exist_ok=True)
+                (tmp / "original" / "tokenizer.json").write_bytes(data)
+        template_file = None
+        if template is not None:
+            own = tmp / "chat_template.jinja"
+            if own.is_file() and own.read_text(encoding="utf-8") == template:
+                template_file = own.name
+            else:
+                (tmp / RESOLVED_TEMPLATE).write_text(template, encoding="utf-8")
+                template_file = RESOLVED_TEMPLATE
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise errors.ResourceError(f"{run_dir}: no space left to store the tokenizer; free disk space") \
+                from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return {"chat_template_file": f"{TOKENIZER_DIR}/{template_file}" if template_file else None,
+            "tokenizer_json_sha256": tj_sha}
+
+
+def check_outputs(run_dir: Path, outputs: dict) -> str | None:
+    """None when every recorded file is present with its recorded size, else the reason."""
+    for f in outputs.get("files", []):
+        p = Path(run_dir) / f["path"]
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{f['path']} is missing"
+        if size != f["size"]:
+            return f"{f['path']} is {size} bytes, recorded {f['size']}"
+    return None
+
+
+def verify_files(run_dir: Path, outputs: dict) -> None:
+    """Raise IntegrityError on the first stored tokenizer file whose bytes differ from the manifest."""
+    reason = check_outputs(run_dir, outputs)
+    if reason:
+        raise errors.IntegrityError(f"stored tokenizer: {reason}; re-run tokenize-prep")
+    for f in outputs.get("files", []):
+        if sha256_file(Path(run_dir) / f["path"]) != f["sha256"]:
+            raise errors.IntegrityError(f"stored tokenizer: {f['path']} sha256 differs from the manifest (file "
+                                        "changed); re-run tokenize-prep")
+
+
+def read_template(run_dir: Path, outputs: dict) -> str | None:
+    """The resolved chat template text tokenize-prep recorded, or None."""
+    ct = outputs.get("chat_template")
+    if not ct:
+        return None
+    try:
+        return (Path(run_dir) / ct["file"]).read_text(encoding="utf-8")
+    except OSError:
+        raise errors.StaleUpstreamError(f"{ct['file']}: the stored chat template is missing; re-run "
+                                        "tokenize-prep") from None
