@@ -1,0 +1,84 @@
+"""The fetch-weights stage: pick the weight files vLLM would load, get them into the cache, verify them.
+
+Flow (hub): take resolve's full listing (no new listing call), read the format's index JSON when one
+applies (downloaded first: it is small), select the files (select.py; an empty selection fails here, before
+any download), then under the model's download lock: check disk space for the bytes still missing, download
+the rest in parallel at the pinned commit, and hash and parse every file as soon as it is there. Flow
+(local): the same selection over the local folder, no download. Then the tensor index is checked against
+configure's spec. `dummy` downloads nothing and records the parameters launch will fill; `npcache` converts
+the `.bin` files into `np/` in the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import hub
+from stages.base import Context, Stage, StageResult, opt
+from stages.fetch_weights import select as sel
+from stages.manifest import Manifest
+
+_HELP_FORMATS = ", ".join(sel.LOAD_FORMATS)
+
+
+class FetchWeightsStage(Stage):
+    name = "fetch-weights"
+    version = 1
+    requires = ("resolve", "configure")
+    options = (
+        opt("--load-format", default="auto", show_default=True,
+            help=f"Which weight files to load, as vLLM's flag: {_HELP_FORMATS}"),
+        opt("--download-dir", default=None,
+            help="Cache root for downloads instead of HF_HUB_CACHE (as vLLM's --download-dir)"),
+        opt("--ignore-patterns", multiple=True, default=sel.DEFAULT_IGNORE, show_default=True,
+            help="Glob of repo paths never downloaded or loaded (repeatable)"),
+        opt("--offline", is_flag=True, default=False,
+            help="Use only the local cache, no network (as HF_HUB_OFFLINE=1)"),
+        opt("--max-workers", type=int, default=8, show_default=True,
+            help="Files downloaded and hashed at once"),
+    )
+
+    def inputs(self, params: dict, upstream: dict) -> dict:
+        patterns = params.get("ignore_patterns")
+        patterns = list(patterns) if patterns else list(sel.DEFAULT_IGNORE)
+        ddir = params.get("download_dir")
+        return {"load_format": sel.normalize_load_format(params.get("load_format")),
+                "ignore_patterns": patterns,
+                "download_dir": str(Path(ddir).expanduser().absolute()) if ddir else None}
+
+    def run(self, ctx: Context, inputs: dict) -> StageResult:
+        from stages.fetch_weights.fetch import fetch
+
+        return fetch(ctx, inputs)
+
+    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
+        out = manifest.outputs
+        base = self.folder(run_dir, manifest)
+        if base is None:
+            return None
+        for f in out.get("files") or []:
+            p = base / f["path"]
+            if not p.is_file():
+                return f"{f['path']} is gone from {base}"
+            if p.stat().st_size != f["size"]:
+                return f"{f['path']} has {p.stat().st_size} bytes, the manifest recorded {f['size']}"
+        for f in (out.get("npcache") or {}).get("files") or []:
+            p = Path(run_dir) / f["path"]
+            if not p.is_file() or p.stat().st_size != f["size"]:
+                return f"npcache file {f['path']} is missing or changed"
+        return None
+
+    @staticmethod
+    def folder(run_dir: Path, manifest: Manifest) -> Path | None:
+        """The absolute folder the manifest's `files` are relative to."""
+        out = manifest.outputs
+        if not out.get("folder"):
+            return None
+        if out.get("root") == "local":
+            return (Path(run_dir) / out["folder"]).resolve()
+        ddir = manifest.inputs.get("download_dir")
+        cache = Path(ddir) if ddir else hub.default_cache_dir()
+        return cache.absolute() / out["folder"]
+
+
+__all__ = ["FetchWeightsStage"]

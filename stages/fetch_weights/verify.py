@@ -1,0 +1,40 @@
+"""Hashing weight files: sha256 with 8 MiB reads, many files at once on a thread pool.
+
+hashlib releases the GIL while it digests a large buffer, so threads hash several files in parallel.
+`hash_files` returns {path: (size, sha256)}; `check_hash` compares one file with an expected digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path, chunk: int = CHUNK) -> tuple[int, str]:
+    """(size, sha256 hex) of one file, read in `chunk`-byte blocks into one reused buffer."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def hash_files(paths, workers: int | None = None) -> dict:
+    """{path: (size, sha256)} for every path, hashed `workers` at a time (default: CPU count, max 8)."""
+    paths = list(paths)
+    workers = max(1, min(workers or min(8, os.cpu_count() or 1), len(paths) or 1))
+    if workers == 1:
+        return {p: sha256_file(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
+        return dict(zip(paths, pool.map(sha256_file, paths), strict=True))
