@@ -202,7 +202,44 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
                                     "`prestage fetch-weights --force`")
 
 
-_BUILTIN = {"run": _run_command, "inspect": lambda: inspect_cmd, "status": lambda: status_cmd,
+def _serve_command() -> click.Command:
+    request_level = {"prompt", "prompts_file", "max_tokens", "temperature", "top_p", "top_k", "stop"}
+
+    def callback(run, host, port, served_model_name, **params):
+        state: _State = click.get_current_context().find_object(_State)
+        reporter = state.reporter()
+        from runner.chain import load_upstream
+        from stages.launch.inference import load_for_inference
+
+        run_dir = state.run_dir(run)
+        upstream = load_upstream(get_stage("launch"), run_dir)
+        inference = load_for_inference(run_dir, upstream, {**params, "run_dir": str(run_dir)})
+        for w in inference.warnings:
+            reporter.warn(w)
+        import uvicorn
+
+        from stages.launch.server import create_app
+
+        name = served_model_name or upstream["resolve"].outputs["model"]
+        app = create_app(inference, name, int(upstream["configure"].outputs["max_model_len"]))
+        reporter.info(f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, "
+                      f"{inference.info['dtype']})")
+        uvicorn.run(app, host=host, port=port, log_level="warning" if state.quiet else "info")
+
+    params = [click.Argument(["run"], metavar="RUN"),
+              click.Option(["--host"], default="127.0.0.1", show_default=True, help="Address to listen on."),
+              click.Option(["--port"], type=int, default=8000, show_default=True, help="Port to listen on."),
+              click.Option(["--served-model-name"], default=None,
+                           help="Model name in the API (default: the model id given to resolve).")]
+    params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(["launch"])
+               if o.dest not in request_level]
+    return click.Command("serve", callback=callback, params=params, short_help=_SHORT["serve"],
+                         help="Load the model of RUN once and serve the OpenAI API (/v1/completions, "
+                              "/v1/chat/completions, /v1/models) with FastAPI + uvicorn. Requests run one at a "
+                              "time; the prompts of one request are batched.")
+
+
+_BUILTIN = {"run": _run_command, "serve": _serve_command, "inspect": lambda: inspect_cmd, "status": lambda: status_cmd,
             "verify": lambda: verify_cmd}
 _SHORT = {"resolve": "Find MODEL, pin its revision, record its files.",
           "configure": "Build the config as vLLM would: class, patches, max_model_len, dtype, implementation.",
@@ -210,6 +247,7 @@ _SHORT = {"resolve": "Find MODEL, pin its revision, record its files.",
           "fetch-weights": "Select, download and verify the weight files.",
           "launch": "Load the model and generate.",
           "run": "Chain the stages for MODEL, skipping the fresh ones.",
+          "serve": "Serve the model of RUN over the OpenAI API (FastAPI + uvicorn).",
           "inspect": "Show a manifest FILE, or every manifest of a RUN.",
           "status": "Say fresh, stale (and why) or missing for every stage of RUN.",
           "verify": "Re-hash every weight and tokenizer file of RUN and report each one."}
@@ -219,7 +257,7 @@ class _Group(click.Group):
     """Builds commands on demand, so `--help` and `inspect` don't import every stage."""
 
     def list_commands(self, ctx):
-        return [*ORDER, "run", "inspect", "status", "verify"]
+        return [*ORDER, "run", "serve", "inspect", "status", "verify"]
 
     def get_command(self, ctx, name):
         if name in STAGES:

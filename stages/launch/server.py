@@ -1,0 +1,184 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) over a loaded `Inference`.
+
+    GET  /health                 200 when the model is loaded
+    GET  /v1/models              the one served model, with its max_model_len
+    POST /v1/completions         prompt: str | [str] | [int] | [[int]]; max_tokens, temperature, top_p, top_k,
+                                 seed, stop, n (1 only), echo (false only)
+    POST /v1/chat/completions    messages through the chat template tokenize-prep stored
+
+Sampling defaults are the OpenAI API's (max_tokens 16, temperature 1.0), as vLLM's server. The engine
+runs one request at a time (a lock); several prompts in one request are batched together. Streaming
+(`stream: true`) is not implemented and is refused with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from pydantic import BaseModel, Field
+
+
+class CompletionRequest(BaseModel):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    echo: bool = False
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[dict] | None = ""
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _text_of(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    if len(parts) != len(content):
+        raise ApiError(400, "only text content parts are supported by this model", "messages")
+    return "".join(parts)
+
+
+def create_app(inference, served_model_name: str, max_model_len: int):
+    """A FastAPI app serving `inference` (from stages.launch.inference.load_for_inference)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from stages.launch.sampling import SamplingParams
+
+    app = FastAPI(title="prestage", version="1")
+    lock = threading.Lock()
+    tokenizer = inference.tokenizer
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError):
+        return JSONResponse(status_code=e.status, content={"error": {
+            "message": e.message, "type": "invalid_request_error", "param": e.param, "code": None}})
+
+    def check_common(model: str | None, n: int, stream: bool) -> None:
+        if model not in (None, served_model_name):
+            raise ApiError(404, f"model '{model}' does not exist; this server serves '{served_model_name}'", "model")
+        if stream:
+            raise ApiError(400, "stream=true is not supported by prestage's server; send stream=false", "stream")
+        if n != 1:
+            raise ApiError(400, f"n={n} is not supported; send n=1 (one completion per prompt)", "n")
+
+    def sampling(req, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        budget = max_model_len - prompt_len
+        if budget <= 0:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens and this model's context is {max_model_len}",
+                           "prompt")
+        tokens = budget if max_tokens is None else max_tokens
+        if tokens < 1 or tokens > budget:
+            raise ApiError(400, f"max_tokens={tokens}: must be between 1 and {budget} (context {max_model_len} "
+                                f"minus {prompt_len} prompt tokens)", "max_tokens")
+        try:
+            return SamplingParams(max_tokens=tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                                  top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                                  seed=req.seed, stop=stop)
+        except Exception as e:  # the engine's own validation of the values, one line
+            raise ApiError(400, " ".join(str(e).split())) from None
+
+    def run(prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        with lock:
+            return inference.engine.generate(prompts, params)
+
+    def usage(prompts, outs) -> dict:
+        p = sum(len(x) for x in prompts)
+        c = sum(len(o["token_ids"]) for o in outs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def validate_ids(ids: list[int]) -> list[int]:
+        bound = len(tokenizer) - 1
+        for i in ids:
+            if not 0 <= i <= bound:
+                raise ApiError(400, f"token id {i} is out of vocabulary (0..{bound})", "prompt")
+        return ids
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "prestage", "max_model_len": max_model_len}]}
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest):
+        check_common(req.model, req.n, req.stream)
+        if req.echo:
+            raise ApiError(400, "echo=true is not supported; send echo=false", "echo")
+        raw = req.prompt
+        if isinstance(raw, str):
+            prompts = [tokenizer.encode(raw)]
+        elif raw and all(isinstance(x, int) for x in raw):
+            prompts = [validate_ids(list(raw))]
+        elif raw and all(isinstance(x, list) for x in raw):
+            prompts = [validate_ids(list(x)) for x in raw]
+        elif raw and all(isinstance(x, str) for x in raw):
+            prompts = [tokenizer.encode(x) for x in raw]
+        else:
+            raise ApiError(400, "prompt must be a non-empty string, list of strings, or token ids", "prompt")
+        params = [sampling(req, req.max_tokens, len(p)) for p in prompts]
+        outs = run(prompts, params)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": served_model_name,
+                "choices": [{"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
+                            for i, o in enumerate(outs)],
+                "usage": usage(prompts, outs)}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest):
+        check_common(req.model, req.n, req.stream)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template (tokenize-prep recorded none); use "
+                                "/v1/completions or re-run tokenize-prep with --chat-template", "messages")
+        messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
+            raise ApiError(400, f"the chat template rejected the messages: {' '.join(str(e).split())}",
+                           "messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, len(ids))
+        out = run([ids], [params])[0]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": served_model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                             "logprobs": None, "finish_reason": out["finish_reason"]}],
+                "usage": usage([ids], [out])}
+
+    return app

@@ -1,0 +1,90 @@
+"""The OpenAI-compatible server: the same greedy tokens as `prestage launch`, chat through the stored template,
+and one-line 4xx errors for what it does not do."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from stages.manifest import read
+
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, checkpoint_dirs):
+    """A tiny model through every stage on CPU, its launch output, and a TestClient on the server app."""
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from runner.chain import load_upstream
+    from stages import get_stage
+    from stages.launch.inference import load_for_inference
+    from stages.launch.server import create_app
+
+    tmp = tmp_path_factory.mktemp("served")
+    model = shutil.copytree(checkpoint_dirs["single"], tmp / "tiny")
+    arts = tmp / "arts"
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "--artifacts", str(arts), "run", str(model), "--prompt",
+                        PROMPT, "--max-tokens", "12", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run_dir = arts / "tiny"
+    launched = read(run_dir / "launch.msgpack").outputs["completions"][0]
+    upstream = load_upstream(get_stage("launch"), run_dir)
+    inf = load_for_inference(run_dir, upstream, {"device": "cpu", "run_dir": str(run_dir)})
+    app = create_app(inf, "tiny", int(upstream["configure"].outputs["max_model_len"]))
+    with TestClient(app) as client:
+        yield client, launched
+
+
+def test_completion_matches_launch(served):
+    client, launched = served
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == launched["text"]
+    assert body["usage"]["completion_tokens"] == len(launched["token_ids"])
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+
+
+def test_batch_of_prompts_and_token_ids(served):
+    client, launched = served
+    r = client.post("/v1/completions", json={"prompt": [PROMPT, "x = 1"], "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert texts[0] == launched["text"] and len(texts) == 2
+
+
+def test_models_and_health(served):
+    client, _ = served
+    assert client.get("/health").json() == {"status": "ok"}
+    data = client.get("/v1/models").json()["data"]
+    assert data[0]["id"] == "tiny" and data[0]["max_model_len"] > 0
+
+
+def test_chat_uses_the_stored_template(served):
+    client, _ = served
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert r.json()["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"prompt": "a", "stream": True}, 400, "stream"),
+    ({"prompt": "a", "model": "other"}, 404, "other"),
+    ({"prompt": "a", "max_tokens": 10**7}, 400, "max_tokens"),
+    ({"prompt": [10**9]}, 400, "out of vocabulary"),
+    ({"prompt": "a", "n": 2}, 400, "n=2"),
+])
+def test_errors_are_one_line_4xx(served, body, status, needle):
+    client, _ = served
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    msg = r.json()["error"]["message"]
+    assert needle in msg and "\n" not in msg
