@@ -31,6 +31,29 @@ def _prestage(args: list[str], env: dict) -> None:
         sys.exit(f"demo: `prestage {' '.join(args)}` failed with exit code {r.returncode}")
 
 
+def _check_against_transformers(model_dir: Path, launch_manifest: Path) -> None:
+    """The oracle: transformers' own greedy generate() on the same files must give the same token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.manifest import read
+
+    done = read(launch_manifest).outputs["completions"][0]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             repetition_penalty=1.0)
+    ref = out[0, ids.shape[1]:].tolist()
+    same = ref == done["token_ids"]
+    print(f"\ndemo: transformers generate() on the same files gives {'the same' if same else 'DIFFERENT'} "
+          f"{len(ref)} token ids as prestage launch (the weights are random: the text is noise, the tokens are "
+          "the check)", flush=True)
+    if not same:
+        sys.exit(f"demo: prestage {done['token_ids']} != transformers {ref}")
+
+
 def main() -> None:
     if WORK.exists():
         shutil.rmtree(WORK)
@@ -47,6 +70,7 @@ def main() -> None:
         print(f"demo: local hub at {hub.url} serving {REPO}", flush=True)
         run = ["run", REPO, "--prompt", PROMPT, "--max-tokens", "24", "--device", "cpu"]
         _prestage(run, env)
+        _check_against_transformers(model_dir, WORK / "artifacts" / REPO.replace("/", "--") / "launch.msgpack")
         _prestage(["status", REPO.replace("/", "--")], env)
         _prestage(run, env)  # every stage but launch is cached now
     finally:
