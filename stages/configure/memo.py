@@ -1,0 +1,89 @@
+"""A content-addressed store of configure results, so a new run of an already-configured model skips transformers.
+
+Building a config costs ~3 s on a small machine, almost all of it `import transformers` (which imports torch);
+the work itself takes milliseconds. The result depends only on what is hashed into the key:
+
+    the config file's bytes (and config.json's beside a params.json), the safetensors headers in the model
+    folder (they decide the dtype when the config has none), the normalized inputs, the stage version, the
+    source of the configure package and the registry, and the installed transformers version.
+
+Entries live in `<HF cache>/.prestage/configure/<key>.msgpack` beside resolve's listings. Trusted remote code is
+never memoized (its classes must be imported anyway). Any unreadable entry is a miss; a failed write is ignored.
+`--force` on configure still uses the store: it re-derives the manifest from the same content (set
+PRESTAGE_NO_CONFIG_MEMO=1 to bypass it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from importlib import metadata
+from pathlib import Path
+
+import msgpack
+
+from stages.manifest import canonical_bytes, write_atomic
+
+_SOURCES = Path(__file__).resolve().parent
+_REGISTRY = _SOURCES.parent / "launch" / "registry.py"
+
+
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(_SOURCES.glob("*.py")) + [_REGISTRY]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _headers_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        h.update(path.name.encode())
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                h.update(raw + fh.read(min(n, 100 * 1024 * 1024)))
+        except OSError:
+            h.update(b"unreadable")
+    return h.hexdigest()
+
+
+def key(folder: Path, config_file: str, inputs: dict, stage_version: int, capability) -> str | None:
+    """The entry's key, or None when this configure must not be memoized."""
+    if inputs.get("trust_remote_code") or os.environ.get("PRESTAGE_NO_CONFIG_MEMO", "").strip() in ("1", "true"):
+        return None
+    folder = Path(folder)
+    try:
+        files = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                 for name in sorted({config_file, "config.json"}) if (folder / name).is_file()}
+        transformers_version = metadata.version("transformers")
+    except (OSError, metadata.PackageNotFoundError):
+        return None
+    blob = canonical_bytes({"files": files, "headers": _headers_digest(folder), "inputs": inputs,
+                            "stage_version": stage_version, "source": _source_digest(),
+                            "transformers": transformers_version, "capability": list(capability)})
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _path(cache_dir: Path, k: str) -> Path:
+    return Path(cache_dir) / ".prestage" / "configure" / f"{k}.msgpack"
+
+
+def load(cache_dir: Path, k: str) -> tuple[dict, list] | None:
+    try:
+        doc = msgpack.unpackb(_path(cache_dir, k).read_bytes(), raw=False, strict_map_key=False)
+    except (OSError, ValueError, msgpack.UnpackException, TypeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("key") != k or not isinstance(doc.get("outputs"), dict):
+        return None
+    return doc["outputs"], list(doc.get("warnings") or [])
+
+
+def save(cache_dir: Path, k: str, outputs: dict, warnings: list) -> None:
+    try:
+        write_atomic(_path(cache_dir, k), canonical_bytes({"key": k, "outputs": outputs, "warnings": warnings}))
+    except (OSError, TypeError):
+        pass
