@@ -1,0 +1,133 @@
+"""The launch stage package: model registry, native model implementations, weight loader, engine, server.
+
+    registry.py          architecture -> implementation (importable without torch; configure uses it)
+    models/decoder.py    the native decoder shared by Llama, Mistral, Qwen2 and Qwen3
+    rope.py              rotary embeddings for every RoPE type
+    hf_backend.py        any other causal LM transformers can build
+    loader.py            reads the weight files fetch-weights recorded into the model
+    engine.py            continuous batching over a static KV cache, CUDA graphs on GPU
+    sampling.py          SamplingParams and the on-device sampler; detokenizer.py: incremental text
+    inference.py         load_for_inference(): manifests -> ready engine (the stage and the server share it)
+
+`LaunchStage` runs the prompts given with --prompt / --prompts-file through the engine and records the
+completions. Sampling defaults to greedy (--temperature 0.0), unlike vLLM's SamplingParams default of 1.0,
+so that a launch is reproducible by default; pass --temperature 1.0 for vLLM's behaviour. Its output is a
+fresh generation each time (always_run).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from stages.base import Context, Stage, StageResult, opt
+from stages.errors import NotFoundError, UsageError
+from stages.manifest import Manifest
+
+DEFAULT_PROMPT = "Hello, my name is"
+
+OPTIONS = (
+    opt("--prompt", multiple=True, metavar="TEXT",
+        help=f"Prompt to complete (repeatable; default: {DEFAULT_PROMPT!r} when no prompt is given)."),
+    opt("--prompts-file", default=None, metavar="FILE", help="File with one prompt per line (blank lines skipped)."),
+    opt("--max-tokens", type=int, default=16, show_default=True, help="Tokens to generate per prompt."),
+    opt("--temperature", type=float, default=0.0, show_default=True,
+        help="Sampling temperature; 0 is greedy (prestage's default; vLLM's SamplingParams default is 1.0)."),
+    opt("--top-p", type=float, default=1.0, show_default=True,
+        help="Nucleus sampling: keep the best tokens holding this much probability."),
+    opt("--top-k", type=int, default=0, show_default=True, help="Sample from the k best tokens (0 or -1: off)."),
+    opt("--seed", type=int, default=0, show_default=True, help="Random seed of the sampler."),
+    opt("--stop", multiple=True, metavar="TEXT", help="Stop string (repeatable); left out of the text, as vLLM does."),
+    opt("--device", default="auto", show_default=True, metavar="auto|cuda|cpu",
+        help="Where the model runs (auto: CUDA when torch sees a GPU, else CPU)."),
+    opt("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
+        help="Share of GPU memory launch may use (weights, activations, KV cache), as vLLM's flag. "
+             "On CPU the KV cache gets VLLM_CPU_KVCACHE_SPACE GiB (default 4)."),
+    opt("--max-num-seqs", type=int, default=256, show_default=True,
+        help="Most sequences decoded at once, as vLLM's flag."),
+    opt("--verify-hashes", is_flag=True, default=False,
+        help="Hash the weight bytes as they load and compare them with fetch-weights' sha256."),
+)
+
+
+def read_prompts(params: dict) -> list[str]:
+    prompts = list(params.get("prompt") or [])
+    file = params.get("prompts_file")
+    if file:
+        path = Path(file).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise NotFoundError(f"--prompts-file {file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts-file {file}: cannot read it as UTF-8 text ({e})") from None
+        prompts.extend(line for line in text.splitlines() if line.strip())
+    return prompts or [DEFAULT_PROMPT]
+
+
+class LaunchStage(Stage):
+    """Generate completions for the prompts with the staged model, tokenizer and weights."""
+
+    name = "launch"
+    version = 1
+    requires = ("resolve", "configure", "tokenize-prep", "fetch-weights")
+    options = OPTIONS
+    always_run = True
+
+    def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
+        from stages.launch.sampling import SamplingParams
+
+        sp = SamplingParams(max_tokens=int(params.get("max_tokens") or 16),
+                            temperature=float(params.get("temperature") or 0.0),
+                            top_p=float(params.get("top_p") if params.get("top_p") is not None else 1.0),
+                            top_k=int(params.get("top_k") or 0), stop=list(params.get("stop") or []))
+        device = str(params.get("device") or "auto").lower()
+        if device not in ("auto", "cuda", "cpu"):
+            raise UsageError(f"--device {device!r}: use one of auto, cuda, cpu")
+        return {"prompts": read_prompts(params), "max_tokens": sp.max_tokens, "temperature": sp.temperature,
+                "top_p": sp.top_p, "top_k": sp.top_k, "stop": sp.stop, "seed": int(params.get("seed") or 0),
+                "device": device, "gpu_memory_utilization": float(params.get("gpu_memory_utilization") or 0.9),
+                "max_num_seqs": int(params.get("max_num_seqs") or 256),
+                "verify_hashes": bool(params.get("verify_hashes"))}
+
+    def run(self, ctx: Context, inputs: dict) -> StageResult:
+        return run_launch(ctx, inputs)
+
+
+def run_launch(ctx: Context, inputs: dict) -> StageResult:
+    from stages.launch.inference import load_for_inference
+    from stages.launch.sampling import SamplingParams
+
+    start = time.perf_counter()
+    rep = ctx.reporter
+    prompts = inputs["prompts"]
+    params = dict(ctx.params, **{k: inputs[k] for k in ("device", "gpu_memory_utilization", "seed",
+                                                          "verify_hashes")})
+    inf = load_for_inference(ctx.run_dir, ctx.upstream, params,
+                             max_num_seqs=min(inputs["max_num_seqs"], len(prompts)))
+    for w in inf.warnings:
+        rep.warn(w)
+    w = inf.timings["weights"]
+    rep.info(f"launch: {inf.info['implementation'].get('architecture')} ({inf.info['engine']['kind']}) on "
+             f"{inf.info['device']} {inf.info['dtype']}: weights {w['bytes'] / 1e6:.1f} MB in {w['seconds']:.2f}s "
+             f"({w['gb_per_s']:.2f} GB/s), KV cache {inf.info['kv_cache_tokens']} tokens")
+    sp = SamplingParams(max_tokens=inputs["max_tokens"], temperature=inputs["temperature"], top_p=inputs["top_p"],
+                        top_k=inputs["top_k"], stop=inputs["stop"])
+    prompt_ids = [list(inf.tokenizer.encode(p)) for p in prompts]
+    results = inf.engine.generate(prompt_ids, sp)
+    completions = [{"prompt": p, "text": r["text"], "token_ids": r["token_ids"], "finish_reason": r["finish_reason"]}
+                   for p, r in zip(prompts, results, strict=True)]
+    for c in completions:
+        rep.info(f"launch: {c['prompt']!r} -> {c['text']!r} ({len(c['token_ids'])} tokens, {c['finish_reason']})")
+    stats = inf.engine.stats
+    outputs = dict(inf.info, completions=completions)
+    volatile = {"startup": {**{k: round(v, 4) for k, v in inf.timings.items() if isinstance(v, float)},
+                            "weights": inf.timings["weights"],
+                            "first_token_s": round(stats.get("first_token_s") or 0.0, 4)},
+                "generate_s": round(stats.get("generate_s", 0.0), 4),
+                "generated_tokens": stats.get("generated_tokens", 0),
+                "total_s": round(time.perf_counter() - start, 4)}
+    return StageResult(outputs=outputs, warnings=list(inf.warnings), volatile=volatile)
+
+
+__all__ = ["LaunchStage", "OPTIONS", "read_prompts"]

@@ -1,0 +1,175 @@
+"""Everything between the upstream manifests and a ready engine, shared by the launch stage and the server.
+
+    load_for_inference(run_dir, upstream, params) -> Inference(engine, tokenizer, model, info, timings, warnings)
+
+Steps, each timed: check the stored tokenizer (sizes and sha256) and its golden encodings, load it; build
+the model configure chose (native decoder from `spec`, or the transformers backend from `config`) on the
+device in the dtype configure picked for it (empty weights); load the weights fetch-weights recorded; size
+the KV cache; build the engine (on CUDA this captures the decode CUDA graphs); warm up with one short
+generation. Memory errors become ResourceError one-liners.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.errors import ResourceError, UnsupportedError, UsageError
+from stages.launch import registry
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class Inference:
+    engine: object
+    tokenizer: object
+    model: object
+    info: dict  # implementation, device, dtype, kv_cache_tokens, engine facts: plain data
+    timings: dict = field(default_factory=dict)  # seconds per startup step, load stats: plain data
+    warnings: list = field(default_factory=list)
+
+
+def pick_device(requested: str | None):
+    import torch
+
+    requested = (requested or "auto").lower()
+    if requested not in DEVICES:
+        raise UsageError(f"--device {requested!r}: use one of {', '.join(DEVICES)}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def pick_dtype(configure_outputs: dict, device, warnings: list):
+    import torch
+
+    name = (configure_outputs.get("dtype") or {}).get("gpu" if device.type == "cuda" else "cpu") or "float32"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UnsupportedError(f"dtype {name!r} chosen by configure is not a torch dtype launch can run")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        warnings.append("this GPU has no bfloat16 support; running float16 instead (as vLLM does on sm<80)")
+        dtype = torch.float16
+    return dtype
+
+
+def hf_config(configure_outputs: dict, model_dir: Path | None):
+    """The transformers config configure recorded (patched), rebuilt as a config object."""
+    from transformers import AutoConfig
+
+    raw = dict(configure_outputs["config"])
+    model_type = raw.pop("model_type", None) or configure_outputs.get("model_type")
+    trust = bool(configure_outputs.get("trust_remote_code"))
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except ValueError:
+        if not (trust and model_dir is not None):
+            raise UnsupportedError(f"model type {model_type!r} is unknown to the installed transformers; upgrade "
+                                   "transformers, or pass --trust-remote-code for a model with its own code") from None
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True, local_files_only=True)
+    for key, value in raw.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_model(configure_outputs: dict, fetch_outputs: dict, dtype, device, model_dir: Path | None, warnings: list):
+    """The implementation configure chose, with empty weights on `device`."""
+    impl = configure_outputs.get("implementation") or {}
+    cls_ref, arch = impl.get("class"), impl.get("architecture")
+    if cls_ref == registry.DECODER:
+        from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+
+        args = DecoderArgs.from_spec(configure_outputs["spec"], arch)
+        if args.tie_word_embeddings and "lm_head.weight" in (fetch_outputs.get("tensors") or {}):
+            args.tie_word_embeddings = False  # vLLM's maybe_untie_word_embeddings: the checkpoint has its own head
+            warnings.append("tie_word_embeddings is true but the checkpoint has lm_head.weight: loading it untied")
+        return DecoderForCausalLM(args, dtype=dtype, device=device)
+    if cls_ref == registry.TRANSFORMERS_BACKEND:
+        from stages.launch.hf_backend import TransformersForCausalLM
+
+        return TransformersForCausalLM(hf_config(configure_outputs, model_dir), dtype=dtype, device=device,
+                                       trust_remote_code=bool(configure_outputs.get("trust_remote_code")))
+    raise UnsupportedError(f"architecture {arch} maps to implementation {cls_ref!r}, which launch cannot build; "
+                           f"supported: {registry.supported_summary()}")
+
+
+def _oom(what: str, device, e: BaseException) -> ResourceError:
+    return ResourceError(f"out of memory on {device} while {what} ({' '.join(str(e).split())[:120]}); lower "
+                         "--max-model-len or --max-num-seqs, or use a bigger device")
+
+
+def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs: int | None = None) -> Inference:
+    """Tokenizer, model, weights and engine from the run's manifests (`upstream`: stage name -> Manifest)."""
+    t = time.perf_counter()
+    import torch
+    import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
+
+    from stages.fetch_weights.stage import FetchWeightsStage
+    from stages.launch.engine import Engine, plan_kv_cache
+    from stages.launch.loader import load_checkpoint
+    from stages.launch.sampling import SamplingParams
+    from stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
+
+    timings = {"imports_s": time.perf_counter() - t}
+    warnings: list[str] = []
+    run_dir = Path(run_dir)
+    conf, tok_out = upstream["configure"].outputs, upstream["tokenize-prep"].outputs
+    fetch_manifest = upstream["fetch-weights"]
+    fetch = fetch_manifest.outputs
+
+    t = time.perf_counter()
+    verify_files(run_dir, tok_out)
+    tokenizer = load_stored_tokenizer(run_dir, tok_out)
+    check_golden(tokenizer, tok_out)
+    timings["tokenizer_s"] = time.perf_counter() - t
+
+    device = pick_device(params.get("device"))
+    dtype = pick_dtype(conf, device, warnings)
+    model_dir = None
+    if "resolve" in upstream:
+        from stages.hub import model_dir as resolve_model_dir
+
+        model_dir = resolve_model_dir(run_dir, upstream["resolve"].outputs, params)
+    t = time.perf_counter()
+    try:
+        model = build_model(conf, fetch, dtype, device, model_dir, warnings)
+        timings["build_s"] = time.perf_counter() - t
+        base = FetchWeightsStage.folder(run_dir, fetch_manifest)
+        stats = load_checkpoint(model, fetch, base, run_dir, device,
+                                verify_hashes=bool(params.get("verify_hashes")))
+    except torch.OutOfMemoryError as e:
+        raise _oom("loading the weights", device, e) from None
+    warnings.extend(stats.warnings)
+    timings["weights"] = stats.as_dict()
+
+    max_model_len = int(conf["max_model_len"])
+    seqs = int(max_num_seqs or params.get("max_num_seqs") or 256)
+    if seqs < 1:
+        raise UsageError(f"--max-num-seqs {seqs}: must be at least 1")
+    util = float(params.get("gpu_memory_utilization") or 0.9)
+    if not 0 < util <= 1:
+        raise UsageError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
+    t = time.perf_counter()
+    try:
+        kv_tokens = plan_kv_cache(model, device, dtype, max_model_len, seqs, gpu_memory_utilization=util,
+                                  cpu_kv_cache_space_gib=float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4))
+        engine = Engine(model, tokenizer, tok_out.get("eos_token_ids") or [], device, dtype, max_model_len, seqs,
+                        kv_tokens, seed=int(params.get("seed") or 0))
+        engine.generate([[int(tok_out.get("bos_token_id") or 0)]], SamplingParams(max_tokens=2, temperature=0.0,
+                                                                                 ignore_eos=True))
+    except torch.OutOfMemoryError as e:
+        raise _oom(f"allocating the KV cache for --max-model-len {max_model_len}", device, e) from None
+    timings["warmup_s"] = time.perf_counter() - t
+
+    impl = conf.get("implementation") or {}
+    info = {"implementation": dict(impl), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+            "kv_cache_tokens": engine.kv_cache_tokens,
+            "engine": {"kind": "native" if impl.get("impl") == "native" else "transformers",
+                       "max_model_len": max_model_len, "max_num_seqs": engine.num_slots,
+                       "cuda_graphs": engine.graphs is not None}}
+    return Inference(engine, tokenizer, model, info, timings, warnings)

@@ -1,0 +1,296 @@
+"""The weight loader: reads exactly the files fetch-weights recorded and fills the model's parameters.
+
+    load_checkpoint(model, fetch_outputs, base, run_dir, device, verify_hashes) -> LoadStats
+
+Formats (fetch-weights `format`):
+  safetensors / mistral  each shard is read whole by a thread pool (two files ahead) into one buffer, pinned
+                         when the target is CUDA, hashed as the bytes stream in when `verify_hashes`; its
+                         tensors are views into that buffer (the header is parsed here so the views need no
+                         copy), handed to `model.load_weights`, and copied to the device asynchronously while
+                         the next shard is being read. `mistral` names are mapped to Hugging Face names.
+  pt                     `torch.load(weights_only=True, mmap=True)` per file, in the recorded order.
+  npcache                the `.npy` files fetch-weights converted into the run folder.
+  dummy                  no file: every floating parameter is filled uniform(-1e-3, 1e-3) with a generator
+                         seeded 1234 per tensor (vLLM's rule).
+Every file's size is checked before reading (missing: NotFoundError; wrong size or hash: IntegrityError).
+Every parameter must be loaded (InvalidModelError listing the missing names); checkpoint tensors that match
+no parameter come back as warnings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
+
+_CHUNK = 16 * 1024 * 1024
+_READ_AHEAD = 2
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_REFETCH = "re-run `prestage fetch-weights RUN --force`"
+
+
+@dataclass
+class LoadStats:
+    format: str
+    files: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    hashed: bool = False
+    warnings: list = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"format": self.format, "files": self.files, "tensors": self.tensors, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3), "gb_per_s": round(self.gbps, 3), "hashed": self.hashed}
+
+
+def load_checkpoint(model, fetch_outputs: dict, base: Path | None, run_dir: Path, device,
+                    verify_hashes: bool = False) -> LoadStats:
+    """Fill `model` from what fetch-weights recorded; `base` is the folder its `files` are relative to."""
+    fmt = fetch_outputs.get("format")
+    device = torch.device(device)
+    stats = LoadStats(format=fmt, hashed=verify_hashes and fmt != "dummy")
+    start = time.perf_counter()
+    if fmt == "dummy":
+        loaded = fill_dummy(model)
+        stats.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    else:
+        files = check_files(fetch_outputs, base, run_dir)
+        if fmt in ("safetensors", "mistral"):
+            weights = _safetensors_weights(files, device, verify_hashes, stats)
+            if fmt == "mistral":
+                weights = (mistral_to_hf(name, t, model) for name, t in weights)
+        elif fmt == "pt":
+            weights = _torch_weights(files, verify_hashes, stats)
+        elif fmt == "npcache":
+            weights = _npcache_weights(fetch_outputs, run_dir, verify_hashes, stats)
+        else:
+            raise UnsupportedError(f"load format {fmt!r} recorded by fetch-weights cannot be loaded by launch; "
+                                   "re-run fetch-weights with --load-format auto|safetensors|pt|npcache|dummy")
+        loaded = model.load_weights(weights)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - start
+    missing = sorted({n for n, _ in model.named_parameters()} - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise InvalidModelError(f"{len(missing)} parameter(s) not found in the checkpoint: {shown}; the weights do "
+                                "not match the architecture in config.json")
+    unused = list(getattr(model, "unused_weights", []) or [])
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        stats.warnings.append(f"{len(unused)} checkpoint tensor(s) match no parameter and were ignored: {shown}")
+    return stats
+
+
+def check_files(fetch_outputs: dict, base: Path | None, run_dir: Path) -> list[tuple[Path, dict]]:
+    """(absolute path, record) per recorded file, after checking that each exists with its recorded size."""
+    out = []
+    records = list(fetch_outputs.get("files") or [])
+    if fetch_outputs.get("format") == "npcache":
+        records, base = list((fetch_outputs.get("npcache") or {}).get("files") or []), Path(run_dir)
+    for rec in records:
+        path = Path(base) / rec["path"]
+        if not path.is_file():
+            raise NotFoundError(f"weight file {rec['path']} recorded by fetch-weights is missing from {base}; "
+                                f"{_REFETCH}")
+        size = path.stat().st_size
+        if size != rec["size"]:
+            raise IntegrityError(f"weight file {rec['path']} has {size} bytes, fetch-weights recorded {rec['size']}; "
+                                 f"{_REFETCH}")
+        out.append((path, rec))
+    return out
+
+
+# ---- safetensors --------------------------------------------------------------------------------------------
+def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
+    """The file's bytes in one uint8 tensor (pinned if asked), sha256-checked while reading if `verify`."""
+    size = rec["size"]
+    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)  # [size]
+    view = memoryview(buf.numpy()) if size else memoryview(b"")
+    digest = hashlib.sha256() if verify else None
+    with open(path, "rb", buffering=0) as fh:
+        pos = 0
+        while pos < size:
+            n = fh.readinto(view[pos:pos + _CHUNK])
+            if not n:
+                raise IntegrityError(f"weight file {rec['path']} ended after {pos} of {size} bytes; {_REFETCH}")
+            if digest is not None:
+                digest.update(view[pos:pos + n])
+            pos += n
+    if digest is not None and rec.get("sha256") and digest.hexdigest() != rec["sha256"]:
+        raise IntegrityError(f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
+                             f"recorded {rec['sha256'][:16]}...; {_REFETCH}")
+    return buf
+
+
+def _tensors_in(buf: torch.Tensor, label: str):
+    """Yield (name, tensor view) for each tensor of a safetensors file held in `buf` [size] uint8."""
+    try:
+        (n,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
+        header = json.loads(bytes(buf[8:8 + n].numpy()))
+    except (struct.error, ValueError):
+        raise InvalidModelError(f"{label}: not a readable safetensors file; {_REFETCH}") from None
+    header.pop("__metadata__", None)
+    data = 8 + n
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UnsupportedError(f"{label}: tensor {name} has dtype {info['dtype']}, which launch cannot load")
+        begin, end = info["data_offsets"]
+        raw = buf[data + begin:data + end]  # [nbytes] uint8
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if raw.storage_offset() % itemsize:
+            raw = raw.clone()  # unaligned: one copy so the dtype view is legal
+        yield name, raw.view(dtype).view(info["shape"])
+
+
+def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadStats):
+    pin = device.type == "cuda"
+    with ThreadPoolExecutor(max_workers=_READ_AHEAD) as pool:
+        pending = [pool.submit(_read_whole, p, rec, pin, verify) for p, rec in files[:_READ_AHEAD]]
+        for i, (_, rec) in enumerate(files):
+            buf = pending[i].result()
+            if i + _READ_AHEAD < len(files):
+                nxt_path, nxt_rec = files[i + _READ_AHEAD]
+                pending.append(pool.submit(_read_whole, nxt_path, nxt_rec, pin, verify))
+            for name, tensor in _tensors_in(buf, rec["path"]):
+                stats.tensors += 1
+                yield name, tensor
+            if pin:
+                torch.cuda.current_stream(device).synchronize()  # copies out of `buf` are done: free it
+            stats.files += 1
+            stats.bytes += rec["size"]
+            pending[i] = None
+            del buf
+
+
+# ---- torch .bin / .pt ---------------------------------------------------------------------------------------
+def _hash_file(path: Path, rec: dict) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    if rec.get("sha256") and digest.hexdigest() != rec["sha256"]:
+        raise IntegrityError(f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
+                             f"recorded {rec['sha256'][:16]}...; {_REFETCH}")
+
+
+def _torch_load(path: Path, rec: dict) -> dict:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:
+        raise InvalidModelError(f"weight file {rec['path']} cannot be read by torch.load(weights_only=True): "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _torch_weights(files, verify: bool, stats: LoadStats):
+    for path, rec in files:
+        if verify:
+            _hash_file(path, rec)
+        state = _torch_load(path, rec)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        for name, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                stats.tensors += 1
+                yield name, tensor
+        stats.files += 1
+        stats.bytes += rec["size"]
+        del state
+
+
+# ---- npcache ------------------------------------------------------------------------------------------------
+def _npcache_weights(fetch_outputs: dict, run_dir: Path, verify: bool, stats: LoadStats):
+    import numpy as np
+
+    record = fetch_outputs.get("npcache") or {}
+    by_path = {f["path"]: f for f in record.get("files") or []}
+    doc = json.loads((Path(run_dir) / record["names_file"]).read_text())
+    for name in doc["names"]:
+        info = doc["tensors"][name]
+        rel = f"{record['dir']}/{info['file']}"
+        path = Path(run_dir) / rel
+        if verify and rel in by_path:
+            _hash_file(path, by_path[rel])
+        arr = np.load(path, allow_pickle=False)
+        tensor = torch.from_numpy(np.ascontiguousarray(arr))
+        if info.get("dtype") == "BF16":
+            tensor = tensor.view(torch.bfloat16)
+        stats.tensors += 1
+        stats.bytes += path.stat().st_size
+        yield name, tensor
+    stats.files = len(by_path)
+
+
+# ---- mistral-format names -----------------------------------------------------------------------------------
+_MISTRAL_PIECES = (
+    ("attention.wq.", "self_attn.q_proj."), ("attention.wk.", "self_attn.k_proj."),
+    ("attention.wv.", "self_attn.v_proj."), ("attention.wo.", "self_attn.o_proj."),
+    ("feed_forward.w1.", "mlp.gate_proj."), ("feed_forward.w2.", "mlp.down_proj."),
+    ("feed_forward.w3.", "mlp.up_proj."), ("attention_norm.", "input_layernorm."),
+    ("ffn_norm.", "post_attention_layernorm."),
+)
+
+
+def mistral_to_hf(name: str, tensor: torch.Tensor, model) -> tuple[str, torch.Tensor]:
+    """Map a consolidated (Mistral-format) tensor to its Hugging Face name; q/k rows go from the interleaved
+    rotary layout to the half-split one transformers uses."""
+    if name == "tok_embeddings.weight":
+        return "model.embed_tokens.weight", tensor
+    if name == "norm.weight":
+        return "model.norm.weight", tensor
+    if name == "output.weight":
+        return "lm_head.weight", tensor
+    if not name.startswith("layers."):
+        return name, tensor
+    for old, new in _MISTRAL_PIECES:
+        if old in name:
+            name = name.replace(old, new)
+            break
+    name = "model." + name
+    args = getattr(model, "args", None)
+    if args is not None and (".q_proj.weight" in name or ".k_proj.weight" in name):
+        heads = args.num_attention_heads if ".q_proj." in name else args.num_key_value_heads
+        rows, cols = tensor.shape  # [heads * head_dim, hidden]
+        tensor = tensor.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return name, tensor
+
+
+# ---- dummy --------------------------------------------------------------------------------------------------
+def fill_dummy(model, seed: int = 1234, low: float = -1e-3, high: float = 1e-3) -> set[str]:
+    """vLLM's dummy weights: each floating parameter uniform(low, high) from a generator seeded `seed`."""
+    names = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            names.add(name)
+            if not torch.is_floating_point(param):
+                continue
+            gen = torch.Generator(device=param.device).manual_seed(seed)
+            if torch.finfo(param.dtype).bits < 16:  # fp8: uniform_ needs >= 16 bits
+                tmp = torch.empty(param.shape, dtype=torch.float16, device=param.device)
+                param.data.copy_(tmp.uniform_(low, high, generator=gen))
+            else:
+                param.data.uniform_(low, high, generator=gen)
+    return names

@@ -1,0 +1,346 @@
+"""One decoder module for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+Pre-norm transformer: RMSNorm, grouped-query attention (optional q/k/v bias for Qwen2, per-head q/k RMSNorm
+for Qwen3, per-layer sliding window for Mistral/Qwen2), rotary embeddings (stages/launch/rope.py), SwiGLU MLP,
+optionally tied embeddings. q/k/v and gate/up are fused into `qkv_proj` and `gate_up_proj`; `load_weights`
+still takes Hugging Face names (`model.layers.N.self_attn.q_proj.weight`, ...) and copies each into its slice
+of the fused parameter (`STACKED_PARAMS`).
+
+The KV cache is static, `[num_layers, 2, num_slots, num_kv_heads, max_model_len, head_dim]`: one row per
+running sequence. A forward runs the batch rows on the contiguous slots `[slot0, slot0 + B)`, writes their
+keys/values at their positions, and attends with scaled_dot_product_attention over the first `attend_len`
+cache positions under a causal (and sliding-window) mask built from positions, so a batch of prompts of
+different lengths is right-padded and needs no other bookkeeping: a padded position is written, never read
+by a real token, and overwritten when the sequence reaches it.
+
+Engine interface (shared with the transformers backend): `kv_bytes_per_token`, `allocate_kv_cache`,
+`prefill`, `decode`, `move_slot`, `load_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.errors import InvalidModelError, UnsupportedError
+from stages.launch.rope import RotaryEmbedding, apply_rotary
+
+# checkpoint name piece -> (fused parameter piece, shard id)
+STACKED_PARAMS = {
+    ".q_proj.": (".qkv_proj.", "q"),
+    ".k_proj.": (".qkv_proj.", "k"),
+    ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", "gate"),
+    ".up_proj.": (".gate_up_proj.", "up"),
+}
+# checkpoint tensors that are derived buffers, not weights
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+@dataclass
+class DecoderArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: list | None = None  # per layer "full_attention" | "sliding_attention"; None: all the same
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_spec(cls, spec: dict, architecture: str = "LlamaForCausalLM") -> DecoderArgs:
+        """From configure's `spec` (docs/manifests.md) and the architecture name."""
+        heads = spec["num_attention_heads"]
+        bias = bool(spec.get("attention_bias") or False)
+        if architecture == "Qwen2ForCausalLM":
+            qkv_bias, o_bias = True, False
+        elif architecture == "MistralForCausalLM":
+            qkv_bias = o_bias = False
+        else:  # Llama, Qwen3: `attention_bias` covers q, k, v and o
+            qkv_bias = o_bias = bias
+        if "o_proj_bias" in spec:  # configure resolved both per family: attention_bias = q/k/v bias
+            qkv_bias, o_bias = bool(spec.get("attention_bias")), bool(spec["o_proj_bias"])
+        rope = dict(spec.get("rope") or {"rope_type": "default"})
+        if rope and not ({"rope_type", "rope_theta"} & set(rope)):  # per-layer-type dicts: one RoPE for all
+            rope = dict(rope.get("full_attention") or next(v for v in rope.values() if isinstance(v, dict)))
+        rope.setdefault("rope_theta", spec.get("rope_theta") or 10000.0)
+        return cls(
+            vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
+            intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=spec.get("num_key_value_heads") or heads,
+            head_dim=spec.get("head_dim") or spec["hidden_size"] // heads,
+            rms_norm_eps=float(spec.get("rms_norm_eps") or 1e-6),
+            max_position_embeddings=int(spec.get("max_position_embeddings") or 2048), rope=rope,
+            tie_word_embeddings=bool(spec.get("tie_word_embeddings")), qkv_bias=qkv_bias, o_bias=o_bias,
+            mlp_bias=bool(spec.get("mlp_bias") or False),
+            qk_norm=bool(spec.get("qk_norm", architecture == "Qwen3ForCausalLM")),
+            sliding_window=spec.get("sliding_window") or None, layer_types=spec.get("layer_types"),
+            hidden_act=spec.get("hidden_act") or "silu")
+
+    @classmethod
+    def from_hf_config(cls, config) -> DecoderArgs:
+        """From a transformers config object (tests; configure records the same facts in `spec`)."""
+        arch = (getattr(config, "architectures", None) or [None])[0] or {
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}.get(config.model_type, "LlamaForCausalLM")
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope.setdefault("rope_type", "default")
+        rope.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+        spec = {k: getattr(config, k, None) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+            "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "layer_types", "hidden_act")}
+        spec["rope"] = rope
+        return cls.from_spec(spec, arch)
+
+
+def _empty(*shape, factory):
+    return nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b); `shards` names the row ranges of a fused weight: {shard id: (offset, size)}."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, factory: dict, shards: dict | None = None):
+        super().__init__()
+        self.weight = _empty(out_features, in_features, factory=factory)  # [out, in]
+        self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
+        self.shards = shards or {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, factory: dict):
+        super().__init__()
+        self.weight = _empty(dim, factory=factory)  # [dim]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # [..., dim] in float32, as transformers does
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., dim]
+        return self.weight * x.to(dtype)  # [..., dim]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: DecoderArgs, layer: int, factory: dict):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.head_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(args.hidden_size, q + 2 * kv, args.qkv_bias, factory,
+                               shards={"q": (0, q), "k": (q, kv), "v": (q + kv, kv)})
+        self.o_proj = Linear(q, args.hidden_size, args.o_bias, factory)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, factory)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, factory)
+        else:
+            self.q_norm = self.k_norm = None
+        kind = args.layer_types[layer] if args.layer_types else "sliding_attention"
+        self.sliding = bool(args.sliding_window) and kind == "sliding_attention"
+
+    def forward(self, x, cos, sin, kv_cache, batch_idx, positions, mask):
+        # x [B, T, hidden]; cos/sin [B, T, rot]; kv_cache [2, B, Hkv, S_max, D] (this layer, these rows)
+        # batch_idx, positions [B, T]; mask [B, 1, T, S] bool
+        B, T, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [B, T, H*D], [B, T, Hkv*D] x2
+        q = q.view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm over D
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [B, Hkv, S_max, D] each
+        k_cache[batch_idx, :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D] -> cache
+        v_cache[batch_idx, :, positions] = v.to(v_cache.dtype)  # [B, T, Hkv, D] -> cache
+        S = mask.shape[-1]
+        keys, values = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, Hkv, S, D] each
+        gqa = self.num_heads != self.num_kv_heads
+        if gqa and T > 1 and x.is_cuda:
+            # prefill on GPU: repeat the KV heads so SDPA can take its memory-efficient masked kernel instead of
+            # materializing [B, H, T, S] scores (decode keeps enable_gqa: repeating a long cache costs more)
+            rep = self.num_heads // self.num_kv_heads
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)  # [B, H, S, D]
+            gqa = False
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_size))  # [B, T, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, args: DecoderArgs, factory: dict):
+        super().__init__()
+        inter = args.intermediate_size
+        if args.hidden_act not in ("silu", "swish"):
+            raise UnsupportedError(f"hidden_act {args.hidden_act!r} is not supported by the native decoder "
+                                   "(silu only); run with the transformers backend")
+        self.gate_up_proj = Linear(args.hidden_size, 2 * inter, args.mlp_bias, factory,
+                                   shards={"gate": (0, inter), "up": (inter, inter)})
+        self.down_proj = Linear(inter, args.hidden_size, args.mlp_bias, factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, I] each
+        return self.down_proj(F.silu(gate) * up)  # [B, T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: DecoderArgs, layer: int, factory: dict):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, factory)
+        self.self_attn = Attention(args, layer, factory)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, factory)
+        self.mlp = MLP(args, factory)
+
+    def forward(self, x, cos, sin, kv_cache, batch_idx, positions, mask):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch_idx, positions, mask)  # [B, T, hidden]
+        x = x + h  # [B, T, hidden]
+        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, hidden]
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, args: DecoderArgs, factory: dict):
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = _empty(args.vocab_size, args.hidden_size, factory=factory)  # [V, hidden]
+        self.layers = nn.ModuleList(DecoderLayer(args, i, factory) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, factory)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Llama / Mistral / Qwen2 / Qwen3 causal LM with a static KV cache (see the module docstring)."""
+
+    supports_cuda_graph = True
+
+    def __init__(self, args: DecoderArgs, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        self.args = args
+        self.model = DecoderModel(args, factory)
+        if args.tie_word_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, listed once
+        else:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = _empty(args.vocab_size, args.hidden_size, factory=factory)  # [V, hidden]
+        with torch.device(device or "cpu"):
+            self.rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
+        self.window = args.sliding_window
+        self.kv_cache: torch.Tensor | None = None
+        self.unused_weights: list[str] = []
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+                slot0: int = 0, attend_len: int | None = None) -> torch.Tensor:
+        """input_ids, positions [B, T]; seq_lens [B] (each row's length after this step) -> hidden [B, T, hidden].
+
+        Rows use cache slots [slot0, slot0 + B); attention reads the first `attend_len` cache positions
+        (default: max(positions) + 1, which syncs; CUDA graphs pass a fixed value)."""
+        assert self.kv_cache is not None, "allocate_kv_cache() first"
+        B, T = input_ids.shape
+        if attend_len is None:
+            attend_len = int(positions.max()) + 1
+        kv = self.kv_cache[:, :, slot0:slot0 + B]  # [L, 2, B, Hkv, S_max, D] (a view)
+        batch_idx = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)  # [B, T]
+        key_pos = torch.arange(attend_len, device=input_ids.device)  # [S]
+        dist = positions[:, :, None] - key_pos[None, None, :]  # [B, T, S]: query pos - key pos
+        causal = (dist >= 0)[:, None]  # [B, 1, T, S]
+        windowed = ((dist >= 0) & (dist < self.window))[:, None] if self.window else causal  # [B, 1, T, S]
+        cos, sin = self.rotary(positions, seq_lens)  # [B, T, rot] each
+        x = F.embedding(input_ids, self.model.embed_tokens.weight)  # [B, T, hidden]
+        for i, layer in enumerate(self.model.layers):
+            mask = windowed if layer.self_attn.sliding else causal
+            x = layer(x, cos, sin, kv[i], batch_idx, positions, mask)  # [B, T, hidden]
+        return self.model.norm(x)  # [B, T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight)  # [..., hidden] -> [..., V]
+
+    # ---- engine interface ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        a = self.args
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return a.num_hidden_layers * 2 * a.num_key_value_heads * a.head_dim * itemsize
+
+    def allocate_kv_cache(self, num_slots: int, max_model_len: int, device, dtype: torch.dtype) -> None:
+        a = self.args
+        self.kv_cache = torch.zeros(a.num_hidden_layers, 2, num_slots, a.num_key_value_heads, max_model_len,
+                                    a.head_dim, device=device, dtype=dtype)  # [L, 2, slots, Hkv, S_max, D]
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slot0: int) -> torch.Tensor:
+        """input_ids [B, T] right-padded prompts, lengths [B] -> logits of each last prompt token [B, V]."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)[None, :].expand(B, T)  # [B, T]
+        hidden = self.forward(input_ids, positions, lengths, slot0, attend_len=T)  # [B, T, hidden]
+        last = hidden[torch.arange(B, device=hidden.device), lengths - 1]  # [B, hidden]
+        return self.compute_logits(last)  # [B, V]
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend_len: int | None = None) -> torch.Tensor:
+        """input_ids, positions [B] for the sequences in slots [0, B) -> next-token logits [B, V]."""
+        hidden = self.forward(input_ids[:, None], positions[:, None], positions + 1, 0, attend_len)  # [B, 1, hidden]
+        return self.compute_logits(hidden[:, 0])  # [B, V]
+
+    def move_slot(self, src: int, dst: int) -> None:
+        self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])  # [L, 2, Hkv, S_max, D]
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy Hugging Face-named tensors into the parameters; returns the names of the parameters fully loaded.
+
+        Names that match no parameter are collected in `self.unused_weights` (the loader warns about them)."""
+        params = dict(self.named_parameters())
+        shards_seen: dict[str, set] = {}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue  # tied: the embedding is the head (vLLM skips it too)
+            target, shard = name, None
+            for piece, (fused, shard_id) in STACKED_PARAMS.items():
+                if piece in name:
+                    target, shard = name.replace(piece, fused), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                self.unused_weights.append(name)
+                continue
+            dest = param.data
+            if shard is not None:
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                offset, size = module.shards[shard]
+                dest = dest.narrow(0, offset, size)  # rows of this shard
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise InvalidModelError(f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects "
+                                        f"{list(dest.shape)}: the weights do not match config.json")
+            dest.copy_(tensor, non_blocking=True)
+            if shard is None:
+                loaded.add(target)
+            else:
+                shards_seen.setdefault(target, set()).add(shard)
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                if shards_seen[target] == set(module.shards):
+                    loaded.add(target)
+        return loaded

@@ -1,0 +1,72 @@
+"""Sampling parameters and the on-device sampler.
+
+`SamplingParams` keeps vLLM's names and defaults (temperature 1.0, top_p 1.0, top_k 0 = off, no seed); the
+launch stage's own CLI default is greedy (temperature 0.0). `sample` picks one token per row on the logits'
+device: argmax where temperature is 0, else temperature, then top-k, then top-p, then a draw by the
+exponential race (argmax of p / E, E ~ Exp(1)), with E drawn from the request's own generator when it has
+a seed, so a seeded request gives the same tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stages.errors import UsageError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise UsageError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature {self.temperature}: must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.top_k < -1:
+            raise UsageError(f"--top-k {self.top_k}: must be -1 or 0 (off) or a positive count")
+        if any(not s for s in self.stop):
+            raise UsageError("--stop: an empty stop string would stop at once; drop it")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] (long, same device); `generators[i]` draws row i's randomness."""
+    greedy_ids = logits.argmax(dim=-1)  # [B]
+    if all(p.greedy for p in params):
+        return greedy_ids
+    B, V = logits.shape
+    device = logits.device
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)  # [B]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)  # [B]
+    top_p = torch.tensor([p.top_p for p in params], device=device)  # [B]
+    scaled = logits.float() / temps[:, None]  # [B, V]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V] each
+    ranks = torch.arange(V, device=device)[None, :]  # [1, V]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))  # top-k
+    probs = sorted_logits.softmax(dim=-1)  # [B, V]
+    before = probs.cumsum(dim=-1) - probs  # [B, V]: mass of the better tokens
+    probs = probs.masked_fill((before > top_p[:, None]) & (ranks > 0), 0.0)  # top-p (keep the best token)
+    race = torch.empty_like(probs)  # [B, V]
+    for i, gen in enumerate(generators):
+        race[i].exponential_(generator=gen)
+    picked = (probs / race).argmax(dim=-1)  # [B] index into the sorted order
+    sampled_ids = order.gather(1, picked[:, None])[:, 0]  # [B]
+    is_greedy = torch.tensor([p.greedy for p in params], device=device)  # [B]
+    return torch.where(is_greedy, greedy_ids, sampled_ids)  # [B]

@@ -1,0 +1,145 @@
+"""The engine's bookkeeping: stop conditions, incremental text, slots reused by waiting prompts, KV sizing,
+sampling parameters. A tiny random Qwen2 (vocab 1024) with the trained test BPE tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.errors import ResourceError, UsageError
+from stages.launch.detokenizer import IncrementalDetokenizer
+from stages.launch.engine import Engine, plan_kv_cache
+from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+from stages.launch.sampling import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tests.support.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(1024)
+
+
+@pytest.fixture(scope="module")
+def model():
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   initializer_range=0.2)
+    torch.manual_seed(1)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    ours = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=torch.float32)
+    ours.load_weights(hf.state_dict().items())
+    return ours
+
+
+def make_engine(model, tokenizer, eos=(), max_model_len=64, max_num_seqs=4):
+    return Engine(model, tokenizer, list(eos), "cpu", torch.float32, max_model_len, max_num_seqs,
+                  max_num_seqs * max_model_len)
+
+
+def test_launch_detokenizer_matches_full_decode(tokenizer):
+    text = "def héllo(wörld):\n    return '日本語 — ok' + str(42)  # ünïcode ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, [], True)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    gen = torch.Generator().manual_seed(0)
+    prompt = tokenizer.encode("print(", add_special_tokens=False)  # ends on a character boundary
+    for _ in range(5):  # random ids: byte pieces that never complete a character included
+        out = torch.randint(0, 1024, (30,), generator=gen).tolist()
+        detok = IncrementalDetokenizer(tokenizer, prompt, True)
+        assert "".join([detok.add(i) for i in out] + [detok.flush()]) == tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_launch_text_is_the_decoded_tokens(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    prompts = [tokenizer.encode(p) for p in ("import os", "def main():\n", "x")]
+    for out in engine.generate(prompts, SamplingParams(max_tokens=20, **GREEDY)):
+        assert out["finish_reason"] == "length" and len(out["token_ids"]) == 20
+        assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+
+
+def test_launch_stop_string_cuts_text(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    prompt = tokenizer.encode("import os")
+    full = engine.generate([prompt], SamplingParams(max_tokens=24, **GREEDY))[0]
+    stop = full["text"][len(full["text"]) // 2:][:3]
+    assert stop.strip(), full["text"]
+    out = engine.generate([prompt], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0]
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == full["text"][:full["text"].find(stop)]
+    assert full["token_ids"][:len(out["token_ids"])] == out["token_ids"] and len(out["token_ids"]) < 24
+
+
+def test_launch_eos_stops_and_is_kept_in_token_ids(model, tokenizer):
+    prompt = tokenizer.encode("import os")
+    free = make_engine(model, tokenizer).generate([prompt], SamplingParams(max_tokens=12, **GREEDY))[0]
+    eos = free["token_ids"][4]
+    cut = free["token_ids"].index(eos)
+    out = make_engine(model, tokenizer, eos=[eos]).generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    assert out["finish_reason"] == "stop" and out["token_ids"] == free["token_ids"][:cut + 1]
+    assert out["text"] == tokenizer.decode(free["token_ids"][:cut], skip_special_tokens=True)
+    ignored = make_engine(model, tokenizer, eos=[eos]).generate([prompt], SamplingParams(max_tokens=12, **GREEDY))[0]
+    assert ignored["token_ids"] == free["token_ids"]
+
+
+def test_launch_max_model_len_ends_with_length(model, tokenizer):
+    engine = make_engine(model, tokenizer, max_model_len=16)
+    out = engine.generate([list(range(1, 14))], SamplingParams(max_tokens=10, **GREEDY))[0]
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 3  # 13 + 3 = 16
+    with pytest.raises(UsageError, match="more than --max-model-len 16"):
+        engine.generate([list(range(1, 17))], SamplingParams(max_tokens=1))
+    with pytest.raises(UsageError, match="empty"):
+        engine.generate([[]], SamplingParams(max_tokens=1))
+
+
+def test_T05_launch_prompt_token_out_of_vocab(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    with pytest.raises(UsageError, match="token id 1024, outside the model's vocabulary of 1024"):
+        engine.generate([[5, 1024]], SamplingParams(max_tokens=1))
+
+
+def test_launch_more_prompts_than_slots_same_as_alone(model, tokenizer):
+    """7 prompts through 3 slots: finished sequences free slots mid-run (rows move), waiting ones prefill."""
+    engine = make_engine(model, tokenizer, max_num_seqs=3)
+    texts = ["import os", "x = 1", "def f(a, b):", "class A:", "# comment", "while True:", "print('hi')"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 17, 5, 9, 2, 14, 11)]
+    batch = engine.generate(prompts, params)
+    single = make_engine(model, tokenizer, max_num_seqs=1)
+    alone = [single.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    assert [o["token_ids"] for o in batch] == [o["token_ids"] for o in alone]
+    assert [len(o["token_ids"]) for o in batch] == [3, 17, 5, 9, 2, 14, 11]
+
+
+def test_launch_sampling_top_k_1_is_greedy_and_seed_decides(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    prompt = [tokenizer.encode("import os")]
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=10, **GREEDY))[0]["token_ids"]
+    top1 = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=1.5, top_k=1, ignore_eos=True))
+    assert top1[0]["token_ids"] == greedy
+    a = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))
+    b = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))
+    assert a[0]["token_ids"] == b[0]["token_ids"] != greedy
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"temperature": -1}, "--temperature"), ({"top_p": 0}, "--top-p"),
+                                          ({"max_tokens": 0}, "--max-tokens"), ({"top_k": -2}, "--top-k")])
+def test_launch_sampling_params_rejected(kwargs, flag):
+    with pytest.raises(UsageError, match=flag):
+        SamplingParams(**kwargs)
+
+
+def test_launch_kv_plan_cpu_budget_and_resource_error(model):
+    per_token = model.kv_bytes_per_token(torch.float32)
+    assert per_token == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head_dim x bytes
+    assert plan_kv_cache(model, torch.device("cpu"), torch.float32, 64, 8) == 8 * 64
+    budget_gib = per_token * 100 / 1024 ** 3
+    assert plan_kv_cache(model, torch.device("cpu"), torch.float32, 64, 8, cpu_kv_cache_space_gib=budget_gib) == 100
+    with pytest.raises(ResourceError, match="--max-model-len 4096 needs 2.00 MiB") as e:
+        plan_kv_cache(model, torch.device("cpu"), torch.float32, 4096, 8, cpu_kv_cache_space_gib=budget_gib)
+    assert "VLLM_CPU_KVCACHE_SPACE" in str(e.value)

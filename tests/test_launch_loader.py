@@ -1,0 +1,224 @@
+"""The launch weight loader: every format fetch-weights records, the checks, and the one-line errors.
+
+Checkpoints are the tiny Qwen2 ones transformers writes (tests.support.checkpoints); the reference is
+transformers' own `from_pretrained` of the same folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.errors import IntegrityError, InvalidModelError, NotFoundError
+from stages.launch.loader import fill_dummy, load_checkpoint
+from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+
+
+def record(folder: Path, rel: str, kind: str) -> dict:
+    data = (folder / rel).read_bytes()
+    return {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "kind": kind}
+
+
+def safetensors_outputs(folder: Path) -> dict:
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    return {"format": "safetensors", "files": [record(folder, f, "safetensors") for f in files]}
+
+
+def native_for(folder: Path) -> DecoderForCausalLM:
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    return DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=torch.float32)
+
+
+def last_logits(model, ids: list[int]) -> torch.Tensor:
+    model.allocate_kv_cache(1, 64, "cpu", torch.float32)
+    with torch.no_grad():
+        return model.prefill(torch.tensor([ids]), torch.tensor([len(ids)]), 0)[0]  # [V]
+
+
+def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0, -1]
+
+
+IDS = [5, 77, 300, 12, 901, 64]
+
+
+def test_launch_loader_sharded_safetensors_with_hashes(checkpoint_dirs, tmp_path):
+    folder = checkpoint_dirs["sharded"]
+    outputs = safetensors_outputs(folder)
+    assert len(outputs["files"]) > 1
+    model = native_for(folder)
+    stats = load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    assert stats.files == len(outputs["files"]) and stats.hashed
+    assert stats.bytes == sum(f["size"] for f in outputs["files"]) and stats.gbps > 0
+    assert stats.warnings == []
+    diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_launch_loader_bin_checkpoint(checkpoint_dirs, tmp_path):
+    folder = checkpoint_dirs["bin"]
+    outputs = {"format": "pt", "files": [record(folder, "pytorch_model.bin", "bin")]}
+    model = native_for(folder)
+    stats = load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    assert stats.files == 1 and stats.tensors > 0
+    diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_launch_loader_npcache(checkpoint_dirs, tmp_path):
+    from stages.fetch_weights import npcache
+
+    folder = checkpoint_dirs["bin"]
+    rec = record(folder, "pytorch_model.bin", "bin")
+    outputs = {"format": "npcache", "files": [rec],
+               "npcache": npcache.build(tmp_path, [(rec["path"], folder / rec["path"], rec["sha256"])])}
+    model = native_for(folder)
+    load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_launch_loader_missing_file_is_not_found(checkpoint_dirs, tmp_path):
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint_dirs["sharded"], folder)
+    outputs = safetensors_outputs(folder)
+    (folder / outputs["files"][1]["path"]).unlink()
+    with pytest.raises(NotFoundError, match=outputs["files"][1]["path"]) as e:
+        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_launch_loader_wrong_size_and_wrong_hash_are_integrity_errors(checkpoint_dirs, tmp_path):
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint_dirs["single"], folder)
+    outputs = safetensors_outputs(folder)
+    path = folder / outputs["files"][0]["path"]
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[:-4]))
+    with pytest.raises(IntegrityError, match="bytes, fetch-weights recorded"):
+        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu")
+    data[-1] ^= 0xFF  # same size, one bit pattern changed inside the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu", verify_hashes=False)  # sizes only
+
+
+def test_W15_launch_loader_missing_parameter_and_unused_tensor(checkpoint_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint_dirs["single"], folder)
+    st = folder / "model.safetensors"
+    tensors = load_file(st)
+    extra = dict(tensors, **{"model.layers.0.mlp.extra_bias": torch.zeros(3)})
+    save_file(extra, st)
+    stats = load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+    assert len(stats.warnings) == 1 and "model.layers.0.mlp.extra_bias" in stats.warnings[0]
+
+    del tensors["model.layers.1.self_attn.k_proj.weight"]  # one shard of the fused qkv_proj
+    del tensors["model.norm.weight"]
+    save_file(tensors, st)
+    with pytest.raises(InvalidModelError) as e:
+        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+    msg = str(e.value)
+    assert "2 parameter(s)" in msg and "model.layers.1.self_attn.qkv_proj.weight" in msg
+    assert "model.norm.weight" in msg and "\n" not in msg
+
+
+def test_launch_loader_shape_mismatch_is_invalid_model(checkpoint_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint_dirs["single"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(InvalidModelError, match=r"model.norm.weight has shape \[65\]"):
+        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+
+
+def test_W13_launch_loader_dummy_follows_vllm_rule(checkpoint_dirs, tmp_path):
+    model = native_for(checkpoint_dirs["single"])
+    stats = load_checkpoint(model, {"format": "dummy", "files": []}, None, tmp_path, "cpu")
+    assert stats.format == "dummy"
+    for name, p in model.named_parameters():
+        want = torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=torch.Generator().manual_seed(1234))
+        assert torch.equal(p, want), name
+    assert fill_dummy(model) == {n for n, _ in model.named_parameters()}
+
+
+def test_W04_launch_loader_mistral_format_names(checkpoint_dirs, tmp_path):
+    """A consolidated (Mistral-format) checkpoint: Meta names, interleaved q/k rows -> same logits."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoint_dirs["single"]
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    hf = load_file(src / "model.safetensors")
+    H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    meta = {}
+    for name, t in hf.items():
+        if name.endswith("_proj.bias"):
+            continue  # Qwen2's q/k/v biases have no Mistral-format name: the test model is bias-free below
+        new = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+               "lm_head.weight": "output.weight"}.get(name)
+        if new is None:
+            new = name.removeprefix("model.")
+            for a, b in names.items():
+                new = new.replace(a, b)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = H if "q_proj" in name else KV
+            rows, cols = t.shape  # half-split -> interleaved rotary layout
+            t = t.view(heads, 2, D // 2, cols).transpose(1, 2).reshape(rows, cols)
+        meta[new] = t.contiguous()
+    folder = tmp_path / "consolidated"
+    folder.mkdir()
+    save_file(meta, folder / "consolidated.safetensors")
+    args = DecoderArgs.from_hf_config(cfg)
+    args.qkv_bias = False
+    model = DecoderForCausalLM(args, dtype=torch.float32)
+    outputs = {"format": "mistral", "files": [record(folder, "consolidated.safetensors", "safetensors")]}
+    load_checkpoint(model, outputs, folder, tmp_path, "cpu")
+    plain = DecoderForCausalLM(args, dtype=torch.float32)
+    plain.load_weights((n, t) for n, t in hf.items() if not n.endswith("_proj.bias"))
+    assert torch.equal(last_logits(model, IDS), last_logits(plain, IDS))
+
+
+def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path):
+    """tie_word_embeddings true, but the checkpoint carries its own lm_head.weight: it is loaded untied."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from stages.configure.spec import build_spec
+    from stages.launch.inference import build_model
+
+    folder = checkpoint_dirs["single"]
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
+    spec["tie_word_embeddings"] = True
+    conf = {"implementation": {"architecture": "Qwen2ForCausalLM", "impl": "native",
+                               "class": "stages.launch.models.decoder:DecoderForCausalLM"}, "spec": spec}
+    tensors = {name: {} for name in load_file(folder / "model.safetensors")}
+    warnings: list = []
+    model = build_model(conf, {"tensors": tensors}, torch.float32, torch.device("cpu"), None, warnings)
+    assert model.args.tie_word_embeddings is False and "untied" in warnings[0]
+    load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
+    diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
+    assert diff < 1e-5
+    tied = build_model(conf, {"tensors": {}}, torch.float32, torch.device("cpu"), None, [])
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight

@@ -1,0 +1,120 @@
+"""The launch stage through the CLI on tiny local checkpoints: completions that match transformers, the
+manifest it writes, and the one-line errors (with their exit codes) for what can go wrong at launch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from stages.errors import UnsupportedError
+
+
+def _hf_greedy(folder, prompt: str, n: int) -> list[int]:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        plain_greedy = transformers.GenerationConfig(  # not the checkpoint's sampling defaults
+            do_sample=False, max_new_tokens=n, repetition_penalty=1.0, eos_token_id=hf.generation_config.eos_token_id,
+            pad_token_id=hf.generation_config.pad_token_id)
+        out = hf.generate(torch.tensor([ids]), generation_config=plain_greedy,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture
+def offline_env(monkeypatch):
+    import os
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return dict(os.environ)
+
+
+def test_launch_cli_native_completions_match_transformers(prestage, checkpoint_dirs, artifacts_dir, offline_env):
+    folder = checkpoint_dirs["sharded"]
+    r = prestage(["--artifacts", artifacts_dir, "--run", "r", "run", folder, "--prompt", "import os",
+                  "--prompt", "def main(", "--max-tokens", "10", "--verify-hashes", "--json"], env=offline_env)
+    assert r.rc == 0, r
+    launch = json.loads(r.stdout)["launch"]
+    assert launch["implementation"]["impl"] == "native" and launch["device"] == "cpu"
+    assert launch["dtype"] == "float32" and launch["engine"]["cuda_graphs"] is False
+    assert launch["kv_cache_tokens"] >= 2 * launch["engine"]["max_model_len"]
+    for c in launch["completions"]:
+        assert c["token_ids"] == _hf_greedy(folder, c["prompt"], 10)
+        assert c["finish_reason"] in ("length", "stop")
+    from stages.manifest import read
+
+    m = read(artifacts_dir / "r" / "launch.msgpack")
+    startup = m.volatile["startup"]
+    assert {"imports_s", "tokenizer_s", "warmup_s", "first_token_s"} <= set(startup)
+    assert startup["weights"]["hashed"] is True and startup["weights"]["bytes"] > 0
+
+
+def test_launch_cli_error_one_liners(prestage, checkpoint_dirs, artifacts_dir, offline_env, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint_dirs["sharded"], folder)
+    base = ["--artifacts", artifacts_dir]
+    assert prestage(base + ["--run", "r", "run", folder], env=offline_env).rc == 0
+
+    def launch(env=None):
+        r = prestage(base + ["launch", "r", "--prompt", "hi", "--max-tokens", "2"], env=env or offline_env)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("prestage: error:")]
+        assert len(errors) == 1 and "Traceback" not in r.stderr, r
+        return r.rc, errors[0]
+
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.unlink()
+    rc, msg = launch()
+    assert rc == 3 and shard.name in msg and "missing" in msg
+    shard.write_bytes(data[:-10])
+    rc, msg = launch()
+    assert rc == 10 and f"{len(data) - 10} bytes" in msg
+    shard.write_bytes(data)
+
+    rc, msg = launch(dict(offline_env, VLLM_CPU_KVCACHE_SPACE="0.0001"))
+    assert rc == 13 and "--max-model-len" in msg
+
+    tok_json = artifacts_dir / "r" / "tokenizer" / "tokenizer.json"
+    tok_json.write_text(tok_json.read_text().replace('"<|im_end|>"', '"<|im_END|>"'))
+    rc, msg = launch()
+    assert rc == 10 and "tokenizer" in msg
+
+
+def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_env, tmp_path):
+    from tests.support.checkpoints import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "gpt2", arch="gpt2")
+    r = prestage(["--artifacts", artifacts_dir, "--run", "g", "run", folder, "--prompt", "import os",
+                  "--max-tokens", "8", "--json"], env=offline_env)
+    assert r.rc == 0, r
+    launch = json.loads(r.stdout)["launch"]
+    assert launch["implementation"]["impl"] == "transformers"
+    assert launch["engine"]["kind"] == "transformers"
+    completion = launch["completions"][0]
+    assert completion["token_ids"] == _hf_greedy(folder, "import os", 8)
+
+
+def test_launch_unknown_implementation_is_unsupported():
+    from stages.launch.inference import build_model
+
+    conf = {"implementation": {"architecture": "FooForCausalLM", "impl": "native", "class": "foo:Bar"}}
+    with pytest.raises(UnsupportedError, match="FooForCausalLM.*supported: native: .*Qwen2ForCausalLM"):
+        build_model(conf, {}, torch.float32, torch.device("cpu"), None, [])
+
+
+def test_launch_prompts_file(tmp_path):
+    from stages.errors import NotFoundError
+    from stages.launch import DEFAULT_PROMPT, read_prompts
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("first\n\n  \nsecond line\n")
+    assert read_prompts({"prompt": ["a"], "prompts_file": str(f)}) == ["a", "first", "second line"]
+    assert read_prompts({}) == [DEFAULT_PROMPT]
+    with pytest.raises(NotFoundError, match="nope.txt"):
+        read_prompts({"prompts_file": str(tmp_path / "nope.txt")})
