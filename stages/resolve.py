@@ -10,7 +10,6 @@ network: cache or a clear error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from stages import errors, hub
 from stages.base import Context, Stage, StageResult, opt
+from stages.digest import sha256_hex
 from stages.manifest import Manifest, write_atomic
 
 # huggingface_hub's repo-id rule: "name" or "namespace/name", no "--" or "..", not ending in ".git".
@@ -34,14 +34,6 @@ OPTIONS = (
 
 def is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(requested: str, paths: set[str], where: str) -> tuple[str, str]:
@@ -106,7 +98,7 @@ class ResolveStage(Stage):
         fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in files}, inputs["model"])
         outputs = {"source": "local", "model": inputs["model"], "repo_id": None, "revision": None,
                    "commit": None, "local_dir": inputs["local_dir"], "snapshot": None, "config_format": fmt,
-                   "config_file": cfg, "config_sha256": _sha256(folder / cfg), "files": files,
+                   "config_file": cfg, "config_sha256": sha256_hex(folder / cfg), "files": files,
                    "listing_source": "local"}
         return StageResult(outputs=outputs, volatile={"model_dir": str(folder)})
 
@@ -146,7 +138,7 @@ class ResolveStage(Stage):
             write_atomic(lp, json.dumps(listing, sort_keys=True).encode())
         outputs = {"source": "hub", "model": inputs["model"], "repo_id": repo, "revision": rev, "commit": commit,
                    "local_dir": None, "snapshot": hub.snapshot_rel(repo, commit), "config_format": fmt,
-                   "config_file": cfg, "config_sha256": _sha256(path), "files": listing,
+                   "config_file": cfg, "config_sha256": sha256_hex(path), "files": listing,
                    "listing_source": source}
         return StageResult(outputs=outputs, warnings=warnings,
                            volatile={"cache_dir": str(s.cache_dir), "offline": s.offline})
@@ -210,7 +202,7 @@ class ResolveStage(Stage):
             path = (Path(run_dir) / out["local_dir"] / out["config_file"])
             if not path.is_file():
                 return f"{out['config_file']} is gone from {out['local_dir']}"
-            return None if _sha256(path) == out["config_sha256"] else f"{out['config_file']} changed"
+            return None if sha256_hex(path) == out["config_sha256"] else f"{out['config_file']} changed"
         # The cache root this manifest was written against (volatile: it is a host path).
         cache = Path(manifest.volatile.get("cache_dir") or hub.default_cache_dir())
         if hub.cached_file(cache, out["repo_id"], out["commit"], out["config_file"]) is None:

@@ -16,7 +16,6 @@ Differences from vLLM, on purpose (keeping the outcome):
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.configure import configs
+from stages.digest import sha256_hex
 from stages.errors import InvalidModelError, NotFoundError, PrestageError, UnsupportedError, UntrustedCodeError
 
 
@@ -145,10 +145,6 @@ def _download(hub_source: dict, name: str, params: dict) -> Path:
         raise hub.translate(e, repo_id=repo, revision=commit, s=s, what=name) from e
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _translate_build_error(e: Exception, name: str) -> Exception:
     msg = " ".join(str(e.args[0] if e.args else e).split())
     if "does not recognize this architecture" in msg or "Unrecognized model" in msg:
@@ -241,7 +237,7 @@ def _construct_remote(folder: Path, raw: dict, ref: str, hub_source: dict | None
     loaded.remote_code = {
         "auto_map": dict(sorted(auto_map.items())) if isinstance(auto_map, dict) else auto_map,
         "repo_id": (hub_source or {}).get("repo_id"), "commit": (hub_source or {}).get("commit"),
-        "files": [{"path": f, "sha256": _sha256(folder / f)} for f in files]}
+        "files": [{"path": f, "sha256": sha256_hex(folder / f)} for f in files]}
     return config
 
 

@@ -6,28 +6,10 @@ hashlib releases the GIL while it digests a large buffer, so threads hash severa
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-CHUNK = 8 * 1024 * 1024
-
-
-def sha256_file(path: Path, chunk: int = CHUNK) -> tuple[int, str]:
-    """(size, sha256 hex) of one file, read in `chunk`-byte blocks into one reused buffer."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
-    return size, h.hexdigest()
+from stages.digest import CHUNK, sha256_file  # noqa: F401  (re-exported for fetch-weights)
 
 
 def hash_files(paths, workers: int | None = None) -> dict:

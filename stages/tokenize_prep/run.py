@@ -119,7 +119,7 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         "added_vocab": {str(k): int(v) for k, v in added.items()},
         "chat_template": None if template is None else {
             "source": template_source, "file": saved["chat_template_file"],
-            "sha256": store.sha256_file(ctx.run_dir / saved["chat_template_file"])},
+            "sha256": store.sha256_hex(ctx.run_dir / saved["chat_template_file"])},
         "tokenizer_json_sha256": saved["tokenizer_json_sha256"],
         "golden": gold,
         "model_type": model_type,

@@ -16,17 +16,10 @@ import shutil
 from pathlib import Path
 
 from stages import errors
+from stages.digest import sha256_hex
 
 TOKENIZER_DIR = "tokenizer"
 RESOLVED_TEMPLATE = "chat_template.resolved.jinja"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def listing(run_dir: Path) -> list[dict]:
@@ -36,7 +29,7 @@ def listing(run_dir: Path) -> list[dict]:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             out.append({"path": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size,
-                        "sha256": sha256_file(p)})
+                        "sha256": sha256_hex(p)})
     return out
 
 
@@ -56,7 +49,7 @@ def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
             data = original.read_bytes()
             tj_sha = hashlib.sha256(data).hexdigest()
             saved = tmp / "tokenizer.json"
-            if not saved.is_file() or sha256_file(saved) != tj_sha:
+            if not saved.is_file() or sha256_hex(saved) != tj_sha:
                 (tmp / "original").mkdir(exist_ok=True)
                 (tmp / "original" / "tokenizer.json").write_bytes(data)
         template_file = None
@@ -102,7 +95,7 @@ def verify_files(run_dir: Path, outputs: dict) -> None:
     if reason:
         raise errors.IntegrityError(f"stored tokenizer: {reason}; re-run tokenize-prep")
     for f in outputs.get("files", []):
-        if sha256_file(Path(run_dir) / f["path"]) != f["sha256"]:
+        if sha256_hex(Path(run_dir) / f["path"]) != f["sha256"]:
             raise errors.IntegrityError(f"stored tokenizer: {f['path']} sha256 differs from the manifest (file "
                                         "changed); re-run tokenize-prep")
 
