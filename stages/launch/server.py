@@ -20,18 +20,23 @@ import uuid
 from pydantic import BaseModel, Field
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """The request fields both endpoints share, with the OpenAI API's defaults."""
+
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
     top_k: int | None = 0
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
-    echo: bool = False
     stream: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -39,18 +44,10 @@ class ChatMessage(BaseModel):
     content: str | list[dict] | None = ""
 
 
-class ChatRequest(BaseModel):
-    model: str | None = None
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: int | None = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
 
 
 class ApiError(Exception):
