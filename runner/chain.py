@@ -108,7 +108,7 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     m = Manifest(stage=stage.name, stage_version=stage.version, inputs=inputs, upstream=up_digests,
                  outputs=result.outputs, warnings=list(result.warnings), volatile=volatile)
     write(path, m)
-    for w in m.warnings:
+    for w in m.warnings:  # the one place stage warnings are printed
         reporter.warn(f"{name}: {w}")
     reporter.info(f"{name}: done in {volatile['duration_s']:.2f}s -> {path}")
     return Outcome(name, "ran", m, path)

@@ -116,8 +116,6 @@ class ConfigureStage(Stage):
             outputs, warnings = configure(folder, config_file, inputs, hub_source=hub_source, params=ctx.params)
             if key:
                 memo.save(cache_dir, key, outputs, warnings)
-        for w in warnings:
-            ctx.reporter.warn(w)
         ctx.reporter.info(f"configure: {outputs['architectures'][0] if outputs['architectures'] else '?'} -> "
                           f"{outputs['implementation']['impl']}, max_model_len {outputs['max_model_len']}, "
                           f"dtype {outputs['dtype']['gpu']} (GPU) / {outputs['dtype']['cpu']} (CPU)"

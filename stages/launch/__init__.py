@@ -105,8 +105,6 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
                                                           "verify_hashes")})
     inf = load_for_inference(ctx.run_dir, ctx.upstream, params,
                              max_num_seqs=min(inputs["max_num_seqs"], len(prompts)))
-    for w in inf.warnings:
-        rep.warn(w)
     w = inf.timings["weights"]
     rep.info(f"launch: {inf.info['implementation'].get('architecture')} ({inf.info['engine']['kind']}) on "
              f"{inf.info['device']} {inf.info['dtype']}: weights {w['bytes'] / 1e6:.1f} MB in {w['seconds']:.2f}s "
