@@ -87,7 +87,8 @@ def _stage_command(name: str) -> click.Command:
     params = [arg, click.Option(["--json", "json_out"], is_flag=True, help="Print the manifest as JSON on stdout."),
               click.Option(["--force"], is_flag=True, help="Re-run even if the manifest is fresh.")]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options([name])]
-    doc = (get_stage(name).__doc__ or sys.modules[type(get_stage(name)).__module__].__doc__ or "").strip()
+    stage = get_stage(name)
+    doc = (type(stage).__doc__ or sys.modules[type(stage).__module__].__doc__ or "").strip()
     summary = doc.splitlines()[0] if doc else f"Run the {name} stage."
     what = "MODEL (a hub id or a local folder)" if name == "resolve" else "the run RUN"
     return click.Command(name, callback=callback, params=params, short_help=summary,

@@ -68,6 +68,20 @@ def test_help_inspect_status_import_no_heavy_library(tmp_path, local_model):
         assert _imports_of(args, tmp_path) == set(), args
 
 
+def test_status_and_inspect_of_a_full_run_import_no_heavy_library(tmp_path, checkpoint_dirs):
+    """status checks every stage's outputs and inspect reads every manifest, still without torch & co."""
+    import shutil
+
+    model = shutil.copytree(checkpoint_dirs["single"], tmp_path / "tiny")
+    arts = str(tmp_path / "arts")
+    r = cli("--artifacts", arts, "run", str(model), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)
+    assert [x["state"] for x in st["stages"]] == ["fresh"] * 5
+    for args in (["--artifacts", arts, "status", "tiny"], ["--artifacts", arts, "inspect", "tiny"]):
+        assert _imports_of(args, tmp_path) == set(), args
+
+
 def test_second_resolve_is_cached_and_untouched(tmp_path, local_model):
     arts = tmp_path / "arts"
     assert cli("--artifacts", str(arts), "resolve", str(local_model)).returncode == 0
