@@ -7,6 +7,7 @@ bytes, same mtime), so make-style chains don't cascade. Anything else runs the s
 
 from __future__ import annotations
 
+import errno
 import platform
 import time
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ def load_upstream(stage, run_dir: Path) -> dict[str, Manifest]:
                                                 f"exist; run `{hint}` first (or `prestage run`)")
             continue
         found[name] = read(path)
+        if found[name].stage != name:
+            raise errors.BadManifestError(f"{path}: holds a '{found[name].stage}' manifest, not {name}; delete it "
+                                          f"and re-run `prestage {name}`")
     for name, m in found.items():
         reason = upstream_drift(run_dir, m)
         if reason:
@@ -82,7 +86,12 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     params = {**params, "run_dir": str(run_dir)}
     inputs = stage.inputs(params, upstream)
     up_digests = {n: m.digest for n, m in upstream.items()}
-    fp = fingerprint(stage.name, stage.version, inputs, up_digests)
+    try:
+        fp = fingerprint(stage.name, stage.version, inputs, up_digests)
+    except OverflowError:  # msgpack holds 64-bit integers; a larger flag value cannot be recorded
+        big = sorted(k for k, v in inputs.items() if isinstance(v, int) and not -2 ** 63 <= v < 2 ** 64)
+        raise errors.UsageError(f"{name}: the value of {', '.join(big) or 'a flag'} is too large; pass a number "
+                                "that fits in 64 bits") from None
     path = manifest_path(run_dir, name)
     if not force and not stage.always_run and path.exists():
         try:
@@ -98,6 +107,11 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
             reporter.info(f"{name}: re-running: {reason}")
         elif old is not None:
             reporter.detail(f"{name}: inputs changed, re-running")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise errors.UsageError(f"run folder {run_dir}: cannot create it ({e.strerror}); pass a writable "
+                                "--artifacts DIR or another --run NAME") from None
     reporter.info(f"{name}: running")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
@@ -107,7 +121,12 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
                 **result.volatile}
     m = Manifest(stage=stage.name, stage_version=stage.version, inputs=inputs, upstream=up_digests,
                  outputs=result.outputs, warnings=list(result.warnings), volatile=volatile)
-    write(path, m)
+    try:
+        write(path, m)
+    except OSError as e:
+        cls = errors.ResourceError if e.errno == errno.ENOSPC else errors.UsageError
+        raise cls(f"{path}: cannot write the manifest ({e.strerror}); free disk space or pass a writable "
+                  "--artifacts DIR") from None
     for w in m.warnings:  # the one place stage warnings are printed
         reporter.warn(f"{name}: {w}")
     reporter.info(f"{name}: done in {volatile['duration_s']:.2f}s -> {path}")

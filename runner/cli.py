@@ -21,7 +21,6 @@ import click
 from stages import ORDER, STAGES, errors, get_stage
 from stages.base import Reporter
 
-_RUN_HELP = "Run name or run folder (a folder under --artifacts, or a path)."
 _EPILOG = "\b\nExit codes:\n" + errors.exit_code_table()
 
 
@@ -229,7 +228,8 @@ def _serve_command() -> click.Command:
 
     params = [click.Argument(["run"], metavar="RUN"),
               click.Option(["--host"], default="127.0.0.1", show_default=True, help="Address to listen on."),
-              click.Option(["--port"], type=int, default=8000, show_default=True, help="Port to listen on."),
+              click.Option(["--port"], type=click.IntRange(0, 65535), default=8000, show_default=True,
+                           help="Port to listen on."),
               click.Option(["--served-model-name"], default=None,
                            help="Model name in the API (default: the model id given to resolve).")]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(["launch"])

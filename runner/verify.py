@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import errors, hub
+from stages import errors
+from stages.fetch_weights.stage import FetchWeightsStage
 from stages.manifest import manifest_path, read
 
 
@@ -21,14 +22,9 @@ def _rows(run_dir: Path, params: dict) -> list[dict]:
     if fw_path.exists():
         m = read(fw_path)
         out = m.outputs
-        if out.get("root") == "local":
-            base = (run_dir / out["folder"]).resolve()
-        elif out.get("folder"):
-            ddir = params.get("download_dir") or m.inputs.get("download_dir")
-            cache = Path(ddir).expanduser() if ddir else hub.default_cache_dir()
-            base = cache.absolute() / out["folder"]
-        else:
-            base = None
+        base = FetchWeightsStage.folder(run_dir, m)
+        if params.get("download_dir") and out.get("root") == "cache" and out.get("folder"):
+            base = Path(params["download_dir"]).expanduser().absolute() / out["folder"]  # --download-dir wins
         recorded = list(out.get("files") or [])
         if out.get("index"):
             recorded.append(out["index"])

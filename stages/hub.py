@@ -54,7 +54,8 @@ class HubSettings:
                 f"cache_dir={str(self.cache_dir)!r}, offline={self.offline})")
 
 
-def _env_true(name: str) -> bool:
+def env_true(name: str) -> bool:
+    """Whether an environment variable is set to a true value (1, true, yes, on, y; any case)."""
     return os.environ.get(name, "").strip().lower() in _TRUE
 
 
@@ -88,7 +89,7 @@ def _token_from_env() -> tuple[str | None, str | None]:
 def settings(params: dict) -> HubSettings:
     token, source = (params.get("hf_token"), "--hf-token") if params.get("hf_token") else _token_from_env()
     cache = Path(params["download_dir"]).expanduser() if params.get("download_dir") else default_cache_dir()
-    offline = bool(params.get("offline")) or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    offline = bool(params.get("offline")) or env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     return HubSettings(endpoint=endpoint, token=token, token_source=source, cache_dir=cache.absolute(),
                        offline=offline)

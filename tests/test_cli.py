@@ -127,6 +127,16 @@ def test_bad_manifest_is_one_line_exit_12(tmp_path, local_model):
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and str(path) in r.stderr
 
 
+def test_upstream_file_holding_another_stage_is_bad_manifest(tmp_path, local_model):
+    arts = tmp_path / "arts"
+    assert cli("--artifacts", str(arts), "resolve", str(local_model)).returncode == 0
+    run = arts / "tiny-llama"
+    (run / "configure.msgpack").write_bytes((run / "resolve.msgpack").read_bytes())
+    r = cli("--artifacts", str(arts), "tokenize-prep", "tiny-llama")
+    assert r.returncode == CODE["bad-manifest"], r.stderr
+    assert "holds a 'resolve' manifest, not configure" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_missing_run_and_missing_upstream(tmp_path):
     arts = str(tmp_path / "arts")
     r = cli("--artifacts", arts, "status", "nope")
@@ -144,6 +154,15 @@ def test_usage_errors_exit_2(tmp_path, local_model):
     assert r.returncode == CODE["usage"]
     r = cli("--no-such-flag")
     assert r.returncode == CODE["usage"]
+    r = cli("--artifacts", str(tmp_path), "serve", "nope", "--port", "99999")  # refused before any loading
+    assert r.returncode == CODE["usage"] and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_artifacts_that_is_a_file_is_a_usage_error(tmp_path, local_model):
+    (tmp_path / "afile").write_text("")
+    r = cli("--artifacts", str(tmp_path / "afile"), "resolve", str(local_model))
+    assert r.returncode == CODE["usage"], r.stderr
+    assert "cannot create it" in r.stderr and "internal error" not in r.stderr
 
 
 def test_local_folder_without_config(tmp_path):

@@ -207,6 +207,18 @@ def test_hf_overrides_are_applied_and_recorded(tmp_path):
             "why": "--hf-overrides"} in out["patches"]
 
 
+def test_hf_overrides_of_the_wrong_type_are_usage_errors(tmp_path):
+    """transformers' strict fields reject a string layer count: one UsageError line, not an internal error."""
+    with pytest.raises(UsageError, match="--hf-overrides num_hidden_layers=\"x\""):
+        run(folder_with(tmp_path, LLAMA), hf_overrides='{"num_hidden_layers": "x"}')
+
+
+def test_non_numeric_rope_theta_is_invalid_model(tmp_path):
+    """A rope value launch reads as a number is refused at configure, not as a crash at launch."""
+    with pytest.raises(InvalidModelError, match="rope_theta='x'"):
+        run(folder_with(tmp_path, LLAMA), hf_overrides='{"rope_parameters": {"rope_theta": "x"}}')
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,match", [

@@ -421,3 +421,23 @@ def test_W17_two_processes_download_once(hub, hf_env, slow_repo, tmp_path):
                for _, err in outs), outs
     a, b = (read(manifest_path(arts / r, "fetch-weights")).outputs for r in ("a", "b"))
     assert a == b
+
+
+def test_ctrl_c_during_fetch_starts_no_further_file(tmp_path):
+    """KeyboardInterrupt stops the pool from starting the queued files (it used to wait for all of them)."""
+    s = hubmod.HubSettings(endpoint="http://127.0.0.1:9", token=None, token_source=None, cache_dir=tmp_path,
+                           offline=True)
+    files = [{"path": f"model-{i:05d}.safetensors"} for i in range(20)]
+    seen = []
+
+    def post(rel, path):
+        seen.append(rel)
+        time.sleep(0.02)
+        if rel == files[0]["path"]:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        dl.fetch_parallel(s, "test-org/x", "0" * 40, files, to_fetch=set(), post=post, max_workers=1,
+                          progress=False)
+    assert len(seen) < len(files) // 2, seen

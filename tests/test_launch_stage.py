@@ -118,3 +118,19 @@ def test_launch_prompts_file(tmp_path):
     assert read_prompts({}) == [DEFAULT_PROMPT]
     with pytest.raises(NotFoundError, match="nope.txt"):
         read_prompts({"prompts_file": str(tmp_path / "nope.txt")})
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("max_tokens", 0, "--max-tokens 0"), ("max_tokens", -1, "--max-tokens -1"),
+    ("temperature", -1.0, "--temperature"), ("top_p", 2.0, "--top-p"), ("top_p", 0.0, "--top-p"),
+    ("max_num_seqs", 0, "--max-num-seqs 0"), ("gpu_memory_utilization", 0.0, "--gpu-memory-utilization"),
+    ("gpu_memory_utilization", 2.0, "--gpu-memory-utilization"), ("seed", 2 ** 64, "--seed")])
+def test_launch_bad_flag_values_are_usage_errors_not_defaults(flag, value, match):
+    """A 0 given on the command line is refused, never replaced by the default (it used to be `or 16`)."""
+    from stages.errors import UsageError
+    from stages.launch import LaunchStage
+
+    with pytest.raises(UsageError, match=match):
+        LaunchStage().inputs({flag: value, "prompt": ["hi"]}, {})
+    defaults = LaunchStage().inputs({"prompt": ["hi"]}, {})
+    assert (defaults["max_tokens"], defaults["max_num_seqs"], defaults["gpu_memory_utilization"]) == (16, 256, 0.9)

@@ -187,3 +187,19 @@ def test_forced_mistral_format_without_params(prestage, tmp_path):
     (d / "config.json").write_text(json.dumps({}))
     r = prestage(["--artifacts", str(tmp_path / "a"), "resolve", str(d), "--config-format", "mistral"])
     assert r.rc == CODE["not-found"] and "params.json" in _one_line(r)
+
+
+def test_token_reaches_no_manifest_file_or_output_through_the_whole_chain(hub, hf_env, prestage, tmp_path):
+    """A granted token drives every stage up to fetch-weights; no file of the run and no line printed holds it."""
+    secret = "hf_chain_secret_token_0123"
+    hub.allow_token("test-org/gated", secret)
+    arts = tmp_path / "arts"
+    r = prestage(["-v", "--artifacts", str(arts), "run", "test-org/gated", "--hf-token", secret], env=hf_env)
+    assert r.rc == 0, r.stderr
+    assert secret not in r.stderr + r.stdout
+    files = [p for p in (arts / "test-org--gated").rglob("*") if p.is_file()]
+    assert {"resolve.msgpack", "fetch-weights.msgpack", "tokenize-prep.msgpack"} <= {p.name for p in files}
+    for p in files:
+        assert secret.encode() not in p.read_bytes(), p
+    r = prestage(["-v", "--artifacts", str(arts), "inspect", "test-org--gated", "--json"], env=hf_env)
+    assert r.rc == 0 and secret not in r.stdout + r.stderr

@@ -15,17 +15,15 @@ stages/launch/registry.py.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from stages import errors
+from stages import errors, hub
 from stages.base import Context, Stage, StageResult, opt
 from stages.configure import dtype as dtypes
 from stages.configure import maxlen
 from stages.manifest import Manifest
 
 GPU_CAPABILITY = (8, 0)  # the GPU launch targets: CUDA sm>=80 (A100/H100)
-_TRUE = {"1", "true", "yes", "on"}
 
 OPTIONS = (
     opt("--trust-remote-code", is_flag=True, default=False,
@@ -94,16 +92,14 @@ class ConfigureStage(Stage):
             "disable_sliding_window": bool(params.get("disable_sliding_window")),
             "hf_overrides": _hf_overrides(params.get("hf_overrides")),
             # vLLM's escape hatch for a max_model_len above the model's own (L-19); it changes the outcome
-            "allow_long_max_model_len": os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower()
-            in _TRUE,
+            "allow_long_max_model_len": hub.env_true("VLLM_ALLOW_LONG_MAX_MODEL_LEN"),
         }
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
-        from stages import hub
         from stages.configure import memo
 
         res = ctx.upstream["resolve"].outputs
-        folder = self._model_dir(ctx.run_dir, res, ctx.params)
+        folder = hub.model_dir(ctx.run_dir, res, ctx.params)
         config_file = res.get("config_file") or "config.json"
         hub_source = {"repo_id": res.get("repo_id"), "commit": res.get("commit")} if res.get("source") == "hub" \
             else None
@@ -123,12 +119,6 @@ class ConfigureStage(Stage):
         return StageResult(outputs=outputs, warnings=warnings,
                            volatile={"model_dir": str(folder),
                                      "memo": "hit" if found is not None else ("stored" if key else "off")})
-
-    @staticmethod
-    def _model_dir(run_dir: Path, res: dict, params: dict) -> Path:
-        from stages.hub import model_dir
-
-        return Path(model_dir(run_dir, res, params))
 
 
 def configure(folder: Path, config_file: str, inputs: dict, *, hub_source: dict | None = None,

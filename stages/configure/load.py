@@ -25,7 +25,14 @@ from pathlib import Path
 
 from stages.configure import configs
 from stages.digest import sha256_hex
-from stages.errors import InvalidModelError, NotFoundError, PrestageError, UnsupportedError, UntrustedCodeError
+from stages.errors import (
+    InvalidModelError,
+    NotFoundError,
+    PrestageError,
+    UnsupportedError,
+    UntrustedCodeError,
+    UsageError,
+)
 
 
 def read_json(folder: Path, name: str) -> dict:
@@ -320,24 +327,35 @@ def _post_parse(config, overrides: dict, loaded: Loaded) -> None:
                 f"config.json has no 'architectures' and model_type {config.model_type!r} has no default model "
                 "class; add architectures, or pass --hf-overrides '{\"architectures\": [\"...ForCausalLM\"]}'")
     for key in sorted(overrides):
-        value = overrides[key]
         if key == "model_type":
             continue
-        if isinstance(value, dict) and hasattr(getattr(config, key, None), "update"):
-            sub = getattr(config, key)
-            for k in sorted(value):
-                before = copy.deepcopy(sub.get(k) if isinstance(sub, dict) else getattr(sub, k, None))
-                if isinstance(sub, dict):
-                    sub[k] = value[k]
-                else:
-                    setattr(sub, k, value[k])
-                patches.append({"rule": "hf_overrides", "field": f"{key}.{k}", "before": _plainish(before),
-                                "after": value[k], "why": "--hf-overrides"})
-        else:
-            before = copy.deepcopy(getattr(config, key, None))
-            config.update({key: value})
-            patches.append({"rule": "hf_overrides", "field": key, "before": _plainish(before), "after": value,
-                            "why": "--hf-overrides"})
+        try:
+            _apply_override(config, key, overrides[key], patches)
+        except PrestageError:
+            raise
+        except Exception as e:  # transformers' strict config fields reject a value of the wrong type
+            msg = " ".join(str(e).split())[:200]
+            raise UsageError(f"--hf-overrides {key}={json.dumps(overrides[key])[:80]}: the config rejects it "
+                             f"({type(e).__name__}: {msg}); pass a value of the field's type") from None
+
+
+def _apply_override(config, key: str, value, patches: list) -> None:
+    """One --hf-overrides entry set on the config (a dict merges into a dict-like field), recorded as patches."""
+    if isinstance(value, dict) and hasattr(getattr(config, key, None), "update"):
+        sub = getattr(config, key)
+        for k in sorted(value):
+            before = copy.deepcopy(sub.get(k) if isinstance(sub, dict) else getattr(sub, k, None))
+            if isinstance(sub, dict):
+                sub[k] = value[k]
+            else:
+                setattr(sub, k, value[k])
+            patches.append({"rule": "hf_overrides", "field": f"{key}.{k}", "before": _plainish(before),
+                            "after": value[k], "why": "--hf-overrides"})
+    else:
+        before = copy.deepcopy(getattr(config, key, None))
+        config.update({key: value})
+        patches.append({"rule": "hf_overrides", "field": key, "before": _plainish(before), "after": value,
+                        "why": "--hf-overrides"})
 
 
 def _plainish(v):

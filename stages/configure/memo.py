@@ -16,13 +16,13 @@ PRESTAGE_NO_CONFIG_MEMO=1 to bypass it).
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from importlib import metadata
 from pathlib import Path
 
 import msgpack
 
+from stages.hub import env_true
 from stages.manifest import canonical_bytes, write_atomic
 
 _SOURCES = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def _headers_digest(folder: Path) -> str:
 
 def key(folder: Path, config_file: str, inputs: dict, stage_version: int, capability) -> str | None:
     """The entry's key, or None when this configure must not be memoized."""
-    if inputs.get("trust_remote_code") or os.environ.get("PRESTAGE_NO_CONFIG_MEMO", "").strip() in ("1", "true"):
+    if inputs.get("trust_remote_code") or env_true("PRESTAGE_NO_CONFIG_MEMO"):
         return None
     folder = Path(folder)
     try:

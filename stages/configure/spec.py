@@ -70,7 +70,18 @@ def rope_of(cfg) -> dict | None:
     prf = getattr(cfg, "partial_rotary_factor", None)
     for d in flat:
         d.setdefault("partial_rotary_factor", 1.0 if prf is None else prf)
+        for key in _ROPE_NUMBERS:
+            v = d.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InvalidModelError(f"rope_parameters {key}={v!r}: must be a number; fix config.json "
+                                        "(or --hf-overrides)")
     return out
+
+
+# RoPE fields launch reads as numbers (rope_type, short_factor/long_factor lists etc. are not checked here).
+_ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                 "mscale_all_dim")
 
 
 def qkv_bias(cfg, family: str | None) -> tuple[bool, bool]:

@@ -198,7 +198,11 @@ def fetch_parallel(s: hub.HubSettings, repo_id: str, commit: str, files: list[di
                 try:
                     rel, value = fut.result()
                     results[rel] = value
-                except BaseException as e:  # let the others finish: a half-written blob resumes next time
+                except KeyboardInterrupt:  # Ctrl-C: start nothing more; a half-written blob resumes next time
+                    for other in futures:
+                        other.cancel()
+                    raise
+                except BaseException as e:  # a failed file: let the others finish, then report the first
                     first_error = first_error or e
             if first_error is not None:
                 raise first_error

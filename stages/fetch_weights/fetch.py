@@ -14,10 +14,10 @@ from pathlib import Path
 
 from stages import errors, hub
 from stages.base import Context, StageResult
+from stages.digest import sha256_file
 from stages.fetch_weights import download as dl
 from stages.fetch_weights import select as sel
 from stages.fetch_weights import tensors as tx
-from stages.fetch_weights.verify import sha256_file
 
 
 def fetch(ctx: Context, inputs: dict) -> StageResult:
@@ -158,9 +158,7 @@ def _verifier(listing: dict, base: Path, *, delete_bad: bool):
 
 
 def _bars_off() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in {"1", "true", "yes", "on"}
+    return hub.env_true("HF_HUB_DISABLE_PROGRESS_BARS")
 
 
 def _kind(path: str) -> str:

@@ -55,10 +55,6 @@ class Selection:
     index: str | None = None  # repo-relative index file used to narrow the files
     skipped: list[dict] = field(default_factory=list)  # [{path, why}] matched but not loaded
 
-    @property
-    def is_safetensors(self) -> bool:
-        return self.format in ("safetensors", "mistral")
-
 
 def normalize_load_format(value: str | None) -> str:
     fmt = (value or "auto").strip().lower()

@@ -1,7 +1,7 @@
 """Hashing weight files: sha256 with 8 MiB reads, many files at once on a thread pool.
 
 hashlib releases the GIL while it digests a large buffer, so threads hash several files in parallel.
-`hash_files` returns {path: (size, sha256)}; `check_hash` compares one file with an expected digest.
+`hash_files` returns {path: (size, sha256)}; the per-file hash is stages/digest.py's `sha256_file`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from stages.digest import CHUNK, sha256_file  # noqa: F401  (re-exported for fetch-weights)
+from stages.digest import sha256_file
 
 
 def hash_files(paths, workers: int | None = None) -> dict:

@@ -50,6 +50,12 @@ OPTIONS = (
 )
 
 
+def given(params: dict, key: str, default):
+    """params[key] unless it is absent or None (a 0 the user passed stays 0, so it can be refused)."""
+    value = params.get(key)
+    return default if value is None else value
+
+
 def read_prompts(params: dict) -> list[str]:
     prompts = list(params.get("prompt") or [])
     file = params.get("prompts_file")
@@ -77,17 +83,25 @@ class LaunchStage(Stage):
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         from stages.launch.sampling import SamplingParams
 
-        sp = SamplingParams(max_tokens=int(params.get("max_tokens") or 16),
-                            temperature=float(params.get("temperature") or 0.0),
-                            top_p=float(params.get("top_p") if params.get("top_p") is not None else 1.0),
-                            top_k=int(params.get("top_k") or 0), stop=list(params.get("stop") or []))
+        sp = SamplingParams(max_tokens=int(given(params, "max_tokens", 16)),
+                            temperature=float(given(params, "temperature", 0.0)),
+                            top_p=float(given(params, "top_p", 1.0)),
+                            top_k=int(given(params, "top_k", 0)), stop=list(params.get("stop") or []))
         device = str(params.get("device") or "auto").lower()
         if device not in ("auto", "cuda", "cpu"):
             raise UsageError(f"--device {device!r}: use one of auto, cuda, cpu")
+        max_num_seqs = int(given(params, "max_num_seqs", 256))
+        if max_num_seqs < 1:
+            raise UsageError(f"--max-num-seqs {max_num_seqs}: must be at least 1")
+        util = float(given(params, "gpu_memory_utilization", 0.9))
+        if not 0 < util <= 1:
+            raise UsageError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
+        seed = int(given(params, "seed", 0))
+        if not -2 ** 63 <= seed < 2 ** 64:
+            raise UsageError(f"--seed {seed}: must fit in 64 bits")
         return {"prompts": read_prompts(params), "max_tokens": sp.max_tokens, "temperature": sp.temperature,
-                "top_p": sp.top_p, "top_k": sp.top_k, "stop": sp.stop, "seed": int(params.get("seed") or 0),
-                "device": device, "gpu_memory_utilization": float(params.get("gpu_memory_utilization") or 0.9),
-                "max_num_seqs": int(params.get("max_num_seqs") or 256),
+                "top_p": sp.top_p, "top_k": sp.top_k, "stop": sp.stop, "seed": seed,
+                "device": device, "gpu_memory_utilization": util, "max_num_seqs": max_num_seqs,
                 "verify_hashes": bool(params.get("verify_hashes"))}
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
@@ -128,4 +142,4 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
     return StageResult(outputs=outputs, warnings=list(inf.warnings), volatile=volatile)
 
 
-__all__ = ["LaunchStage", "OPTIONS", "read_prompts"]
+__all__ = ["LaunchStage", "OPTIONS", "given", "read_prompts"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.errors import ResourceError, UnsupportedError, UsageError
-from stages.launch import registry
+from stages.launch import given, registry
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -148,10 +148,10 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     timings["weights"] = stats.as_dict()
 
     max_model_len = int(conf["max_model_len"])
-    seqs = int(max_num_seqs or params.get("max_num_seqs") or 256)
+    seqs = int(max_num_seqs if max_num_seqs is not None else given(params, "max_num_seqs", 256))
     if seqs < 1:
         raise UsageError(f"--max-num-seqs {seqs}: must be at least 1")
-    util = float(params.get("gpu_memory_utilization") or 0.9)
+    util = float(given(params, "gpu_memory_utilization", 0.9))
     if not 0 < util <= 1:
         raise UsageError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
     t = time.perf_counter()
@@ -159,7 +159,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
         kv_tokens = plan_kv_cache(model, device, dtype, max_model_len, seqs, gpu_memory_utilization=util,
                                   cpu_kv_cache_space_gib=float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4))
         engine = Engine(model, tokenizer, tok_out.get("eos_token_ids") or [], device, dtype, max_model_len, seqs,
-                        kv_tokens, seed=int(params.get("seed") or 0))
+                        kv_tokens, seed=int(given(params, "seed", 0)))
         engine.generate([[int(tok_out.get("bos_token_id") or 0)]], SamplingParams(max_tokens=2, temperature=0.0,
                                                                                  ignore_eos=True))
     except torch.OutOfMemoryError as e:
