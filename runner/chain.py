@@ -71,6 +71,17 @@ def upstream_drift(run_dir: Path, m: Manifest) -> str | None:
     return None
 
 
+def stage_params(params: dict, run_dir: Path, upstream: dict[str, Manifest]) -> dict:
+    """The parameters a stage sees: the CLI's, the run folder, and the cache root resolve was given.
+
+    `prestage resolve M --download-dir D` then `prestage fetch-weights RUN` must find the model in D without
+    repeating the flag, so a stage given no --download-dir takes the one resolve recorded."""
+    out = {**params, "run_dir": str(run_dir)}
+    if not out.get("download_dir") and "resolve" in upstream:
+        out["download_dir"] = upstream["resolve"].inputs.get("download_dir")
+    return out
+
+
 @dataclass
 class Outcome:
     stage: str
@@ -83,7 +94,7 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     stage = get_stage(name)
     run_dir = Path(run_dir)
     upstream = load_upstream(stage, run_dir)
-    params = {**params, "run_dir": str(run_dir)}
+    params = stage_params(params, run_dir, upstream)
     inputs = stage.inputs(params, upstream)
     up_digests = {n: m.digest for n, m in upstream.items()}
     try:

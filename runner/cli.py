@@ -208,12 +208,12 @@ def _serve_command() -> click.Command:
     def callback(run, host, port, served_model_name, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
-        from runner.chain import load_upstream
+        from runner.chain import load_upstream, stage_params
         from stages.launch.inference import load_for_inference
 
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
-        inference = load_for_inference(run_dir, upstream, {**params, "run_dir": str(run_dir)})
+        inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
         for w in inference.warnings:
             reporter.warn(w)
         import uvicorn

@@ -79,8 +79,11 @@ class ResolveStage(Stage):
             return {"model": model, "source": "local", "local_dir": os.path.relpath(path, run_dir),
                     "config_format": fmt}
         s = hub.settings(params)
+        ddir = params.get("download_dir")
         return {"model": model, "source": "hub", "repo_id": model, "revision": params.get("revision") or "main",
-                "endpoint": s.endpoint, "token": s.token_state, "config_format": fmt}
+                "endpoint": s.endpoint, "token": s.token_state, "config_format": fmt,
+                # later stages inherit it (runner.chain.stage_params), so it is an input, kept absolute
+                "download_dir": str(Path(ddir).expanduser().absolute()) if ddir else None}
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
         if inputs["source"] == "local":

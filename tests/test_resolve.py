@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,18 @@ def test_token_reaches_no_manifest_file_or_output_through_the_whole_chain(hub, h
         assert secret.encode() not in p.read_bytes(), p
     r = prestage(["-v", "--artifacts", str(arts), "inspect", "test-org--gated", "--json"], env=hf_env)
     assert r.rc == 0 and secret not in r.stdout + r.stderr
+
+
+def test_download_dir_given_to_resolve_is_inherited_by_later_stages(hub, hf_env, prestage, tmp_path):
+    """`resolve --download-dir D` then the stages one by one, without the flag: they all use D."""
+    arts, cache = tmp_path / "arts", tmp_path / "elsewhere"
+    r = prestage(["--artifacts", arts, "resolve", "test-org/tiny-single", "--download-dir", cache], env=hf_env)
+    assert r.rc == 0, r.stderr
+    for stage in ("configure", "tokenize-prep", "fetch-weights"):
+        r = prestage(["--artifacts", arts, stage, "test-org--tiny-single"], env=hf_env)
+        assert r.rc == 0, (stage, r.stderr)
+    fetched = read(arts / "test-org--tiny-single" / "fetch-weights.msgpack")
+    assert fetched.inputs["download_dir"] == str(cache)
+    snapshot = cache / fetched.outputs["folder"]
+    assert (snapshot / "model.safetensors").is_file()
+    assert not (Path(hf_env["HF_HUB_CACHE"]) / fetched.outputs["folder"] / "model.safetensors").exists()
