@@ -37,6 +37,7 @@ def served(tmp_path_factory, checkpoint_dirs):
     inf = load_for_inference(run_dir, upstream, {"device": "cpu", "run_dir": str(run_dir)})
     app = create_app(inf, "tiny", int(upstream["configure"].outputs["max_model_len"]))
     with TestClient(app) as client:
+        client.run_dir = run_dir
         yield client, launched
 
 
@@ -88,3 +89,49 @@ def test_errors_are_one_line_4xx(served, body, status, needle):
     assert r.status_code == status, r.text
     msg = r.json()["error"]["message"]
     assert needle in msg and "\n" not in msg
+
+
+def test_prestage_serve_over_http(served):
+    """The CLI wiring: `prestage serve RUN` on a loopback port answers the OpenAI API, then stops on SIGTERM."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    client, launched = served
+    run_dir = client.run_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", str(run_dir), "--port", str(port),
+                             "--device", "cpu", "--served-model-name", "tiny"],
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read() if proc.poll() is not None else "timed out"
+                    raise AssertionError(f"serve did not come up: {err}") from None
+                time.sleep(0.3)
+        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["choices"][0]["text"] == launched["text"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
