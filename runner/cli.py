@@ -3,6 +3,7 @@
     prestage resolve MODEL          prestage configure RUN       prestage tokenize-prep RUN
     prestage fetch-weights RUN      prestage launch RUN          prestage run MODEL [--to/--from/--force]
     prestage inspect FILE|RUN       prestage status RUN          prestage verify RUN
+    prestage serve RUN              (the OpenAI API over the launch engine)
 
 Stage commands are built from each stage's declared options, lazily: `--help`, `inspect` and `status`
 import neither torch nor transformers nor huggingface_hub. Every failure prints one line and exits with the
