@@ -205,7 +205,7 @@ def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path)
     from safetensors.torch import load_file
 
     from stages.configure.spec import build_spec
-    from stages.launch.inference import build_model
+    from stages.launch.inference import build_model, retie_if_identical
 
     folder = checkpoint_dirs["single"]
     cfg = transformers.AutoConfig.from_pretrained(folder)
@@ -222,3 +222,33 @@ def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path)
     assert diff < 1e-5
     tied = build_model(conf, {"tensors": {}}, torch.float32, torch.device("cpu"), None, [])
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    retie_if_identical(model, warnings)  # the tiny checkpoint's head differs from its embedding: stays untied
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+
+
+def test_W16_launch_reties_an_identical_head(checkpoint_dirs, tmp_path):
+    """The checkpoint's lm_head.weight equals the embedding: after loading, one shared tensor again."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from stages.configure.spec import build_spec
+    from stages.launch.inference import build_model, retie_if_identical
+
+    state = load_file(checkpoint_dirs["single"] / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    cfg = transformers.AutoConfig.from_pretrained(checkpoint_dirs["single"])
+    spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
+    spec["tie_word_embeddings"] = True
+    conf = {"implementation": {"architecture": "Qwen2ForCausalLM", "impl": "native",
+                               "class": "stages.launch.models.decoder:DecoderForCausalLM"}, "spec": spec}
+    warnings: list = []
+    model = build_model(conf, {"tensors": {n: {} for n in state}}, torch.float32, torch.device("cpu"), None,
+                        warnings)
+    load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
+    before = last_logits(model, IDS)
+    retie_if_identical(model, warnings)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and "re-tied" in warnings[-1]
+    assert torch.equal(last_logits(model, IDS), before)

@@ -88,7 +88,10 @@ def build_model(configure_outputs: dict, fetch_outputs: dict, dtype, device, mod
         if args.tie_word_embeddings and "lm_head.weight" in (fetch_outputs.get("tensors") or {}):
             args.tie_word_embeddings = False  # vLLM's maybe_untie_word_embeddings: the checkpoint has its own head
             warnings.append("tie_word_embeddings is true but the checkpoint has lm_head.weight: loading it untied")
-        return DecoderForCausalLM(args, dtype=dtype, device=device)
+        model = DecoderForCausalLM(args, dtype=dtype, device=device)
+        model.untied_by_checkpoint = bool(configure_outputs["spec"].get("tie_word_embeddings")) \
+            and not args.tie_word_embeddings
+        return model
     if cls_ref == registry.TRANSFORMERS_BACKEND:
         from stages.launch.hf_backend import TransformersForCausalLM
 
@@ -96,6 +99,20 @@ def build_model(configure_outputs: dict, fetch_outputs: dict, dtype, device, mod
                                        trust_remote_code=bool(configure_outputs.get("trust_remote_code")))
     raise UnsupportedError(f"architecture {arch} maps to implementation {cls_ref!r}, which launch cannot build; "
                            f"supported: {registry.supported_summary()}")
+
+
+def retie_if_identical(model, warnings: list) -> None:
+    """vLLM's maybe_retie_word_embeddings: a model untied only because the checkpoint carried lm_head.weight
+    shares one tensor again when that head equals the embedding (half the memory, the same logits)."""
+    import torch
+
+    if not getattr(model, "untied_by_checkpoint", False):
+        return
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight  # [V, hidden] each
+    if head.shape == embed.shape and torch.equal(head, embed):
+        model.lm_head.weight = embed
+        model.args.tie_word_embeddings = True
+        warnings.append("the checkpoint's lm_head.weight equals the embedding: re-tied them")
 
 
 def _oom(what: str, device, e: BaseException) -> ResourceError:
@@ -145,6 +162,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     except torch.OutOfMemoryError as e:
         raise _oom("loading the weights", device, e) from None
     warnings.extend(stats.warnings)
+    retie_if_identical(model, warnings)
     timings["weights"] = stats.as_dict()
 
     max_model_len = int(conf["max_model_len"])
