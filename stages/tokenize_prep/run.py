@@ -39,7 +39,8 @@ def _model_json(ctx: Context, resolve: dict, src: TokenizerSource, name: str, wa
             local_files_only=s.offline, endpoint=s.endpoint))
     except Exception as e:
         err = hub.translate(e, repo_id=resolve["repo_id"], revision=resolve["commit"], s=s)
-        warnings.append(f"could not read the model's {name}: {err}")
+        # the class only: the full message can hold this machine's cache path, and warnings are not volatile
+        warnings.append(f"could not read the model's {name} ({err.kind}); going on without it")
         return None
     return read_json(Path(got), resolve["repo_id"])
 

@@ -9,6 +9,7 @@ HF_HUB_OFFLINE=1, as an air-gapped machine would. Nothing leaves this machine.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ PROMPT = "def fibonacci(n):"
 
 def _prestage(args: list[str], env: dict) -> None:
     cmd = [sys.executable, "-m", "runner.cli", "--artifacts", str(WORK / "artifacts"), *args]
-    print(f"\n$ prestage {' '.join(args)}", flush=True)
+    print(f"\n$ prestage {shlex.join(args)}", flush=True)
     r = subprocess.run(cmd, env=env, cwd=ROOT)
     if r.returncode != 0:
         sys.exit(f"demo: `prestage {' '.join(args)}` failed with exit code {r.returncode}")
