@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from stages.digest import sha256_hex
 from stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
 
 _CHUNK = 16 * 1024 * 1024
@@ -183,12 +184,9 @@ def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadS
 
 # ---- torch .bin / .pt ---------------------------------------------------------------------------------------
 def _hash_file(path: Path, rec: dict) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    if rec.get("sha256") and digest.hexdigest() != rec["sha256"]:
-        raise IntegrityError(f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
+    got = sha256_hex(path)
+    if rec.get("sha256") and got != rec["sha256"]:
+        raise IntegrityError(f"weight file {rec['path']} has sha256 {got[:16]}..., fetch-weights "
                              f"recorded {rec['sha256'][:16]}...; {_REFETCH}")
 
 
