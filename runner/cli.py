@@ -118,7 +118,10 @@ def _run_command() -> click.Command:
                           "generates")
         payload = {"run": run_dir.name, "run_dir": str(run_dir), "stages": results}
         if last == "launch":
-            payload["launch"] = outcome.manifest.outputs
+            vol = outcome.manifest.volatile
+            payload["launch"] = {**outcome.manifest.outputs,
+                                 "timings": {k: vol.get(k) for k in ("startup", "generate_s", "generated_tokens",
+                                                                     "total_s")}}
         _emit(reporter, payload)
 
     choice = click.Choice(ORDER)

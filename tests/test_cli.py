@@ -74,8 +74,13 @@ def test_status_and_inspect_of_a_full_run_import_no_heavy_library(tmp_path, chec
 
     model = shutil.copytree(checkpoint_dirs["single"], tmp_path / "tiny")
     arts = str(tmp_path / "arts")
-    r = cli("--artifacts", arts, "run", str(model), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu")
+    r = cli("--artifacts", arts, "run", str(model), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu",
+            "--json")
     assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)  # stdout is the one JSON object; the human lines went to stderr
+    done = result["launch"]["completions"][0]
+    assert done["prompt"] == "hi" and len(done["token_ids"]) <= 2 and "text" in done
+    assert result["launch"]["timings"]["startup"]["weights"]["bytes"] > 0
     st = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)
     assert [x["state"] for x in st["stages"]] == ["fresh"] * 5
     for args in (["--artifacts", arts, "status", "tiny"], ["--artifacts", arts, "inspect", "tiny"]):
