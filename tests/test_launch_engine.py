@@ -128,7 +128,8 @@ def test_launch_sampling_top_k_1_is_greedy_and_seed_decides(model, tokenizer):
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"temperature": -1}, "--temperature"), ({"top_p": 0}, "--top-p"),
-                                          ({"max_tokens": 0}, "--max-tokens"), ({"top_k": -2}, "--top-k")])
+                                          ({"max_tokens": 0}, "--max-tokens"), ({"top_k": -2}, "--top-k"),
+                                          ({"min_p": 1.5}, "--min-p"), ({"repetition_penalty": 0}, "--repetition")])
 def test_launch_sampling_params_rejected(kwargs, flag):
     with pytest.raises(UsageError, match=flag):
         SamplingParams(**kwargs)
@@ -143,3 +144,39 @@ def test_launch_kv_plan_cpu_budget_and_resource_error(model):
     with pytest.raises(ResourceError, match="--max-model-len 4096 needs 2.00 MiB") as e:
         plan_kv_cache(model, torch.device("cpu"), torch.float32, 4096, 8, cpu_kv_cache_space_gib=budget_gib)
     assert "VLLM_CPU_KVCACHE_SPACE" in str(e.value)
+
+
+def test_launch_repetition_penalty_matches_transformers(tokenizer):
+    """Greedy with repetition_penalty 1.3: the same 24 tokens as transformers' generate with the same penalty,
+    and different tokens from no penalty (so the penalty is really applied)."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   initializer_range=0.2)
+    torch.manual_seed(3)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    ours = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=torch.float32)
+    ours.load_weights(hf.state_dict().items())
+    engine = make_engine(ours, tokenizer)
+    prompts = [tokenizer.encode("import os\nimport os\n"), tokenizer.encode("x = x + x")]
+    penalized = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3))
+    plain = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
+    for ids, got, base in zip(prompts, penalized, plain, strict=True):
+        gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=24, repetition_penalty=1.3,
+                                            eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), generation_config=gen,
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        assert got["token_ids"] == ref
+    assert [o["token_ids"] for o in penalized] != [o["token_ids"] for o in plain]
+
+
+def test_launch_min_p_one_keeps_only_the_best_token(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    prompt = [tokenizer.encode("def main(")]
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0))[0]["token_ids"]
+    sampled = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=5.0, min_p=1.0, seed=7))
+    assert sampled[0]["token_ids"] == greedy
+    loose = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=5.0, min_p=0.0, seed=7))
+    assert loose[0]["token_ids"] != greedy  # at temperature 5 without min-p the draw wanders

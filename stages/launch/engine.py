@@ -21,7 +21,7 @@ import torch
 
 from stages.errors import ResourceError, UsageError
 from stages.launch.detokenizer import IncrementalDetokenizer
-from stages.launch.sampling import SamplingParams, sample
+from stages.launch.sampling import SamplingParams, penalize, sample
 
 _GIB = 1024 ** 3
 
@@ -37,6 +37,7 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     slot: int = -1
+    seen: torch.Tensor | None = None  # [V] bool: ids in the prompt or output, kept only for a repetition penalty
 
     @property
     def length(self) -> int:
@@ -199,9 +200,17 @@ class Engine:
         return self.model.decode(ids, positions)  # [B, V]
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = sample(logits.float(), [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        params = [s.params for s in seqs]
+        for seq in seqs:
+            if seq.params.repetition_penalty != 1.0 and seq.seen is None:  # first token: mark the prompt's ids
+                seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [V]
+                seq.seen[torch.tensor(seq.prompt, device=logits.device)] = True
+        logits = penalize(logits.float(), params, [s.seen for s in seqs])  # [B, V]
+        tokens = sample(logits, params, [s.generator for s in seqs]).tolist()
         for seq, token in zip(seqs, tokens, strict=True):
             seq.output.append(token)
+            if seq.seen is not None:
+                seq.seen[token] = True
             if token in self.eos_ids and not seq.params.ignore_eos:
                 seq.finish_reason = "stop"
             else:

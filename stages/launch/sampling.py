@@ -1,10 +1,13 @@
 """Sampling parameters and the on-device sampler.
 
-`SamplingParams` keeps vLLM's names and defaults (temperature 1.0, top_p 1.0, top_k 0 = off, no seed); the
-launch stage's own CLI default is greedy (temperature 0.0). `sample` picks one token per row on the logits'
-device: argmax where temperature is 0, else temperature, then top-k, then top-p, then a draw by the
-exponential race (argmax of p / E, E ~ Exp(1)), with E drawn from the request's own generator when it has
-a seed, so a seeded request gives the same tokens alone or in any batch.
+`SamplingParams` keeps vLLM's names and defaults (temperature 1.0, top_p 1.0, top_k 0 = off, min_p 0,
+repetition_penalty 1.0, no seed); the launch stage's own CLI default is greedy (temperature 0.0) unless the
+model's generation_config.json says otherwise. `penalize` applies the repetition penalty as vLLM and
+transformers do (a logit of a token already in the prompt or the output is divided by the penalty when
+positive, multiplied when not). `sample` picks one token per row on the logits' device: argmax where
+temperature is 0, else temperature, then top-k, then top-p, then min-p, then a draw by the exponential race
+(argmax of p / E, E ~ Exp(1)), with E drawn from the request's own generator when it has a seed, so a seeded
+request gives the same tokens alone or in any batch.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -38,12 +43,32 @@ class SamplingParams:
             raise UsageError(f"--top-p {self.top_p}: must be in (0, 1]")
         if self.top_k < -1:
             raise UsageError(f"--top-k {self.top_k}: must be -1 or 0 (off) or a positive count")
+        if not 0 <= self.min_p <= 1:
+            raise UsageError(f"--min-p {self.min_p}: must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise UsageError(f"--repetition-penalty {self.repetition_penalty}: must be > 0 (1 is off)")
         if any(not s for s in self.stop):
             raise UsageError("--stop: an empty stop string would stop at once; drop it")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def penalize(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None]) -> torch.Tensor:
+    """logits [B, V] float -> the same with each row's repetition penalty applied where `seen[i]` [V] (bool:
+    the token is in the prompt or the output so far) is set; rows without a penalty are left as they are."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and seen[i] is not None]
+    if not rows:
+        return logits
+    idx = torch.tensor(rows, device=logits.device)  # [R]
+    r = torch.tensor([params[i].repetition_penalty for i in rows], device=logits.device)[:, None]  # [R, 1]
+    mask = torch.stack([seen[i] for i in rows])  # [R, V]
+    sub = logits[idx]  # [R, V]
+    sub = torch.where(mask, torch.where(sub > 0, sub / r, sub * r), sub)  # [R, V]
+    out = logits.clone()
+    out[idx] = sub
+    return out
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
@@ -63,6 +88,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     probs = sorted_logits.softmax(dim=-1)  # [B, V]
     before = probs.cumsum(dim=-1) - probs  # [B, V]: mass of the better tokens
     probs = probs.masked_fill((before > top_p[:, None]) & (ranks > 0), 0.0)  # top-p (keep the best token)
+    min_p = torch.tensor([p.min_p for p in params], device=device)  # [B]
+    probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)  # min-p: relative to the best token
     race = torch.empty_like(probs)  # [B, V]
     for i, gen in enumerate(generators):
         race[i].exponential_(generator=gen)
