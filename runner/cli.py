@@ -207,7 +207,8 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
 
 
 def _serve_command() -> click.Command:
-    request_level = {"prompt", "prompts_file", "max_tokens", "temperature", "top_p", "top_k", "stop"}
+    request_level = {"prompt", "prompts_file", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                     "repetition_penalty", "stop"}
 
     def callback(run, host, port, served_model_name, **params):
         state: _State = click.get_current_context().find_object(_State)
@@ -215,6 +216,9 @@ def _serve_command() -> click.Command:
         from runner.chain import load_upstream, stage_params
         from stages.launch.inference import load_for_inference
 
+        mode = str(params.get("generation_config") or "auto").lower()
+        if mode not in ("auto", "vllm"):
+            raise errors.UsageError(f"--generation-config {mode!r}: use auto or vllm")
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
         inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
@@ -225,7 +229,8 @@ def _serve_command() -> click.Command:
         from stages.launch.server import create_app
 
         name = served_model_name or upstream["resolve"].outputs["model"]
-        app = create_app(inference, name, int(upstream["configure"].outputs["max_model_len"]))
+        defaults = upstream["tokenize-prep"].outputs.get("generation_defaults") if mode == "auto" else None
+        app = create_app(inference, name, int(upstream["configure"].outputs["max_model_len"]), defaults)
         reporter.info(f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, "
                       f"{inference.info['dtype']})")
         uvicorn.run(app, host=host, port=port, log_level="warning" if state.quiet else "info")

@@ -162,7 +162,7 @@ def test_launch_repetition_penalty_matches_transformers(tokenizer):
     prompts = [tokenizer.encode("import os\nimport os\n"), tokenizer.encode("x = x + x")]
     penalized = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3))
     plain = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
-    for ids, got, base in zip(prompts, penalized, plain, strict=True):
+    for ids, got in zip(prompts, penalized, strict=True):
         gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=24, repetition_penalty=1.3,
                                             eos_token_id=None, pad_token_id=0)
         with torch.no_grad():

@@ -38,7 +38,8 @@ def offline_env(monkeypatch):
 def test_launch_cli_native_completions_match_transformers(prestage, checkpoint_dirs, artifacts_dir, offline_env):
     folder = checkpoint_dirs["sharded"]
     r = prestage(["--artifacts", artifacts_dir, "--run", "r", "run", folder, "--prompt", "import os",
-                  "--prompt", "def main(", "--max-tokens", "10", "--verify-hashes", "--json"], env=offline_env)
+                  "--prompt", "def main(", "--max-tokens", "10", "--verify-hashes", "--json",
+                  "--generation-config", "vllm"], env=offline_env)  # plain greedy: the file's defaults ignored
     assert r.rc == 0, r
     launch = json.loads(r.stdout)["launch"]
     assert launch["implementation"]["impl"] == "native" and launch["device"] == "cpu"
@@ -53,6 +54,37 @@ def test_launch_cli_native_completions_match_transformers(prestage, checkpoint_d
     startup = m.volatile["startup"]
     assert {"imports_s", "tokenizer_s", "warmup_s", "first_token_s"} <= set(startup)
     assert startup["weights"]["hashed"] is True and startup["weights"]["bytes"] > 0
+
+
+def test_launch_takes_generation_config_defaults_as_vllm(prestage, checkpoint_dirs, artifacts_dir, offline_env):
+    """--generation-config auto (the default): generation_config.json's sampling values fill what the user left
+    out. With --temperature 0 the file's repetition_penalty 1.05 still applies, and the tokens equal
+    transformers' generate(do_sample=False), which applies the same file."""
+    import transformers
+
+    from stages.manifest import read
+
+    folder = checkpoint_dirs["single"]
+    r = prestage(["--artifacts", artifacts_dir, "--run", "a", "run", folder, "--prompt", "import os",
+                  "--max-tokens", "12", "--temperature", "0"], env=offline_env)
+    assert r.rc == 0, r
+    m = read(artifacts_dir / "a" / "launch.msgpack")
+    assert m.inputs["generation_config"] == "auto" and m.inputs["temperature"] == 0.0
+    assert (m.inputs["top_p"], m.inputs["top_k"], m.inputs["repetition_penalty"]) == (0.8, 20, 1.05)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert hf.generation_config.repetition_penalty == 1.05
+    ids = tok.encode("import os")
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, top_p=None, top_k=None,
+                          temperature=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert m.outputs["completions"][0]["token_ids"] == out[0, len(ids):].tolist()
+
+    r = prestage(["--artifacts", artifacts_dir, "--run", "a", "launch", "a", "--max-tokens", "2",
+                  "--generation-config", "vllm"], env=offline_env)
+    assert r.rc == 0, r
+    m = read(artifacts_dir / "a" / "launch.msgpack")
+    assert (m.inputs["temperature"], m.inputs["top_p"], m.inputs["repetition_penalty"]) == (0.0, 1.0, 1.0)
 
 
 def test_launch_cli_error_one_liners(prestage, checkpoint_dirs, artifacts_dir, offline_env, tmp_path):
@@ -91,7 +123,7 @@ def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_e
 
     folder = build_checkpoint(tmp_path / "gpt2", arch="gpt2")
     r = prestage(["--artifacts", artifacts_dir, "--run", "g", "run", folder, "--prompt", "import os",
-                  "--max-tokens", "8", "--json"], env=offline_env)
+                  "--max-tokens", "8", "--json", "--generation-config", "vllm"], env=offline_env)
     assert r.rc == 0, r
     launch = json.loads(r.stdout)["launch"]
     assert launch["implementation"]["impl"] == "transformers"

@@ -29,7 +29,8 @@ def served(tmp_path_factory, checkpoint_dirs):
     model = shutil.copytree(checkpoint_dirs["single"], tmp / "tiny")
     arts = tmp / "arts"
     r = subprocess.run([sys.executable, "-m", "runner.cli", "--artifacts", str(arts), "run", str(model), "--prompt",
-                        PROMPT, "--max-tokens", "12", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                        PROMPT, "--max-tokens", "12", "--device", "cpu", "--generation-config", "vllm"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     run_dir = arts / "tiny"
     launched = read(run_dir / "launch.msgpack").outputs["completions"][0]
@@ -38,6 +39,7 @@ def served(tmp_path_factory, checkpoint_dirs):
     app = create_app(inf, "tiny", int(upstream["configure"].outputs["max_model_len"]))
     with TestClient(app) as client:
         client.run_dir = run_dir
+        client.inference = inf
         yield client, launched
 
 
@@ -110,7 +112,7 @@ def test_prestage_serve_over_http(served):
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu", "--served-model-name", "tiny"],
+                             "--device", "cpu", "--served-model-name", "tiny", "--generation-config", "vllm"],
                             env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -135,3 +137,21 @@ def test_prestage_serve_over_http(served):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_generation_defaults_fill_what_the_request_leaves_out(served):
+    """As vLLM's server: a field the request omits takes generation_config.json's value; a given one wins."""
+    from fastapi.testclient import TestClient
+
+    from stages.launch.server import create_app
+
+    client, _ = served
+    defaults = {"temperature": 0.0, "repetition_penalty": 2.0, "max_tokens": 24}
+    with TestClient(create_app(client.inference, "tiny", 4096, defaults)) as with_file:
+        omitted = with_file.post("/v1/completions", json={"prompt": PROMPT}).json()
+    explicit = client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0, "repetition_penalty": 2.0,
+                                                    "max_tokens": 24}).json()
+    plain = client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0, "max_tokens": 24}).json()
+    assert omitted["choices"][0]["text"] == explicit["choices"][0]["text"]
+    assert omitted["usage"]["completion_tokens"] == 24
+    assert explicit["choices"][0]["text"] != plain["choices"][0]["text"]  # the penalty changed the greedy path

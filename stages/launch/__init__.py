@@ -10,9 +10,10 @@
     inference.py         load_for_inference(): manifests -> ready engine (the stage and the server share it)
 
 `LaunchStage` runs the prompts given with --prompt / --prompts-file through the engine and records the
-completions. Sampling defaults to greedy (--temperature 0.0), unlike vLLM's SamplingParams default of 1.0,
-so that a launch is reproducible by default; pass --temperature 1.0 for vLLM's behaviour. Its output is a
-fresh generation each time (always_run).
+completions. Sampling follows vLLM's `--generation-config auto`: a flag the user gives wins, else the value the
+model's generation_config.json sets (tokenize-prep records them), else prestage's default. That default is
+greedy (temperature 0), where vLLM's SamplingParams default is 1.0, and the sampler is seeded (--seed 0), so a
+launch is reproducible. Its output is a fresh generation each time (always_run).
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ OPTIONS = (
     opt("--prompt", multiple=True, metavar="TEXT",
         help=f"Prompt to complete (repeatable; default: {DEFAULT_PROMPT!r} when no prompt is given)."),
     opt("--prompts-file", default=None, metavar="FILE", help="File with one prompt per line (blank lines skipped)."),
-    opt("--max-tokens", type=int, default=16, show_default=True, help="Tokens to generate per prompt."),
-    opt("--temperature", type=float, default=0.0, show_default=True,
-        help="Sampling temperature; 0 is greedy (prestage's default; vLLM's SamplingParams default is 1.0)."),
-    opt("--top-p", type=float, default=1.0, show_default=True,
-        help="Nucleus sampling: keep the best tokens holding this much probability."),
-    opt("--top-k", type=int, default=0, show_default=True, help="Sample from the k best tokens (0 or -1: off)."),
+    opt("--max-tokens", type=int, default=None,
+        help="Tokens to generate per prompt [default: generation_config.json's max_new_tokens, else 16]."),
+    opt("--temperature", type=float, default=None,
+        help="Sampling temperature, 0 is greedy [default: generation_config.json's, else 0: prestage launches "
+             "greedy where vLLM's SamplingParams default is 1.0]."),
+    opt("--top-p", type=float, default=None,
+        help="Nucleus sampling: keep the best tokens holding this much probability [default: "
+             "generation_config.json's, else 1]."),
+    opt("--top-k", type=int, default=None,
+        help="Sample from the k best tokens, 0 or -1 off [default: generation_config.json's, else 0]."),
+    opt("--min-p", type=float, default=None,
+        help="Drop tokens less likely than this share of the best one [default: generation_config.json's, else 0]."),
+    opt("--repetition-penalty", type=float, default=None,
+        help="Penalize tokens already in the prompt or output, 1 off [default: generation_config.json's, else 1]."),
+    opt("--generation-config", type=str, default="auto", show_default=True, metavar="auto|vllm",
+        help="As vLLM's flag: auto takes the sampling defaults the model's generation_config.json sets; vllm "
+             "ignores the file."),
     opt("--seed", type=int, default=0, show_default=True, help="Random seed of the sampler."),
     opt("--stop", multiple=True, metavar="TEXT", help="Stop string (repeatable); left out of the text, as vLLM does."),
     opt("--device", default="auto", show_default=True, metavar="auto|cuda|cpu",
@@ -83,10 +95,22 @@ class LaunchStage(Stage):
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         from stages.launch.sampling import SamplingParams
 
-        sp = SamplingParams(max_tokens=int(given(params, "max_tokens", 16)),
-                            temperature=float(given(params, "temperature", 0.0)),
-                            top_p=float(given(params, "top_p", 1.0)),
-                            top_k=int(given(params, "top_k", 0)), stop=list(params.get("stop") or []))
+        mode = str(params.get("generation_config") or "auto").lower()
+        if mode not in ("auto", "vllm"):
+            raise UsageError(f"--generation-config {mode!r}: use auto (the model's generation_config.json "
+                             "defaults) or vllm (ignore the file)")
+        file_defaults = {}
+        if mode == "auto" and "tokenize-prep" in upstream:
+            file_defaults = upstream["tokenize-prep"].outputs.get("generation_defaults") or {}
+
+        def pick(key, fallback):  # the flag, else generation_config.json's value, else prestage's default
+            return given(params, key, file_defaults.get(key, fallback))
+
+        sp = SamplingParams(max_tokens=int(pick("max_tokens", 16)), temperature=float(pick("temperature", 0.0)),
+                            top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0)),
+                            min_p=float(pick("min_p", 0.0)),
+                            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+                            stop=list(params.get("stop") or []))
         device = str(params.get("device") or "auto").lower()
         if device not in ("auto", "cuda", "cpu"):
             raise UsageError(f"--device {device!r}: use one of auto, cuda, cpu")
@@ -100,7 +124,8 @@ class LaunchStage(Stage):
         if not -2 ** 63 <= seed < 2 ** 64:
             raise UsageError(f"--seed {seed}: must fit in 64 bits")
         return {"prompts": read_prompts(params), "max_tokens": sp.max_tokens, "temperature": sp.temperature,
-                "top_p": sp.top_p, "top_k": sp.top_k, "stop": sp.stop, "seed": seed,
+                "top_p": sp.top_p, "top_k": sp.top_k, "min_p": sp.min_p, "repetition_penalty": sp.repetition_penalty,
+                "generation_config": mode, "stop": sp.stop, "seed": seed,
                 "device": device, "gpu_memory_utilization": util, "max_num_seqs": max_num_seqs,
                 "verify_hashes": bool(params.get("verify_hashes"))}
 
@@ -124,7 +149,8 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
              f"{inf.info['device']} {inf.info['dtype']}: weights {w['bytes'] / 1e6:.1f} MB in {w['seconds']:.2f}s "
              f"({w['gb_per_s']:.2f} GB/s), KV cache {inf.info['kv_cache_tokens']} tokens")
     sp = SamplingParams(max_tokens=inputs["max_tokens"], temperature=inputs["temperature"], top_p=inputs["top_p"],
-                        top_k=inputs["top_k"], stop=inputs["stop"])
+                        top_k=inputs["top_k"], min_p=inputs["min_p"], repetition_penalty=inputs["repetition_penalty"],
+                        stop=inputs["stop"])
     prompt_ids = [list(inf.tokenizer.encode(p)) for p in prompts]
     results = inf.engine.generate(prompt_ids, sp)
     completions = [{"prompt": p, "text": r["text"], "token_ids": r["token_ids"], "finish_reason": r["finish_reason"]}

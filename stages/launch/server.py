@@ -6,9 +6,12 @@
                                  seed, stop, n (1 only), echo (false only)
     POST /v1/chat/completions    messages through the chat template tokenize-prep stored
 
-Sampling defaults are the OpenAI API's (max_tokens 16, temperature 1.0), as vLLM's server. The engine
-runs one request at a time (a lock); several prompts in one request are batched together. Streaming
-(`stream: true`) is not implemented and is refused with a 400 that says so.
+A sampling field the request leaves out takes, as in vLLM's server, the value the model's generation_config.json
+sets (`generation_defaults`, recorded by tokenize-prep; `--generation-config vllm` ignores them), else the OpenAI
+API's default (max_tokens 16 for completions, temperature 1.0, top_p 1.0). `top_k`, `min_p` and
+`repetition_penalty` are accepted as vLLM's extra parameters. The engine runs one request at a time (a lock);
+several prompts in one request are batched together. Streaming (`stream: true`) is not implemented and is
+refused with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ class _Sampling(BaseModel):
     """The request fields both endpoints share, with the OpenAI API's defaults."""
 
     model: str | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: int | None = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -35,7 +40,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None
     echo: bool = False
 
 
@@ -65,8 +70,12 @@ def _text_of(content) -> str:
     return "".join(parts)
 
 
-def create_app(inference, served_model_name: str, max_model_len: int):
-    """A FastAPI app serving `inference` (from stages.launch.inference.load_for_inference)."""
+_OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def create_app(inference, served_model_name: str, max_model_len: int, generation_defaults: dict | None = None):
+    """A FastAPI app serving `inference` (from stages.launch.inference.load_for_inference); a field a request
+    leaves out takes `generation_defaults` (the model's generation_config.json), else the OpenAI default."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -89,20 +98,24 @@ def create_app(inference, served_model_name: str, max_model_len: int):
         if n != 1:
             raise ApiError(400, f"n={n} is not supported; send n=1 (one completion per prompt)", "n")
 
-    def sampling(req, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+    defaults = {**_OPENAI_DEFAULTS, **{k: v for k, v in (generation_defaults or {}).items() if k != "max_tokens"}}
+    default_max_tokens = (generation_defaults or {}).get("max_tokens")
+
+    def sampling(req, max_tokens: int | None, prompt_len: int, fallback_max_tokens: int | None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         budget = max_model_len - prompt_len
         if budget <= 0:
             raise ApiError(400, f"the prompt has {prompt_len} tokens and this model's context is {max_model_len}",
                            "prompt")
+        if max_tokens is None:
+            max_tokens = default_max_tokens or fallback_max_tokens
         tokens = budget if max_tokens is None else max_tokens
         if tokens < 1 or tokens > budget:
             raise ApiError(400, f"max_tokens={tokens}: must be between 1 and {budget} (context {max_model_len} "
                                 f"minus {prompt_len} prompt tokens)", "max_tokens")
+        values = {k: defaults[k] if getattr(req, k) is None else getattr(req, k) for k in _OPENAI_DEFAULTS}
         try:
-            return SamplingParams(max_tokens=tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                                  top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                                  seed=req.seed, stop=stop)
+            return SamplingParams(max_tokens=tokens, seed=req.seed, stop=stop, **values)
         except Exception as e:  # the engine's own validation of the values, one line
             raise ApiError(400, " ".join(str(e).split())) from None
 
@@ -147,7 +160,7 @@ def create_app(inference, served_model_name: str, max_model_len: int):
             prompts = [tokenizer.encode(x) for x in raw]
         else:
             raise ApiError(400, "prompt must be a non-empty string, list of strings, or token ids", "prompt")
-        params = [sampling(req, req.max_tokens, len(p)) for p in prompts]
+        params = [sampling(req, req.max_tokens, len(p), 16) for p in prompts]  # OpenAI's completions default
         outs = run(prompts, params)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served_model_name,
@@ -170,7 +183,7 @@ def create_app(inference, served_model_name: str, max_model_len: int):
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids)
-        params = sampling(req, req.max_completion_tokens or req.max_tokens, len(ids))
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, len(ids), None)  # None: the context
         out = run([ids], [params])[0]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": served_model_name,

@@ -55,6 +55,27 @@ def _eos_ids(tok, gen: dict | None) -> list[int]:
     return ids
 
 
+# vLLM's `get_diff_sampling_param`: the sampling fields of generation_config.json that differ from
+# transformers' GenerationConfig defaults become the defaults of every request (`--generation-config auto`).
+_SAMPLING_FIELDS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+
+
+def generation_defaults(gen: dict | None) -> dict:
+    """{temperature, top_p, top_k, min_p, repetition_penalty, max_tokens} that generation_config.json sets."""
+    if not gen:
+        return {}
+    from transformers import GenerationConfig
+
+    try:
+        diff = GenerationConfig.from_dict(dict(gen)).to_diff_dict()
+    except Exception:  # a generation_config.json transformers refuses: its values are not defaults either
+        return {}
+    out = {k: diff[k] for k in _SAMPLING_FIELDS if diff.get(k) is not None}
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    return out
+
+
 def _model_facts(ctx: Context, resolve: dict, src: TokenizerSource, warnings: list) -> tuple[str | None, int | None]:
     """(model_type, model vocab_size): from configure when it ran, else the model's config file."""
     configure = ctx.upstream.get("configure")
@@ -116,6 +137,7 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         **attrs,
         "bos_token_id": getattr(tok, "bos_token_id", None),
         "eos_token_ids": eos,
+        "generation_defaults": generation_defaults(gen),
         "pad_token_id": getattr(tok, "pad_token_id", None),
         "added_vocab": {str(k): int(v) for k, v in added.items()},
         "chat_template": None if template is None else {

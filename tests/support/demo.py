@@ -44,13 +44,14 @@ def _check_against_transformers(model_dir: Path, launch_manifest: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([tok.encode(PROMPT)])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None,
-                             repetition_penalty=1.0)
+        # greedy, with the model's generation_config.json otherwise as it is (its repetition_penalty 1.05
+        # applies), which is what prestage launch does under --generation-config auto with --temperature 0
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None)
     ref = out[0, ids.shape[1]:].tolist()
     same = ref == done["token_ids"]
     print(f"\ndemo: transformers generate() on the same files gives {'the same' if same else 'DIFFERENT'} "
-          f"{len(ref)} token ids as prestage launch (the weights are random: the text is noise, the tokens are "
-          "the check)", flush=True)
+          f"{len(ref)} token ids as prestage launch, both greedy under the model's generation_config.json (the "
+          "weights are random: the text is noise, the tokens are the check)", flush=True)
     if not same:
         sys.exit(f"demo: prestage {done['token_ids']} != transformers {ref}")
 
@@ -69,7 +70,7 @@ def main() -> None:
         for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             env.pop(var, None)
         print(f"demo: local hub at {hub.url} serving {REPO}", flush=True)
-        run = ["run", REPO, "--prompt", PROMPT, "--max-tokens", "24", "--device", "cpu"]
+        run = ["run", REPO, "--prompt", PROMPT, "--max-tokens", "24", "--temperature", "0", "--device", "cpu"]
         _prestage(run, env)
         _check_against_transformers(model_dir, WORK / "artifacts" / REPO.replace("/", "--") / "launch.msgpack")
         _prestage(["status", REPO.replace("/", "--")], env)
@@ -77,8 +78,7 @@ def main() -> None:
     finally:
         hub.stop()
     print("\ndemo: hub stopped; the same run offline, as on an air-gapped machine:", flush=True)
-    _prestage(["run", REPO, "--prompt", PROMPT, "--max-tokens", "24", "--device", "cpu"],
-              {**env, "HF_HUB_OFFLINE": "1"})
+    _prestage(run, {**env, "HF_HUB_OFFLINE": "1"})
     _prestage(["inspect", str(WORK / "artifacts" / REPO.replace("/", "--") / "launch.msgpack")], env)
     print(f"\ndemo: done; manifests are in {WORK / 'artifacts' / REPO.replace('/', '--')}", flush=True)
 
