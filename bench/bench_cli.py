@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import hub_env, prestage_cmd, row, wall, write
+from bench.common import hub_env, prestage_cmd, report, wall
 from tests.support.checkpoints import build_checkpoint
 from tests.support.hub_server import LocalHub
 
@@ -39,12 +39,7 @@ def main(repeat: int = 7) -> dict:
             wall(prestage_cmd("--artifacts", str(tmp / "arts2"), "resolve", REPO, "--force"), dead_env, repeat),
             wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat), 0.5),
     }
-    print("\nCLI fast paths (median wall time)")
-    for key, (ours, base, target) in results.items():
-        print(row(key, ours, base, target))
-    payload = {k: {"prestage": o, "baseline": b, "target_s": t} for k, (o, b, t) in results.items()}
-    write("cli", payload)
-    return payload
+    return report("cli", "CLI fast paths (median wall time)", results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import ROOT, prestage_cmd, row, wall, write
+from bench.common import ROOT, prestage_cmd, report, wall
 from tests.support.checkpoints import build_checkpoint
 
 
@@ -40,12 +40,8 @@ def main(repeat: int = 5) -> dict:
                  repeat),
             wall(plain, env, repeat), 0.3),
     }
-    print("\nconfigure (median wall time; baseline: AutoConfig.from_pretrained on the same folder)")
-    for key, (ours, base, target) in results.items():
-        print(row(key, ours, base, target))
-    payload = {k: {"prestage": o, "baseline": b, "target_s": t} for k, (o, b, t) in results.items()}
-    write("configure", payload)
-    return payload
+    return report("configure", "configure (median wall time; baseline: AutoConfig.from_pretrained on the same "
+                               "folder)", results)
 
 
 if __name__ == "__main__":

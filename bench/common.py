@@ -53,3 +53,13 @@ def write(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2))
     print(f"bench: wrote {path}")
     return path
+
+
+def report(name: str, title: str, results: dict) -> dict:
+    """Print {key: (ours, baseline, target_s)} as a side-by-side table and write it to bench/out/<name>.json."""
+    print(f"\n{title}")
+    for key, (ours, base, target) in results.items():
+        print(row(key, ours, base, target))
+    payload = {k: {"prestage": o, "baseline": b, "target_s": t} for k, (o, b, t) in results.items()}
+    write(name, payload)
+    return payload

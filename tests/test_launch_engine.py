@@ -22,18 +22,23 @@ def tokenizer():
     return train_bpe_tokenizer(1024)
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_pair(seed: int):
+    """(transformers Qwen2 model, our decoder with the same weights), tiny and random."""
     import transformers
 
     cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    initializer_range=0.2)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     hf = transformers.Qwen2ForCausalLM(cfg).eval()
     ours = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=torch.float32)
     ours.load_weights(hf.state_dict().items())
-    return ours
+    return hf, ours
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_pair(1)[1]
 
 
 def make_engine(model, tokenizer, eos=(), max_model_len=64, max_num_seqs=4):
@@ -151,13 +156,7 @@ def test_launch_repetition_penalty_matches_transformers(tokenizer):
     and different tokens from no penalty (so the penalty is really applied)."""
     import transformers
 
-    cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   initializer_range=0.2)
-    torch.manual_seed(3)
-    hf = transformers.Qwen2ForCausalLM(cfg).eval()
-    ours = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=torch.float32)
-    ours.load_weights(hf.state_dict().items())
+    hf, ours = tiny_pair(3)
     engine = make_engine(ours, tokenizer)
     prompts = [tokenizer.encode("import os\nimport os\n"), tokenizer.encode("x = x + x")]
     penalized = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3))
