@@ -1,8 +1,9 @@
 """The OpenAI-compatible server: the same greedy tokens as `prestage launch`, chat through the stored template,
-and one-line 4xx errors for what it does not do."""
+streaming that adds up to the same text, and one-line 4xx errors for what it does not do."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -79,7 +80,6 @@ def test_chat_uses_the_stored_template(served):
 
 
 @pytest.mark.parametrize("body,status,needle", [
-    ({"prompt": "a", "stream": True}, 400, "stream"),
     ({"prompt": "a", "model": "other"}, 404, "other"),
     ({"prompt": "a", "max_tokens": 10**7}, 400, "max_tokens"),
     ({"prompt": [10**9]}, 400, "out of vocabulary"),
@@ -155,3 +155,43 @@ def test_generation_defaults_fill_what_the_request_leaves_out(served):
     assert omitted["choices"][0]["text"] == explicit["choices"][0]["text"]
     assert omitted["usage"]["completion_tokens"] == 24
     assert explicit["choices"][0]["text"] != plain["choices"][0]["text"]  # the penalty changed the greedy path
+
+
+def _events(response) -> list:
+    lines = [x for x in response.text.split("\n\n") if x]
+    assert lines[-1] == "data: [DONE]" and all(x.startswith("data: ") for x in lines)
+    return [json.loads(x[6:]) for x in lines[:-1]]
+
+
+def test_streamed_completion_adds_up_to_the_same_text(served):
+    client, _ = served
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = _events(r)
+    assert len(chunks) > 2  # it really streamed
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_streamed_text_never_sends_what_a_stop_string_cuts(served):
+    client, _ = served
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"] and len(cut["text"]) < len(full)
+    chunks = _events(client.post("/v1/completions", json={**body, "stop": [stop], "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_chat_starts_with_the_role(served):
+    client, _ = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    chunks = _events(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole

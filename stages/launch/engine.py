@@ -131,7 +131,10 @@ class Engine:
         self.stats: dict = {}
 
     # ---- public --------------------------------------------------------------------------------------------
-    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[dict]:
+    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 on_step=None) -> list[dict]:
+        """Run every prompt to completion; `on_step(index, text, finish_reason)`, when given, is called for each
+        sequence a step advanced, with its whole text so far (the server streams the deltas)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts_token_ids)
         pairs = enumerate(zip(prompts_token_ids, params, strict=True))
@@ -144,12 +147,17 @@ class Engine:
                     batch = self._take_prefill_batch(waiting, self.num_slots - len(running))
                     for j, seq in enumerate(batch):
                         seq.slot = len(running) + j
+                    stepped = batch
                     self._append(batch, self._prefill(batch, slot0=len(running)))
                     running.extend(batch)
                     if first_token_s is None:
                         first_token_s = time.perf_counter() - start
                 else:
+                    stepped = list(running)
                     self._append(running, self._decode(running))
+                if on_step is not None:
+                    for seq in stepped:
+                        on_step(seq.index, seq.text, seq.finish_reason)
                 running = self._compact(running)
         self.stats = {"first_token_s": first_token_s, "generate_s": time.perf_counter() - start,
                       "generated_tokens": sum(len(s.output) for s in seqs)}

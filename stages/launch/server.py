@@ -10,12 +10,15 @@ A sampling field the request leaves out takes, as in vLLM's server, the value th
 sets (`generation_defaults`, recorded by tokenize-prep; `--generation-config vllm` ignores them), else the OpenAI
 API's default (max_tokens 16 for completions, temperature 1.0, top_p 1.0). `top_k`, `min_p` and
 `repetition_penalty` are accepted as vLLM's extra parameters. The engine runs one request at a time (a lock);
-several prompts in one request are batched together. Streaming (`stream: true`) is not implemented and is
-refused with a 400 that says so.
+several prompts in one request are batched together. `stream: true` answers with server-sent events
+(`data: {chunk}` lines, then `data: [DONE]`) as OpenAI's API does; while a sequence runs, the last
+(longest stop string - 1) characters are held back, so text that a stop string later cuts is never sent.
 """
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
 import time
 import uuid
@@ -90,11 +93,9 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
         return JSONResponse(status_code=e.status, content={"error": {
             "message": e.message, "type": "invalid_request_error", "param": e.param, "code": None}})
 
-    def check_common(model: str | None, n: int, stream: bool) -> None:
+    def check_common(model: str | None, n: int) -> None:
         if model not in (None, served_model_name):
             raise ApiError(404, f"model '{model}' does not exist; this server serves '{served_model_name}'", "model")
-        if stream:
-            raise ApiError(400, "stream=true is not supported by prestage's server; send stream=false", "stream")
         if n != 1:
             raise ApiError(400, f"n={n} is not supported; send n=1 (one completion per prompt)", "n")
 
@@ -123,6 +124,39 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
         with lock:
             return inference.engine.generate(prompts, params)
 
+    def stream(prompts: list[list[int]], params: list[SamplingParams], chunk):
+        """Server-sent events: generation runs in a thread; each step's new text goes out as `chunk(index, delta,
+        finish_reason)`, holding back what a stop string could still cut."""
+        from fastapi.responses import StreamingResponse
+
+        events: queue.Queue = queue.Queue()
+        hold = [max((len(x) for x in p.stop), default=1) - 1 for p in params]
+
+        def work():
+            try:
+                with lock:
+                    inference.engine.generate(prompts, params, on_step=lambda i, t, f: events.put((i, t, f)))
+                events.put(None)
+            except Exception as e:  # reported in the stream: the 200 header is already sent
+                events.put(e)
+
+        def body():
+            threading.Thread(target=work, daemon=True).start()
+            sent = [0] * len(prompts)
+            while (event := events.get()) is not None:
+                if isinstance(event, Exception):
+                    error = {"message": " ".join(str(event).split()), "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                i, text, finish = event
+                upto = len(text) if finish else max(sent[i], len(text) - hold[i])
+                if upto > sent[i] or finish:
+                    yield f"data: {json.dumps(chunk(i, text[sent[i]:upto], finish))}\n\n"
+                    sent[i] = upto
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
     def usage(prompts, outs) -> dict:
         p = sum(len(x) for x in prompts)
         c = sum(len(o["token_ids"]) for o in outs)
@@ -146,7 +180,7 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        check_common(req.model, req.n, req.stream)
+        check_common(req.model, req.n)
         if req.echo:
             raise ApiError(400, "echo=true is not supported; send echo=false", "echo")
         raw = req.prompt
@@ -161,16 +195,20 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
         else:
             raise ApiError(400, "prompt must be a non-empty string, list of strings, or token ids", "prompt")
         params = [sampling(req, req.max_tokens, len(p), 16) for p in prompts]  # OpenAI's completions default
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return stream(prompts, params, lambda i, delta, finish: {
+                "id": cid, "object": "text_completion", "created": created, "model": served_model_name,
+                "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": finish}]})
         outs = run(prompts, params)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": served_model_name,
+        return {"id": cid, "object": "text_completion", "created": created, "model": served_model_name,
                 "choices": [{"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
                             for i, o in enumerate(outs)],
                 "usage": usage(prompts, outs)}
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest):
-        check_common(req.model, req.n, req.stream)
+        check_common(req.model, req.n)
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template (tokenize-prep recorded none); use "
                                 "/v1/completions or re-run tokenize-prep with --chat-template", "messages")
@@ -184,9 +222,20 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
             ids = ids["input_ids"]
         ids = list(ids)
         params = sampling(req, req.max_completion_tokens or req.max_tokens, len(ids), None)  # None: the context
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            first = [True]
+
+            def chunk(_, delta, finish):
+                # the first chunk carries the role, as OpenAI's stream does
+                body = {"role": "assistant", "content": delta} if first[0] else {"content": delta}
+                first[0] = False
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
+                        "choices": [{"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}]}
+
+            return stream([ids], [params], chunk)
         out = run([ids], [params])[0]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": served_model_name,
+        return {"id": cid, "object": "chat.completion", "created": created, "model": served_model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                              "logprobs": None, "finish_reason": out["finish_reason"]}],
                 "usage": usage([ids], [out])}
