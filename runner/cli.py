@@ -245,8 +245,10 @@ def _serve_command() -> click.Command:
                if o.dest not in request_level]
     return click.Command("serve", callback=callback, params=params, short_help=_SHORT["serve"],
                          help="Load the model of RUN once and serve the OpenAI API (/v1/completions, "
-                              "/v1/chat/completions, /v1/models) with FastAPI + uvicorn. Requests run one at a "
-                              "time; the prompts of one request are batched.")
+                              "/v1/chat/completions, /v1/models; stream=true as server-sent events) with FastAPI "
+                              "+ uvicorn. Requests run one at a time; the prompts of one request are batched. "
+                              "Sampling fields a request leaves out take the model's generation_config.json "
+                              "values (--generation-config auto), as vLLM's server does.")
 
 
 _BUILTIN = {"run": _run_command, "serve": _serve_command, "inspect": lambda: inspect_cmd, "status": lambda: status_cmd,
