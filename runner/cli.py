@@ -214,11 +214,10 @@ def _serve_command() -> click.Command:
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
         from runner.chain import load_upstream, stage_params
+        from stages.launch import generation_config_mode, generation_defaults
         from stages.launch.inference import load_for_inference
 
-        mode = str(params.get("generation_config") or "auto").lower()
-        if mode not in ("auto", "vllm"):
-            raise errors.UsageError(f"--generation-config {mode!r}: use auto or vllm")
+        mode = generation_config_mode(params)  # checked before the model loads
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
         inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
@@ -229,8 +228,8 @@ def _serve_command() -> click.Command:
         from stages.launch.server import create_app
 
         name = served_model_name or upstream["resolve"].outputs["model"]
-        defaults = upstream["tokenize-prep"].outputs.get("generation_defaults") if mode == "auto" else None
-        app = create_app(inference, name, int(upstream["configure"].outputs["max_model_len"]), defaults)
+        app = create_app(inference, name, int(upstream["configure"].outputs["max_model_len"]),
+                         generation_defaults(mode, upstream))
         reporter.info(f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, "
                       f"{inference.info['dtype']})")
         uvicorn.run(app, host=host, port=port, log_level="warning" if state.quiet else "info")

@@ -68,6 +68,22 @@ def given(params: dict, key: str, default):
     return default if value is None else value
 
 
+def generation_config_mode(params: dict) -> str:
+    """--generation-config, checked: auto (use generation_config.json's sampling defaults) or vllm (ignore it)."""
+    mode = str(params.get("generation_config") or "auto").lower()
+    if mode not in ("auto", "vllm"):
+        raise UsageError(f"--generation-config {mode!r}: use auto (the model's generation_config.json defaults) "
+                         "or vllm (ignore the file)")
+    return mode
+
+
+def generation_defaults(mode: str, upstream: dict[str, Manifest]) -> dict:
+    """The sampling defaults tokenize-prep recorded from generation_config.json, or {} under `vllm`."""
+    if mode != "auto" or "tokenize-prep" not in upstream:
+        return {}
+    return upstream["tokenize-prep"].outputs.get("generation_defaults") or {}
+
+
 def read_prompts(params: dict) -> list[str]:
     prompts = list(params.get("prompt") or [])
     file = params.get("prompts_file")
@@ -95,13 +111,8 @@ class LaunchStage(Stage):
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         from stages.launch.sampling import SamplingParams
 
-        mode = str(params.get("generation_config") or "auto").lower()
-        if mode not in ("auto", "vllm"):
-            raise UsageError(f"--generation-config {mode!r}: use auto (the model's generation_config.json "
-                             "defaults) or vllm (ignore the file)")
-        file_defaults = {}
-        if mode == "auto" and "tokenize-prep" in upstream:
-            file_defaults = upstream["tokenize-prep"].outputs.get("generation_defaults") or {}
+        mode = generation_config_mode(params)
+        file_defaults = generation_defaults(mode, upstream)
 
         def pick(key, fallback):  # the flag, else generation_config.json's value, else prestage's default
             return given(params, key, file_defaults.get(key, fallback))
@@ -168,4 +179,4 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
     return StageResult(outputs=outputs, warnings=list(inf.warnings), volatile=volatile)
 
 
-__all__ = ["LaunchStage", "OPTIONS", "given", "read_prompts"]
+__all__ = ["LaunchStage", "OPTIONS", "generation_config_mode", "generation_defaults", "given", "read_prompts"]

@@ -64,6 +64,7 @@ def _cached_class(base: type) -> type:
         "get_vocab": get_vocab,
         "__reduce__": __reduce__,
     }
+
     def vocab_size(self):
         size = self._prestage_cache["vocab_size"]
         if size is None:  # the original raised NotImplementedError too
