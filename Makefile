@@ -25,7 +25,8 @@ demo: setup
 	$(BIN)/python -m tests.support.demo
 
 lint: setup
-	$(BIN)/ruff check stages runner tests bench
+	$(BIN)/ruff check prestage stages runner tests bench
+	$(BIN)/ruff format --check prestage stages runner tests bench
 
 bench: setup
 	$(BIN)/python -m bench.run_all

@@ -31,13 +31,21 @@ def main(repeat: int = 7) -> dict:
         dead_env = hub_env("http://127.0.0.1:9", cache)  # the hub is gone: nothing listens there
     plain_cfg = f"from transformers import AutoConfig; AutoConfig.from_pretrained({REPO!r})"
     results = {
-        "help": (wall(prestage_cmd("--help"), env, repeat),
-                 wall([sys.executable, "-c", "import huggingface_hub"], env, repeat), 0.3),
-        "inspect": (wall(prestage_cmd("--artifacts", str(arts), "inspect", REPO.replace("/", "--")), env, repeat),
-                    wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat), 0.3),
+        "help": (
+            wall(prestage_cmd("--help"), env, repeat),
+            wall([sys.executable, "-c", "import huggingface_hub"], env, repeat),
+            0.3,
+        ),
+        "inspect": (
+            wall(prestage_cmd("--artifacts", str(arts), "inspect", REPO.replace("/", "--")), env, repeat),
+            wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat),
+            0.3,
+        ),
         "resolve_cached_hub_stopped": (
             wall(prestage_cmd("--artifacts", str(tmp / "arts2"), "resolve", REPO, "--force"), dead_env, repeat),
-            wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat), 0.5),
+            wall([sys.executable, "-c", plain_cfg], {**dead_env, "HF_HUB_OFFLINE": "1"}, repeat),
+            0.5,
+        ),
     }
     return report("cli", "CLI fast paths (median wall time)", results)
 

@@ -30,18 +30,29 @@ def main(repeat: int = 5) -> dict:
     wall(prestage_cmd("--artifacts", str(arts), "configure", "b"), env, repeat=1)  # fills the store
     plain = [sys.executable, "-c", f"from transformers import AutoConfig; AutoConfig.from_pretrained({str(model)!r})"]
     results = {
-        "configure_cold": (wall(prestage_cmd("--artifacts", str(arts), "configure", "b", "--force"),
-                                {**env, "PRESTAGE_NO_CONFIG_MEMO": "1"}, repeat),
-                           wall(plain, env, repeat), 1.5),
-        "configure_warm": (wall(prestage_cmd("--artifacts", str(arts), "configure", "b", "--force"), env, repeat),
-                           wall(plain, env, repeat), 1.5),
+        "configure_cold": (
+            wall(
+                prestage_cmd("--artifacts", str(arts), "configure", "b", "--force"),
+                {**env, "PRESTAGE_NO_CONFIG_MEMO": "1"},
+                repeat,
+            ),
+            wall(plain, env, repeat),
+            1.5,
+        ),
+        "configure_warm": (
+            wall(prestage_cmd("--artifacts", str(arts), "configure", "b", "--force"), env, repeat),
+            wall(plain, env, repeat),
+            1.5,
+        ),
         "inspect_configure": (
-            wall(prestage_cmd("--artifacts", str(arts), "inspect", str(arts / "b" / "configure.msgpack")), env,
-                 repeat),
-            wall(plain, env, repeat), 0.3),
+            wall(prestage_cmd("--artifacts", str(arts), "inspect", str(arts / "b" / "configure.msgpack")), env, repeat),
+            wall(plain, env, repeat),
+            0.3,
+        ),
     }
-    return report("configure", "configure (median wall time; baseline: AutoConfig.from_pretrained on the same "
-                               "folder)", results)
+    return report(
+        "configure", "configure (median wall time; baseline: AutoConfig.from_pretrained on the same folder)", results
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else [])
     size = parse_size(args.size)
 
-    from stages.fetch_weights.verify import hash_files
+    from prestage.stages.fetch_weights.verify import hash_files
     from tests.support.checkpoints import build_large_checkpoint
     from tests.support.hub_server import LocalHub
 
@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_large_checkpoint(tmp / "model", total_bytes=size, num_shards=args.shards)
         shards = sorted(p.name for p in model.glob("*.safetensors"))
         weight_bytes = sum((model / s).stat().st_size for s in shards)
-        print(f"bench: built {len(shards)} shards, {weight_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s",
-              flush=True)
+        print(
+            f"bench: built {len(shards)} shards, {weight_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
         with LocalHub(tmp / "hub") as hub:
             sha = hub.commit(REPO, model)
             shutil.rmtree(model)  # the hub holds its own copy; keep the disk footprint down
@@ -83,8 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
             cache_b = tmp / "cache-hfhub"
             env_b = hub_env(hub.url, cache_b, HF_HUB_DISABLE_PROGRESS_BARS="1")
             patterns = shards + ["model.safetensors.index.json"]
-            script = ("from huggingface_hub import snapshot_download; "
-                      f"snapshot_download({REPO!r}, revision={sha!r}, allow_patterns={patterns!r})")
+            script = (
+                "from huggingface_hub import snapshot_download; "
+                f"snapshot_download({REPO!r}, revision={sha!r}, allow_patterns={patterns!r})"
+            )
             # Alternate the two, twice, each into a fresh cache, and keep the best of each: neither side gets
             # the warmer page cache or the quieter moment.
             t_pre = t_hf = float("inf")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                 hub.reset_counters()
                 t, _ = timed([sys.executable, "-c", script], env_b)
                 t_hf, served_hf = min(t_hf, t), sum(hub.bytes_served.values())
-            from stages.manifest import manifest_path, read
+            from prestage.stages.manifest import manifest_path, read
 
             vol = read(manifest_path(arts / run, "fetch-weights")).volatile
 
@@ -119,23 +123,32 @@ def main(argv: list[str] | None = None) -> dict:
         assert out.stdout.split()[0] == ours1[files[0]][1] == oursn[files[0]][1], "hashers disagree"
 
         result = {
-            "size_bytes": weight_bytes, "shards": len(shards), "cpu_count": os.cpu_count(), "hash_workers": n,
+            "size_bytes": weight_bytes,
+            "shards": len(shards),
+            "cpu_count": os.cpu_count(),
+            "hash_workers": n,
             "fetch": {
-                "prestage_fetch_weights_s": round(t_pre, 3), "prestage_download_and_verify_s": vol.get("fetch_seconds"),
-                "prestage_MBps": rate(weight_bytes, t_pre), "prestage_bytes_served": served_pre,
-                "snapshot_download_s": round(t_hf, 3), "snapshot_download_MBps": rate(weight_bytes, t_hf),
+                "prestage_fetch_weights_s": round(t_pre, 3),
+                "prestage_download_and_verify_s": vol.get("fetch_seconds"),
+                "prestage_MBps": rate(weight_bytes, t_pre),
+                "prestage_bytes_served": served_pre,
+                "snapshot_download_s": round(t_hf, 3),
+                "snapshot_download_MBps": rate(weight_bytes, t_hf),
                 "snapshot_download_bytes_served": served_hf,
                 "snapshot_download_plus_sha256sum_s": round(t_hf + t_sum1, 3),
             },
             "sha256": {
-                "prestage_1_thread_s": round(t_our1, 3), "prestage_1_thread_MBps": rate(weight_bytes, t_our1),
-                f"prestage_{n}_threads_s": round(t_ourn, 3), f"prestage_{n}_threads_MBps": rate(weight_bytes, t_ourn),
-                "sha256sum_1_process_s": round(t_sum1, 3), "sha256sum_1_process_MBps": rate(weight_bytes, t_sum1),
+                "prestage_1_thread_s": round(t_our1, 3),
+                "prestage_1_thread_MBps": rate(weight_bytes, t_our1),
+                f"prestage_{n}_threads_s": round(t_ourn, 3),
+                f"prestage_{n}_threads_MBps": rate(weight_bytes, t_ourn),
+                "sha256sum_1_process_s": round(t_sum1, 3),
+                "sha256sum_1_process_MBps": rate(weight_bytes, t_sum1),
                 f"sha256sum_{n}_processes_s": round(t_sumn, 3),
                 f"sha256sum_{n}_processes_MBps": rate(weight_bytes, t_sumn),
             },
             "notes": "prestage timings are the whole `prestage fetch-weights` process (python start, imports, "
-                     "download, sha256 and header check of every shard); snapshot_download hashes nothing.",
+            "download, sha256 and header check of every shard); snapshot_download hashes nothing.",
         }
         f, h = result["fetch"], result["sha256"]
         gb = weight_bytes / 1e9

@@ -61,14 +61,23 @@ def build_big_tokenizer(vocab_size: int):
             break
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                      bos_token=None, unk_token=None, clean_up_tokenization_spaces=False,
-                                      model_max_length=32768)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        bos_token=None,
+        unk_token=None,
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
     wrapped.chat_template = CHATML_TEMPLATE
     return wrapped
 
@@ -79,10 +88,22 @@ def model_folder(root: Path, tok) -> Path:
     tok.save_pretrained(root)
     n = len(tok)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    (root / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": n, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 4096, "eos_token_id": eos}))
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "vocab_size": n,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 4096,
+                "eos_token_id": eos,
+            }
+        )
+    )
     (root / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
     return root
 
@@ -98,9 +119,9 @@ def requests(tok, n: int) -> int:
 
 
 def measure(label: str, tok_factory, n: int, work: Path) -> dict:
-    from runner.chain import run_stage
-    from stages.base import Reporter
-    from stages.tokenize_prep import load_stored_tokenizer
+    from prestage.runner.chain import run_stage
+    from prestage.stages.base import Reporter
+    from prestage.stages.tokenize_prep import load_stored_tokenizer
 
     folder = model_folder(work / f"model-{label}", tok_factory())
     run = work / f"run-{label}"
@@ -126,12 +147,23 @@ def measure(label: str, tok_factory, n: int, work: Path) -> dict:
     if a_acc != b_acc:
         raise SystemExit(f"{label}: cached and fresh tokenizers disagree ({a_acc} vs {b_acc})")
     return {
-        "label": label, "n_requests": n, "vocab_len": outputs["len"],
-        "tokenizer_json_bytes": (folder / "tokenizer.json").stat().st_size, "tokenize_prep_s": round(prep_s, 4),
-        "cached": {"load_s": round(a_load, 4), "requests_s": round(a_total - a_load, 4),
-                   "per_request_us": round((a_total - a_load) / n * 1e6, 2), "total_s": round(a_total, 4)},
-        "fresh": {"load_s": round(b_load, 4), "requests_s": round(b_total - b_load, 4),
-                  "per_request_us": round((b_total - b_load) / n * 1e6, 2), "total_s": round(b_total, 4)},
+        "label": label,
+        "n_requests": n,
+        "vocab_len": outputs["len"],
+        "tokenizer_json_bytes": (folder / "tokenizer.json").stat().st_size,
+        "tokenize_prep_s": round(prep_s, 4),
+        "cached": {
+            "load_s": round(a_load, 4),
+            "requests_s": round(a_total - a_load, 4),
+            "per_request_us": round((a_total - a_load) / n * 1e6, 2),
+            "total_s": round(a_total, 4),
+        },
+        "fresh": {
+            "load_s": round(b_load, 4),
+            "requests_s": round(b_total - b_load, 4),
+            "per_request_us": round((b_total - b_load) / n * 1e6, 2),
+            "total_s": round(b_total, 4),
+        },
         "speedup_total": round(b_total / a_total, 2) if a_total else None,
     }
 
@@ -153,15 +185,19 @@ def main(argv=None) -> None:
         rows.append(measure("tiny", lambda: train_bpe_tokenizer(1024), args.n, work))
         rows.append(measure(f"{args.big // 1000}k", lambda: build_big_tokenizer(args.big), args.n, work))
 
-    head = f"{'tokenizer':>9} {'ids':>7} {'json MB':>7} {'N':>5} | {'cached load':>11} {'per req':>9} " \
-           f"{'total':>8} | {'fresh load':>10} {'per req':>9} {'total':>8} | {'speedup':>7}"
+    head = (
+        f"{'tokenizer':>9} {'ids':>7} {'json MB':>7} {'N':>5} | {'cached load':>11} {'per req':>9} "
+        f"{'total':>8} | {'fresh load':>10} {'per req':>9} {'total':>8} | {'speedup':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         a, b = r["cached"], r["fresh"]
-        print(f"{r['label']:>9} {r['vocab_len']:>7} {r['tokenizer_json_bytes'] / 1e6:>7.2f} {r['n_requests']:>5} | "
-              f"{a['load_s']:>10.3f}s {a['per_request_us']:>7.1f}us {a['total_s']:>7.3f}s | "
-              f"{b['load_s']:>9.3f}s {b['per_request_us']:>7.1f}us {b['total_s']:>7.3f}s | {r['speedup_total']:>6.1f}x")
+        print(
+            f"{r['label']:>9} {r['vocab_len']:>7} {r['tokenizer_json_bytes'] / 1e6:>7.2f} {r['n_requests']:>5} | "
+            f"{a['load_s']:>10.3f}s {a['per_request_us']:>7.1f}us {a['total_s']:>7.3f}s | "
+            f"{b['load_s']:>9.3f}s {b['per_request_us']:>7.1f}us {b['total_s']:>7.3f}s | {r['speedup_total']:>6.1f}x"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "tokenizer", "rows": rows}, indent=2) + "\n")

@@ -15,9 +15,16 @@ OUT = ROOT / "bench" / "out"
 
 
 def hub_env(hub_url: str, cache: Path, **extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": hub_url, "HF_HUB_CACHE": str(cache),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "DISABLE_SAFETENSORS_CONVERSION": "1",
-           **extra}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "DISABLE_SAFETENSORS_CONVERSION": "1",
+        **extra,
+    }
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         if var not in extra:
             env.pop(var, None)
@@ -37,14 +44,13 @@ def wall(cmd: list[str], env: dict | None = None, repeat: int = 5, cwd: Path | N
 
 
 def prestage_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "runner.cli", *args]
+    return [sys.executable, "-m", "prestage", *args]
 
 
 def row(label: str, ours: dict, base: dict, target: float | None = None) -> str:
     ratio = base["median_s"] / ours["median_s"] if ours["median_s"] else float("inf")
     tgt = f"  target < {target:.2f}s: {'met' if ours['median_s'] < target else 'MISSED'}" if target else ""
-    return (f"{label:<34} prestage {ours['median_s']:7.3f}s   baseline {base['median_s']:7.3f}s   "
-            f"x{ratio:5.2f}{tgt}")
+    return f"{label:<34} prestage {ours['median_s']:7.3f}s   baseline {base['median_s']:7.3f}s   x{ratio:5.2f}{tgt}"
 
 
 def write(name: str, payload: dict) -> Path:

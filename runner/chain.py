@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from stages import ORDER, errors, get_stage
-from stages.base import Context, Reporter
-from stages.manifest import Manifest, fingerprint, manifest_path, read, write
+from prestage.stages import ORDER, errors, get_stage
+from prestage.stages.base import Context, Reporter
+from prestage.stages.manifest import Manifest, fingerprint, manifest_path, read, write
 
 _LIBS = ("prestage", "torch", "transformers", "huggingface_hub", "safetensors", "tokenizers", "msgpack", "click")
 
@@ -41,18 +41,22 @@ def load_upstream(stage, run_dir: Path) -> dict[str, Manifest]:
         if not path.exists():
             if name in stage.requires:
                 hint = "prestage resolve MODEL" if name == "resolve" else f"prestage {name} {run_dir.name}"
-                raise errors.StaleUpstreamError(f"{stage.name} needs the {name} manifest, and {path} does not "
-                                                f"exist; run `{hint}` first (or `prestage run`)")
+                raise errors.StaleUpstreamError(
+                    f"{stage.name} needs the {name} manifest, and {path} does not "
+                    f"exist; run `{hint}` first (or `prestage run`)"
+                )
             continue
         found[name] = read(path)
         if found[name].stage != name:
-            raise errors.BadManifestError(f"{path}: holds a '{found[name].stage}' manifest, not {name}; delete it "
-                                          f"and re-run `prestage {name}`")
+            raise errors.BadManifestError(
+                f"{path}: holds a '{found[name].stage}' manifest, not {name}; delete it and re-run `prestage {name}`"
+            )
     for name, m in found.items():
         reason = upstream_drift(run_dir, m)
         if reason:
-            raise errors.StaleUpstreamError(f"{name} is stale ({reason}); re-run `prestage {name} "
-                                            f"{run_dir.name}` before {stage.name}")
+            raise errors.StaleUpstreamError(
+                f"{name} is stale ({reason}); re-run `prestage {name} {run_dir.name}` before {stage.name}"
+            )
     return found
 
 
@@ -100,9 +104,10 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     try:
         fp = fingerprint(stage.name, stage.version, inputs, up_digests)
     except OverflowError:  # msgpack holds 64-bit integers; a larger flag value cannot be recorded
-        big = sorted(k for k, v in inputs.items() if isinstance(v, int) and not -2 ** 63 <= v < 2 ** 64)
-        raise errors.UsageError(f"{name}: the value of {', '.join(big) or 'a flag'} is too large; pass a number "
-                                "that fits in 64 bits") from None
+        big = sorted(k for k, v in inputs.items() if isinstance(v, int) and not -(2**63) <= v < 2**64)
+        raise errors.UsageError(
+            f"{name}: the value of {', '.join(big) or 'a flag'} is too large; pass a number that fits in 64 bits"
+        ) from None
     path = manifest_path(run_dir, name)
     if not force and not stage.always_run and path.exists():
         try:
@@ -121,23 +126,38 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise errors.UsageError(f"run folder {run_dir}: cannot create it ({e.strerror}); pass a writable "
-                                "--artifacts DIR or another --run NAME") from None
+        raise errors.UsageError(
+            f"run folder {run_dir}: cannot create it ({e.strerror}); pass a writable "
+            "--artifacts DIR or another --run NAME"
+        ) from None
     reporter.info(f"{name}: running")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     result = stage.run(Context(run_dir=run_dir, params=params, upstream=upstream, reporter=reporter), inputs)
-    volatile = {"started_at": started, "duration_s": round(time.perf_counter() - t0, 4),
-                "host": platform.node(), "python": platform.python_version(), "versions": library_versions(),
-                **result.volatile}
-    m = Manifest(stage=stage.name, stage_version=stage.version, inputs=inputs, upstream=up_digests,
-                 outputs=result.outputs, warnings=list(result.warnings), volatile=volatile)
+    volatile = {
+        "started_at": started,
+        "duration_s": round(time.perf_counter() - t0, 4),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "versions": library_versions(),
+        **result.volatile,
+    }
+    m = Manifest(
+        stage=stage.name,
+        stage_version=stage.version,
+        inputs=inputs,
+        upstream=up_digests,
+        outputs=result.outputs,
+        warnings=list(result.warnings),
+        volatile=volatile,
+    )
     try:
         write(path, m)
     except OSError as e:
         cls = errors.ResourceError if e.errno == errno.ENOSPC else errors.UsageError
-        raise cls(f"{path}: cannot write the manifest ({e.strerror}); free disk space or pass a writable "
-                  "--artifacts DIR") from None
+        raise cls(
+            f"{path}: cannot write the manifest ({e.strerror}); free disk space or pass a writable --artifacts DIR"
+        ) from None
     for w in m.warnings:  # the one place stage warnings are printed
         reporter.warn(f"{name}: {w}")
     reporter.info(f"{name}: done in {volatile['duration_s']:.2f}s -> {path}")

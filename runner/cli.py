@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
-from stages import ORDER, STAGES, errors, get_stage
-from stages.base import Reporter
+from prestage.stages import ORDER, STAGES, errors, get_stage
+from prestage.stages.base import Reporter
 
 _EPILOG = "\b\nExit codes:\n" + errors.exit_code_table()
 
@@ -51,7 +51,7 @@ def default_run_name(model: str) -> str:
 
 def _stage_options(names) -> list:
     """The click options of these stages plus the hub flags, de-duplicated by destination."""
-    from stages import hub
+    from prestage.stages import hub
 
     seen, out = set(), []
     for spec in [*hub.OPTIONS, *(o for n in names for o in get_stage(n).options)]:
@@ -63,7 +63,7 @@ def _stage_options(names) -> list:
 
 def _emit(reporter: Reporter, payload) -> None:
     if reporter.json:
-        from runner.show import dumps
+        from prestage.runner.show import dumps
 
         click.echo(dumps(payload))
 
@@ -72,7 +72,7 @@ def _stage_command(name: str) -> click.Command:
     def callback(run, json_out, force, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter(json_out)
-        from runner.chain import run_stage
+        from prestage.runner.chain import run_stage
 
         if name == "resolve":
             params["model"] = run
@@ -80,26 +80,36 @@ def _stage_command(name: str) -> click.Command:
         else:
             run_dir = state.run_dir(run)
         outcome = run_stage(name, run_dir, params, reporter, force=force)
-        _emit(reporter, {"stage": name, "status": outcome.status, "manifest": str(outcome.path),
-                         **outcome.manifest.to_dict()})
+        _emit(
+            reporter,
+            {"stage": name, "status": outcome.status, "manifest": str(outcome.path), **outcome.manifest.to_dict()},
+        )
 
     arg = click.Argument(["run"], metavar="MODEL" if name == "resolve" else "RUN")
-    params = [arg, click.Option(["--json", "json_out"], is_flag=True, help="Print the manifest as JSON on stdout."),
-              click.Option(["--force"], is_flag=True, help="Re-run even if the manifest is fresh.")]
+    params = [
+        arg,
+        click.Option(["--json", "json_out"], is_flag=True, help="Print the manifest as JSON on stdout."),
+        click.Option(["--force"], is_flag=True, help="Re-run even if the manifest is fresh."),
+    ]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options([name])]
     stage = get_stage(name)
     doc = (type(stage).__doc__ or sys.modules[type(stage).__module__].__doc__ or "").strip()
     summary = doc.splitlines()[0] if doc else f"Run the {name} stage."
     what = "MODEL (a hub id or a local folder)" if name == "resolve" else "the run RUN"
-    return click.Command(name, callback=callback, params=params, short_help=summary,
-                         help=f"{summary}\n\nRuns {name} for {what} and writes {name}.msgpack in the run folder.")
+    return click.Command(
+        name,
+        callback=callback,
+        params=params,
+        short_help=summary,
+        help=f"{summary}\n\nRuns {name} for {what} and writes {name}.msgpack in the run folder.",
+    )
 
 
 def _run_command() -> click.Command:
     def callback(model, to, from_, force, json_out, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter(json_out)
-        from runner.chain import run_stage
+        from prestage.runner.chain import run_stage
 
         run_dir = state.artifacts / (state.run or default_run_name(model))
         params["model"] = model
@@ -107,37 +117,52 @@ def _run_command() -> click.Command:
         last = to or ("launch" if wants_launch else "fetch-weights")
         first = from_ or ORDER[0]
         if ORDER.index(first) > ORDER.index(last):
-            raise errors.UsageError(f"--from {first} comes after --to {last}; pick a range in pipeline order "
-                                    f"({' -> '.join(ORDER)})")
+            raise errors.UsageError(
+                f"--from {first} comes after --to {last}; pick a range in pipeline order ({' -> '.join(ORDER)})"
+            )
         results = []
-        for name in ORDER[ORDER.index(first): ORDER.index(last) + 1]:
+        for name in ORDER[ORDER.index(first) : ORDER.index(last) + 1]:
             outcome = run_stage(name, run_dir, params, reporter, force=force or (from_ is not None))
             results.append({"stage": name, "status": outcome.status, "manifest": str(outcome.path)})
         if last != "launch" and not wants_launch:
-            reporter.info(f"run {run_dir.name}: ready; `prestage launch {run_dir.name} --prompt TEXT` "
-                          "generates")
+            reporter.info(f"run {run_dir.name}: ready; `prestage launch {run_dir.name} --prompt TEXT` generates")
         payload = {"run": run_dir.name, "run_dir": str(run_dir), "stages": results}
         if last == "launch":
             vol = outcome.manifest.volatile
-            payload["launch"] = {**outcome.manifest.outputs,
-                                 "timings": {k: vol.get(k) for k in ("startup", "generate_s", "generated_tokens",
-                                                                     "total_s")}}
+            payload["launch"] = {
+                **outcome.manifest.outputs,
+                "timings": {k: vol.get(k) for k in ("startup", "generate_s", "generated_tokens", "total_s")},
+            }
         _emit(reporter, payload)
 
     choice = click.Choice(ORDER)
-    params = [click.Argument(["model"], metavar="MODEL"),
-              click.Option(["--to"], type=choice, default=None,
-                           help="Last stage to run (default: launch when prompts are given, else fetch-weights)."),
-              click.Option(["--from", "from_"], type=choice, default=None,
-                           help="Re-run from this stage on (earlier manifests must exist)."),
-              click.Option(["--force"], is_flag=True, help="Re-run every stage in the range."),
-              click.Option(["--json", "json_out"], is_flag=True, help="Print the result as JSON on stdout.")]
+    params = [
+        click.Argument(["model"], metavar="MODEL"),
+        click.Option(
+            ["--to"],
+            type=choice,
+            default=None,
+            help="Last stage to run (default: launch when prompts are given, else fetch-weights).",
+        ),
+        click.Option(
+            ["--from", "from_"],
+            type=choice,
+            default=None,
+            help="Re-run from this stage on (earlier manifests must exist).",
+        ),
+        click.Option(["--force"], is_flag=True, help="Re-run every stage in the range."),
+        click.Option(["--json", "json_out"], is_flag=True, help="Print the result as JSON on stdout."),
+    ]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(ORDER)]
-    return click.Command("run", callback=callback, params=params,
-                         short_help="Chain the stages for MODEL, skipping the fresh ones.",
-                         help="Chain resolve -> configure -> tokenize-prep -> fetch-weights -> launch for MODEL. "
-                              "A stage whose manifest is fresh (same fingerprint, outputs intact) is reported as "
-                              "cached and left untouched; a changed input re-runs it and everything after it.")
+    return click.Command(
+        "run",
+        callback=callback,
+        params=params,
+        short_help="Chain the stages for MODEL, skipping the fresh ones.",
+        help="Chain resolve -> configure -> tokenize-prep -> fetch-weights -> launch for MODEL. "
+        "A stage whose manifest is fresh (same fingerprint, outputs intact) is reported as "
+        "cached and left untouched; a changed input re-runs it and everything after it.",
+    )
 
 
 @click.command("inspect")
@@ -147,8 +172,8 @@ def _run_command() -> click.Command:
 @click.pass_obj
 def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
     """Show a manifest FILE, or every manifest of a RUN."""
-    from runner.show import dumps, manifest_text
-    from stages.manifest import manifest_path, read
+    from prestage.runner.show import dumps, manifest_text
+    from prestage.stages.manifest import manifest_path, read
 
     p = Path(target)
     if p.is_file():
@@ -156,15 +181,18 @@ def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
     else:
         run_dir = state.run_dir(target)
         if not run_dir.is_dir():
-            raise errors.NotFoundError(f"{target}: no such manifest file or run (looked in {run_dir}); see "
-                                       f"`ls {state.artifacts}`")
-        docs = {str(manifest_path(run_dir, n)): read(manifest_path(run_dir, n)).to_dict()
-                for n in ORDER if manifest_path(run_dir, n).exists()}
+            raise errors.NotFoundError(
+                f"{target}: no such manifest file or run (looked in {run_dir}); see `ls {state.artifacts}`"
+            )
+        docs = {
+            str(manifest_path(run_dir, n)): read(manifest_path(run_dir, n)).to_dict()
+            for n in ORDER
+            if manifest_path(run_dir, n).exists()
+        }
         if not docs:
             raise errors.NotFoundError(f"{run_dir}: no manifests in this run folder; run a stage first")
     if json_out:
-        click.echo(dumps(next(iter(docs.values())) if p.is_file() else
-                         {d["stage"]: d for d in docs.values()}))
+        click.echo(dumps(next(iter(docs.values())) if p.is_file() else {d["stage"]: d for d in docs.values()}))
     else:
         click.echo("\n\n".join(manifest_text(d, path, full) for path, d in docs.items()))
 
@@ -175,8 +203,8 @@ def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
 @click.pass_obj
 def status_cmd(state: _State, run: str, json_out: bool):
     """Say fresh, stale (and why) or missing for every stage of RUN."""
-    from runner.chain import stage_status
-    from runner.show import dumps, status_text
+    from prestage.runner.chain import stage_status
+    from prestage.runner.show import dumps, status_text
 
     run_dir = state.run_dir(run)
     if not run_dir.is_dir():
@@ -192,8 +220,8 @@ def status_cmd(state: _State, run: str, json_out: bool):
 @click.pass_obj
 def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
     """Re-hash every weight and tokenizer file of RUN and report each one."""
-    from runner.show import dumps
-    from runner.verify import verify_run
+    from prestage.runner.show import dumps
+    from prestage.runner.verify import verify_run
 
     run_dir = state.run_dir(run)
     ok, report = verify_run(run_dir, {"download_dir": download_dir}, state.reporter(json_out))
@@ -201,21 +229,32 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
         click.echo(dumps({"run": run_dir.name, "ok": ok, "files": report}))
     if not ok:
         bad = [r for r in report if not r.get("ok")]
-        raise errors.IntegrityError(f"{len(bad)} of {len(report)} files of run {run_dir.name} fail verification "
-                                    f"(first: {bad[0].get('path')}: {bad[0].get('reason')}); re-run "
-                                    "`prestage fetch-weights --force`")
+        raise errors.IntegrityError(
+            f"{len(bad)} of {len(report)} files of run {run_dir.name} fail verification "
+            f"(first: {bad[0].get('path')}: {bad[0].get('reason')}); re-run "
+            "`prestage fetch-weights --force`"
+        )
 
 
 def _serve_command() -> click.Command:
-    request_level = {"prompt", "prompts_file", "max_tokens", "temperature", "top_p", "top_k", "min_p",
-                     "repetition_penalty", "stop"}
+    request_level = {
+        "prompt",
+        "prompts_file",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "stop",
+    }
 
     def callback(run, host, port, served_model_name, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
-        from runner.chain import load_upstream, stage_params
-        from stages.launch import generation_config_mode, generation_defaults
-        from stages.launch.inference import load_for_inference
+        from prestage.runner.chain import load_upstream, stage_params
+        from prestage.stages.launch import generation_config_mode, generation_defaults
+        from prestage.stages.launch.inference import load_for_inference
 
         mode = generation_config_mode(params)  # checked before the model loads
         run_dir = state.run_dir(run)
@@ -225,43 +264,64 @@ def _serve_command() -> click.Command:
             reporter.warn(w)
         import uvicorn
 
-        from stages.launch.server import create_app
+        from prestage.stages.launch.server import create_app
 
         name = served_model_name or upstream["resolve"].outputs["model"]
-        app = create_app(inference, name, int(upstream["configure"].outputs["max_model_len"]),
-                         generation_defaults(mode, upstream))
-        reporter.info(f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, "
-                      f"{inference.info['dtype']})")
+        app = create_app(
+            inference, name, int(upstream["configure"].outputs["max_model_len"]), generation_defaults(mode, upstream)
+        )
+        reporter.info(
+            f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
+        )
         uvicorn.run(app, host=host, port=port, log_level="warning" if state.quiet else "info")
 
-    params = [click.Argument(["run"], metavar="RUN"),
-              click.Option(["--host"], default="127.0.0.1", show_default=True, help="Address to listen on."),
-              click.Option(["--port"], type=click.IntRange(0, 65535), default=8000, show_default=True,
-                           help="Port to listen on."),
-              click.Option(["--served-model-name"], default=None,
-                           help="Model name in the API (default: the model id given to resolve).")]
-    params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(["launch"])
-               if o.dest not in request_level]
-    return click.Command("serve", callback=callback, params=params, short_help=_SHORT["serve"],
-                         help="Load the model of RUN once and serve the OpenAI API (/v1/completions, "
-                              "/v1/chat/completions, /v1/models; stream=true as server-sent events) with FastAPI "
-                              "+ uvicorn. Requests run one at a time; the prompts of one request are batched. "
-                              "Sampling fields a request leaves out take the model's generation_config.json "
-                              "values (--generation-config auto), as vLLM's server does.")
+    params = [
+        click.Argument(["run"], metavar="RUN"),
+        click.Option(["--host"], default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.Option(
+            ["--port"], type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on."
+        ),
+        click.Option(
+            ["--served-model-name"],
+            default=None,
+            help="Model name in the API (default: the model id given to resolve).",
+        ),
+    ]
+    params += [
+        click.Option(list(o.decls), **o.kwargs) for o in _stage_options(["launch"]) if o.dest not in request_level
+    ]
+    return click.Command(
+        "serve",
+        callback=callback,
+        params=params,
+        short_help=_SHORT["serve"],
+        help="Load the model of RUN once and serve the OpenAI API (/v1/completions, "
+        "/v1/chat/completions, /v1/models; stream=true as server-sent events) with FastAPI "
+        "+ uvicorn. Requests run one at a time; the prompts of one request are batched. "
+        "Sampling fields a request leaves out take the model's generation_config.json "
+        "values (--generation-config auto), as vLLM's server does.",
+    )
 
 
-_BUILTIN = {"run": _run_command, "serve": _serve_command, "inspect": lambda: inspect_cmd, "status": lambda: status_cmd,
-            "verify": lambda: verify_cmd}
-_SHORT = {"resolve": "Find MODEL, pin its revision, record its files.",
-          "configure": "Build the config as vLLM would: class, patches, max_model_len, dtype, implementation.",
-          "tokenize-prep": "Load the tokenizer once, check it, store it with its cached attributes.",
-          "fetch-weights": "Select, download and verify the weight files.",
-          "launch": "Load the model and generate.",
-          "run": "Chain the stages for MODEL, skipping the fresh ones.",
-          "serve": "Serve the model of RUN over the OpenAI API (FastAPI + uvicorn).",
-          "inspect": "Show a manifest FILE, or every manifest of a RUN.",
-          "status": "Say fresh, stale (and why) or missing for every stage of RUN.",
-          "verify": "Re-hash every weight and tokenizer file of RUN and report each one."}
+_BUILTIN = {
+    "run": _run_command,
+    "serve": _serve_command,
+    "inspect": lambda: inspect_cmd,
+    "status": lambda: status_cmd,
+    "verify": lambda: verify_cmd,
+}
+_SHORT = {
+    "resolve": "Find MODEL, pin its revision, record its files.",
+    "configure": "Build the config as vLLM would: class, patches, max_model_len, dtype, implementation.",
+    "tokenize-prep": "Load the tokenizer once, check it, store it with its cached attributes.",
+    "fetch-weights": "Select, download and verify the weight files.",
+    "launch": "Load the model and generate.",
+    "run": "Chain the stages for MODEL, skipping the fresh ones.",
+    "serve": "Serve the model of RUN over the OpenAI API (FastAPI + uvicorn).",
+    "inspect": "Show a manifest FILE, or every manifest of a RUN.",
+    "status": "Say fresh, stale (and why) or missing for every stage of RUN.",
+    "verify": "Re-hash every weight and tokenizer file of RUN and report each one.",
+}
 
 
 class _Group(click.Group):
@@ -283,12 +343,13 @@ class _Group(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=_Group, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"],
-                                                          "max_content_width": 110})
-@click.option("--artifacts", default="artifacts", show_default=True, metavar="DIR",
-              help="Folder holding one folder per run.")
-@click.option("--run", "run_name", default=None, metavar="NAME",
-              help="Run name (default: derived from the model id).")
+@click.group(
+    cls=_Group, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
+@click.option(
+    "--artifacts", default="artifacts", show_default=True, metavar="DIR", help="Folder holding one folder per run."
+)
+@click.option("--run", "run_name", default=None, metavar="NAME", help="Run name (default: derived from the model id).")
 @click.option("-v", "--verbose", count=True, help="More detail; tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no progress bars.")
 @click.version_option(package_name="prestage", prog_name="prestage")
@@ -304,8 +365,10 @@ def cli(ctx, artifacts, run_name, verbose, quiet):
 
 
 def main(argv=None) -> None:
-    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"})
-                  for a in (argv if argv is not None else sys.argv[1:]))
+    verbose = any(
+        a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"})
+        for a in (argv if argv is not None else sys.argv[1:])
+    )
     try:
         cli.main(args=argv, prog_name="prestage", standalone_mode=False)
     except errors.PrestageError as e:

@@ -24,8 +24,11 @@ def dumps(value: Any) -> str:
 
 def _scalar(v: Any) -> str:
     if isinstance(v, str):
-        return v if v and v.strip() == v and "\n" not in v and len(v) < 200 else json.dumps(v[:200] + (
-            "..." if len(v) > 200 else ""))
+        return (
+            v
+            if v and v.strip() == v and "\n" not in v and len(v) < 200
+            else json.dumps(v[:200] + ("..." if len(v) > 200 else ""))
+        )
     if isinstance(v, bytes):
         return f"<{len(v)} bytes>"
     return json.dumps(v)
@@ -63,8 +66,10 @@ def render(value: Any, indent: int = 0, full: bool = False) -> list[str]:
 
 
 def manifest_text(doc: dict, path: str, full: bool = False) -> str:
-    head = (f"{path}\n  stage: {doc['stage']} (v{doc['stage_version']}, schema {doc['schema_version']})\n"
-            f"  fingerprint: {doc['fingerprint']}")
+    head = (
+        f"{path}\n  stage: {doc['stage']} (v{doc['stage_version']}, schema {doc['schema_version']})\n"
+        f"  fingerprint: {doc['fingerprint']}"
+    )
     parts = [head]
     for section in ("inputs", "upstream", "outputs", "warnings", "volatile"):
         body = doc.get(section)

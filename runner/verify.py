@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import errors
-from stages.fetch_weights.stage import FetchWeightsStage
-from stages.manifest import manifest_path, read
+from prestage.stages import errors
+from prestage.stages.fetch_weights.stage import FetchWeightsStage
+from prestage.stages.manifest import manifest_path, read
 
 
 def _rows(run_dir: Path, params: dict) -> list[dict]:
@@ -46,12 +46,14 @@ def _rows(run_dir: Path, params: dict) -> list[dict]:
 
 def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
     """Re-hash every recorded file in parallel; (all ok, per-file report in manifest order)."""
-    from stages.fetch_weights.verify import hash_files
+    from prestage.stages.fetch_weights.verify import hash_files
 
     run_dir = Path(run_dir)
     if not any(manifest_path(run_dir, n).exists() for n in ("fetch-weights", "tokenize-prep")):
-        raise errors.NotFoundError(f"run {run_dir} has no fetch-weights or tokenize-prep manifest: nothing to "
-                                   "verify; run `prestage fetch-weights RUN` first")
+        raise errors.NotFoundError(
+            f"run {run_dir} has no fetch-weights or tokenize-prep manifest: nothing to "
+            "verify; run `prestage fetch-weights RUN` first"
+        )
     rows = _rows(run_dir, params or {})
     present = [p for _, _, p, _ in rows if p.is_file()]
     total = sum(p.stat().st_size for p in present)

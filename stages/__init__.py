@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 
 STAGES: dict[str, str] = {
-    "resolve": "stages.resolve:ResolveStage",
-    "configure": "stages.configure:ConfigureStage",
-    "tokenize-prep": "stages.tokenize_prep:TokenizePrepStage",
-    "fetch-weights": "stages.fetch_weights:FetchWeightsStage",
-    "launch": "stages.launch:LaunchStage",
+    "resolve": "prestage.stages.resolve:ResolveStage",
+    "configure": "prestage.stages.configure:ConfigureStage",
+    "tokenize-prep": "prestage.stages.tokenize_prep:TokenizePrepStage",
+    "fetch-weights": "prestage.stages.fetch_weights:FetchWeightsStage",
+    "launch": "prestage.stages.launch:LaunchStage",
 }
 ORDER: tuple[str, ...] = tuple(STAGES)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.manifest import Manifest
+from prestage.stages.manifest import Manifest
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import errors
-from stages.base import opt
+from prestage.stages import errors
+from prestage.stages.base import opt
 
 # The hub flags every stage command accepts (the runner adds them; a stage may read them from params).
 OPTIONS = (
-    opt("--hf-token", default=None, metavar="TOKEN",
-        help="Hub token (default: HF_TOKEN, then HUGGING_FACE_HUB_TOKEN, then the token file). Never recorded."),
-    opt("--download-dir", default=None, metavar="DIR",
-        help="Hugging Face cache root to use instead of HF_HUB_CACHE."),
-    opt("--offline", is_flag=True, default=False,
-        help="Make no network call: cache only (same as HF_HUB_OFFLINE=1)."),
+    opt(
+        "--hf-token",
+        default=None,
+        metavar="TOKEN",
+        help="Hub token (default: HF_TOKEN, then HUGGING_FACE_HUB_TOKEN, then the token file). Never recorded.",
+    ),
+    opt("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root to use instead of HF_HUB_CACHE."),
+    opt("--offline", is_flag=True, default=False, help="Make no network call: cache only (same as HF_HUB_OFFLINE=1)."),
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -50,8 +52,10 @@ class HubSettings:
         return "present" if self.token else "absent"
 
     def __repr__(self) -> str:  # keep the token out of any log or traceback
-        return (f"HubSettings(endpoint={self.endpoint!r}, token={self.token_state}, "
-                f"cache_dir={str(self.cache_dir)!r}, offline={self.offline})")
+        return (
+            f"HubSettings(endpoint={self.endpoint!r}, token={self.token_state}, "
+            f"cache_dir={str(self.cache_dir)!r}, offline={self.offline})"
+        )
 
 
 def env_true(name: str) -> bool:
@@ -77,7 +81,8 @@ def _token_from_env() -> tuple[str | None, str | None]:
     path = os.environ.get("HF_TOKEN_PATH")
     if not path:
         home = os.environ.get("HF_HOME") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+        )
         path = os.path.join(home, "token")
     try:
         tok = Path(path).read_text().strip()
@@ -91,8 +96,7 @@ def settings(params: dict) -> HubSettings:
     cache = Path(params["download_dir"]).expanduser() if params.get("download_dir") else default_cache_dir()
     offline = bool(params.get("offline")) or env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    return HubSettings(endpoint=endpoint, token=token, token_source=source, cache_dir=cache.absolute(),
-                       offline=offline)
+    return HubSettings(endpoint=endpoint, token=token, token_source=source, cache_dir=cache.absolute(), offline=offline)
 
 
 def prepare_env(s: HubSettings) -> None:
@@ -105,6 +109,7 @@ def prepare_env(s: HubSettings) -> None:
 
 
 # ---- the cache, read by its documented layout -------------------------------------------------------
+
 
 def repo_folder(cache_dir: Path, repo_id: str) -> Path:
     return Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
@@ -148,59 +153,93 @@ def model_dir(run_dir: Path, resolve_outputs: dict, params: dict | None = None) 
 
 # ---- errors -----------------------------------------------------------------------------------------
 
-def translate(e: BaseException, *, repo_id: str, revision: str | None, s: HubSettings,
-              what: str = "") -> errors.PrestageError:
+
+def translate(
+    e: BaseException, *, repo_id: str, revision: str | None, s: HubSettings, what: str = ""
+) -> errors.PrestageError:
     """A hub or transformers exception as one PrestageError line naming the repo and revision."""
     from huggingface_hub import errors as hf
 
     rev = revision or "main"
     where = f"{repo_id}@{rev}" + (f" ({what})" if what else "")
-    tok = ("a token was given" + (f" via {s.token_source}" if s.token_source else "")) if s.token \
+    tok = (
+        ("a token was given" + (f" via {s.token_source}" if s.token_source else ""))
+        if s.token
         else "no token was given"
+    )
     cause = e
-    while cause is not None and not isinstance(cause, hf.HfHubHTTPError) \
-            and not isinstance(cause, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+    while (
+        cause is not None
+        and not isinstance(cause, hf.HfHubHTTPError)
+        and not isinstance(cause, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled))
+    ):
         cause = cause.__cause__ or cause.__context__
         if cause is e:
             break
     err = cause if cause is not None else e
     if isinstance(err, hf.GatedRepoError):
-        fix = "ask for access on the model page, then set HF_TOKEN or --hf-token" if not s.token else \
-            "the token has no access: request access on the model page or use another token"
+        fix = (
+            "ask for access on the model page, then set HF_TOKEN or --hf-token"
+            if not s.token
+            else "the token has no access: request access on the model page or use another token"
+        )
         return errors.AuthError(f"{where}: gated repo and {tok}; {fix}")
     if isinstance(err, hf.RevisionNotFoundError):
-        return errors.NotFoundError(f"{where}: revision '{rev}' does not exist; pass an existing branch, tag "
-                                    "or commit with --revision")
+        return errors.NotFoundError(
+            f"{where}: revision '{rev}' does not exist; pass an existing branch, tag or commit with --revision"
+        )
     if isinstance(err, hf.RepositoryNotFoundError):
-        hint = "check the id, or set HF_TOKEN / --hf-token if it is private" if not s.token else \
-            "check the id; if it is private, the token has no access to it"
+        hint = (
+            "check the id, or set HF_TOKEN / --hf-token if it is private"
+            if not s.token
+            else "check the id; if it is private, the token has no access to it"
+        )
         return errors.NotFoundError(f"{where}: repository not found ({tok}); {hint}")
     if isinstance(err, hf.EntryNotFoundError) and not isinstance(err, hf.LocalEntryNotFoundError):
         return errors.NotFoundError(f"{where}: file not found in the repo at this revision")
     if isinstance(err, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         if s.offline:
-            return errors.OfflineMissError(f"{where}: not in the cache {s.cache_dir} and offline mode is on; "
-                                           "run once online (unset HF_HUB_OFFLINE / drop --offline) to fetch it")
-        return errors.NetworkError(f"{where}: hub {s.endpoint} unreachable and not in the cache; check the "
-                                   "network or HF_ENDPOINT")
+            return errors.OfflineMissError(
+                f"{where}: not in the cache {s.cache_dir} and offline mode is on; "
+                "run once online (unset HF_HUB_OFFLINE / drop --offline) to fetch it"
+            )
+        return errors.NetworkError(
+            f"{where}: hub {s.endpoint} unreachable and not in the cache; check the network or HF_ENDPOINT"
+        )
     if isinstance(err, hf.HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
-            return errors.AuthError(f"{where}: the hub refused access (HTTP {status}, {tok}); set HF_TOKEN or "
-                                    "--hf-token with a token that can read this repo")
-        return errors.NetworkError(f"{where}: hub {s.endpoint} answered HTTP {status}; retry later or check "
-                                   "HF_ENDPOINT")
+            return errors.AuthError(
+                f"{where}: the hub refused access (HTTP {status}, {tok}); set HF_TOKEN or "
+                "--hf-token with a token that can read this repo"
+            )
+        return errors.NetworkError(
+            f"{where}: hub {s.endpoint} answered HTTP {status}; retry later or check HF_ENDPOINT"
+        )
     if _is_connection_error(err):
-        return errors.NetworkError(f"{where}: hub {s.endpoint} unreachable ({type(err).__name__}); check the "
-                                   "network or HF_ENDPOINT, or use --offline with a filled cache")
+        return errors.NetworkError(
+            f"{where}: hub {s.endpoint} unreachable ({type(err).__name__}); check the "
+            "network or HF_ENDPOINT, or use --offline with a filled cache"
+        )
     return errors.PrestageError(f"{where}: {type(err).__name__}: {err}")
 
 
 def _is_connection_error(e: BaseException) -> bool:
     names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
-                         "ConnectionError", "RemoteProtocolError", "ProtocolError", "TransportError"}) \
-        or isinstance(e, (ConnectionError, TimeoutError))
+    return bool(
+        names
+        & {
+            "ConnectError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "TimeoutException",
+            "NetworkError",
+            "ConnectionError",
+            "RemoteProtocolError",
+            "ProtocolError",
+            "TransportError",
+        }
+    ) or isinstance(e, (ConnectionError, TimeoutError))
 
 
 def _is_transient(e: BaseException) -> bool:
@@ -222,4 +261,4 @@ def with_retries(fn, *, attempts: int = 3, base_delay: float = 0.5):
         except Exception as e:
             if i == attempts - 1 or not _is_transient(e):
                 raise
-            time.sleep(base_delay * (2 ** i))
+            time.sleep(base_delay * (2**i))

@@ -32,13 +32,23 @@ from typing import Any
 
 import msgpack
 
-from stages.errors import BadManifestError
+from prestage.stages.errors import BadManifestError
 
 SCHEMA = "prestage.manifest"
 SCHEMA_VERSION = 1
 SUFFIX = ".msgpack"
-_KEYS = ("schema", "schema_version", "stage", "stage_version", "inputs", "upstream", "fingerprint",
-         "outputs", "warnings", "volatile")
+_KEYS = (
+    "schema",
+    "schema_version",
+    "stage",
+    "stage_version",
+    "inputs",
+    "upstream",
+    "fingerprint",
+    "outputs",
+    "warnings",
+    "volatile",
+)
 _MAX_BYTES = 256 * 1024 * 1024
 
 
@@ -63,8 +73,7 @@ def canonical_bytes(value: Any) -> bytes:
 
 
 def fingerprint(stage: str, stage_version: int, inputs: dict, upstream: dict) -> str:
-    blob = canonical_bytes({"stage": stage, "stage_version": stage_version, "inputs": inputs,
-                            "upstream": upstream})
+    blob = canonical_bytes({"stage": stage, "stage_version": stage_version, "inputs": inputs, "upstream": upstream})
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -86,10 +95,17 @@ class Manifest:
 
     def stable(self) -> dict:
         """Everything but the volatile section, in file order."""
-        return {"schema": SCHEMA, "schema_version": self.schema_version, "stage": self.stage,
-                "stage_version": self.stage_version, "inputs": plain(self.inputs),
-                "upstream": plain(self.upstream), "fingerprint": self.fingerprint,
-                "outputs": plain(self.outputs), "warnings": plain(list(self.warnings))}
+        return {
+            "schema": SCHEMA,
+            "schema_version": self.schema_version,
+            "stage": self.stage,
+            "stage_version": self.stage_version,
+            "inputs": plain(self.inputs),
+            "upstream": plain(self.upstream),
+            "fingerprint": self.fingerprint,
+            "outputs": plain(self.outputs),
+            "warnings": plain(list(self.warnings)),
+        }
 
     @property
     def digest(self) -> str:
@@ -148,37 +164,62 @@ def loads(data: bytes, where: str = "<bytes>") -> Manifest:
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except msgpack.ExtraData:
-        raise BadManifestError(f"{where}: trailing bytes after the manifest (corrupt file); "
-                               "delete it and re-run the stage") from None
+        raise BadManifestError(
+            f"{where}: trailing bytes after the manifest (corrupt file); delete it and re-run the stage"
+        ) from None
     except Exception as e:  # truncated, garbage: msgpack raises many types
-        raise BadManifestError(f"{where}: not a readable manifest ({type(e).__name__}: truncated or "
-                               "corrupt); delete it and re-run the stage") from None
+        raise BadManifestError(
+            f"{where}: not a readable manifest ({type(e).__name__}: truncated or "
+            "corrupt); delete it and re-run the stage"
+        ) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise BadManifestError(f"{where}: not a prestage manifest (no '{SCHEMA}' schema tag); "
-                               "point at a <stage>.msgpack file written by prestage")
+        raise BadManifestError(
+            f"{where}: not a prestage manifest (no '{SCHEMA}' schema tag); "
+            "point at a <stage>.msgpack file written by prestage"
+        )
     version = doc.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise BadManifestError(f"{where}: schema_version {version!r} is not an integer; "
-                               "delete it and re-run the stage")
+        raise BadManifestError(f"{where}: schema_version {version!r} is not an integer; delete it and re-run the stage")
     if version > SCHEMA_VERSION:
-        raise BadManifestError(f"{where}: written by a newer prestage (schema {version}, this one reads "
-                               f"up to {SCHEMA_VERSION}); upgrade prestage or re-run the stage")
+        raise BadManifestError(
+            f"{where}: written by a newer prestage (schema {version}, this one reads "
+            f"up to {SCHEMA_VERSION}); upgrade prestage or re-run the stage"
+        )
     missing = [k for k in _KEYS if k not in doc]
     if missing:
         raise BadManifestError(f"{where}: manifest lacks {', '.join(missing)}; delete it and re-run the stage")
-    types = {"stage": str, "stage_version": int, "inputs": dict, "upstream": dict, "fingerprint": str,
-             "outputs": dict, "warnings": list, "volatile": dict}
+    types = {
+        "stage": str,
+        "stage_version": int,
+        "inputs": dict,
+        "upstream": dict,
+        "fingerprint": str,
+        "outputs": dict,
+        "warnings": list,
+        "volatile": dict,
+    }
     for key, typ in types.items():
         if not isinstance(doc[key], typ) or isinstance(doc[key], bool):
-            raise BadManifestError(f"{where}: field '{key}' is {type(doc[key]).__name__}, expected "
-                                   f"{typ.__name__}; delete it and re-run the stage")
-    m = Manifest(stage=doc["stage"], stage_version=doc["stage_version"], inputs=doc["inputs"],
-                 upstream=doc["upstream"], outputs=doc["outputs"], warnings=doc["warnings"],
-                 volatile=doc["volatile"], schema_version=version, fingerprint=doc["fingerprint"])
+            raise BadManifestError(
+                f"{where}: field '{key}' is {type(doc[key]).__name__}, expected "
+                f"{typ.__name__}; delete it and re-run the stage"
+            )
+    m = Manifest(
+        stage=doc["stage"],
+        stage_version=doc["stage_version"],
+        inputs=doc["inputs"],
+        upstream=doc["upstream"],
+        outputs=doc["outputs"],
+        warnings=doc["warnings"],
+        volatile=doc["volatile"],
+        schema_version=version,
+        fingerprint=doc["fingerprint"],
+    )
     expected = fingerprint(m.stage, m.stage_version, m.inputs, m.upstream)
     if expected != m.fingerprint:
-        raise BadManifestError(f"{where}: fingerprint does not match its inputs (edited or corrupt); "
-                               "delete it and re-run the stage")
+        raise BadManifestError(
+            f"{where}: fingerprint does not match its inputs (edited or corrupt); delete it and re-run the stage"
+        )
     return m
 
 

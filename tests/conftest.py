@@ -6,7 +6,7 @@ Fixtures (see each docstring):
     hub              (function) the same hub, with test hooks and counters reset around each test
     hf_env           (function) env dict pointing HF clients at the hub with a fresh cache; applied to os.environ
     artifacts_dir    (function) tmp_path / "artifacts", the conventional --artifacts folder
-    prestage         (function) run `python -m runner.cli ARGS` in a subprocess -> PrestageResult
+    prestage         (function) run `python -m prestage ARGS` in a subprocess -> PrestageResult
 
 Safety net: at import this module points HF_ENDPOINT at a closed loopback port and HF_HOME at a temp
 folder, so no test can reach huggingface.co or read a real token or cache by accident.
@@ -38,14 +38,29 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE",
-             "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_MODULES_CACHE", "HUGGINGFACE_CO_STAGING"):
+for _var in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HUGGINGFACE_HUB_CACHE",
+    "TRANSFORMERS_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_MODULES_CACHE",
+    "HUGGINGFACE_CO_STAGING",
+):
     os.environ.pop(_var, None)
 
 from tests.support.hub_server import GATED_TOKEN, LocalHub  # noqa: E402
 
-TEST_REPOS = ("test-org/tiny-single", "test-org/tiny-sharded", "test-org/tiny-bin", "test-org/gated",
-              "test-org/private", "test-org/no-config")
+TEST_REPOS = (
+    "test-org/tiny-single",
+    "test-org/tiny-sharded",
+    "test-org/tiny-bin",
+    "test-org/gated",
+    "test-org/private",
+    "test-org/no-config",
+)
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +84,9 @@ def seed_test_repos(hub: LocalHub, checkpoint_dirs: dict[str, Path]) -> dict[str
     """
     shas = {}
     for layout in ("single", "sharded", "bin"):
-        shas[f"test-org/tiny-{layout}"] = hub.commit(f"test-org/tiny-{layout}", checkpoint_dirs[layout],
-                                                     message=f"tiny qwen2 ({layout})")
+        shas[f"test-org/tiny-{layout}"] = hub.commit(
+            f"test-org/tiny-{layout}", checkpoint_dirs[layout], message=f"tiny qwen2 ({layout})"
+        )
     hub.tag("test-org/tiny-single", "v1.0")
     hub.create_repo("test-org/gated", gated=True)
     hub.allow_token("test-org/gated", GATED_TOKEN)
@@ -168,7 +184,7 @@ def artifacts_dir(tmp_path) -> Path:
 
 @dataclass
 class PrestageResult:
-    """Outcome of one `python -m runner.cli` run."""
+    """Outcome of one `python -m prestage` run."""
 
     rc: int
     stdout: str
@@ -192,8 +208,12 @@ def prestage():
             [str(REPO_ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
         proc = subprocess.run(
-            [sys.executable, "-m", "runner.cli", *argv],
-            env=full_env, cwd=str(cwd or REPO_ROOT), capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "prestage", *argv],
+            env=full_env,
+            cwd=str(cwd or REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         return PrestageResult(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, args=argv)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import CODE, EXIT_CODES
+from prestage.stages.errors import CODE, EXIT_CODES
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "huggingface_hub")
@@ -18,16 +18,25 @@ HEAVY = ("torch", "transformers", "huggingface_hub")
 
 def cli(*args, cwd=None, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "prestage", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _imports_of(args: list[str], cwd: Path) -> set[str]:
-    code = ("import sys\nfrom runner.cli import main\n"
-            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
-            f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    code = (
+        "import sys\nfrom prestage.runner.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     line = [x for x in out.stderr.splitlines() if x.startswith("HEAVY=")][-1]
     return {m for m in line[6:].split(",") if m}
 
@@ -36,10 +45,21 @@ def _imports_of(args: list[str], cwd: Path) -> set[str]:
 def local_model(tmp_path):
     d = tmp_path / "tiny-llama"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 1024, "max_position_embeddings": 2048}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 1024,
+                "max_position_embeddings": 2048,
+            }
+        )
+    )
     (d / "model.safetensors").write_bytes(b"\x00" * 16)
     return d
 
@@ -61,10 +81,14 @@ def test_help_inspect_status_import_no_heavy_library(tmp_path, local_model):
     arts = str(tmp_path / "arts")
     r = cli("--artifacts", arts, "resolve", str(local_model))
     assert r.returncode == 0, r.stderr
-    for args in (["--help"], ["resolve", "--help"], ["run", "--help"],
-                 ["--artifacts", arts, "inspect", "tiny-llama"],
-                 ["--artifacts", arts, "inspect", "tiny-llama", "--json"],
-                 ["--artifacts", arts, "status", "tiny-llama"]):
+    for args in (
+        ["--help"],
+        ["resolve", "--help"],
+        ["run", "--help"],
+        ["--artifacts", arts, "inspect", "tiny-llama"],
+        ["--artifacts", arts, "inspect", "tiny-llama", "--json"],
+        ["--artifacts", arts, "status", "tiny-llama"],
+    ):
         assert _imports_of(args, tmp_path) == set(), args
 
 
@@ -74,8 +98,7 @@ def test_status_and_inspect_of_a_full_run_import_no_heavy_library(tmp_path, chec
 
     model = shutil.copytree(checkpoint_dirs["single"], tmp_path / "tiny")
     arts = str(tmp_path / "arts")
-    r = cli("--artifacts", arts, "run", str(model), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu",
-            "--json")
+    r = cli("--artifacts", arts, "run", str(model), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # stdout is the one JSON object; the human lines went to stderr
     done = result["launch"]["completions"][0]

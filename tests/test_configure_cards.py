@@ -12,18 +12,46 @@ from pathlib import Path
 
 import pytest
 
-from stages.configure import ConfigureStage, configure
-from stages.errors import InvalidModelError
-from stages.launch import registry
-from stages.manifest import Manifest, canonical_bytes
+from prestage.stages.configure import ConfigureStage, configure
+from prestage.stages.errors import InvalidModelError
+from prestage.stages.launch import registry
+from prestage.stages.manifest import Manifest, canonical_bytes
 
 CARDS = Path(__file__).parent / "data" / "configs"
-OUTPUT_KEYS = {"config", "config_class", "model_type", "architectures", "patches", "max_model_len",
-               "max_model_len_key", "derived_max_model_len", "dtype", "implementation", "spec",
-               "trust_remote_code", "remote_code"}
-SPEC_KEYS = {"num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-             "head_dim", "vocab_size", "tie_word_embeddings", "sliding_window", "rope", "rms_norm_eps",
-             "attention_bias", "qk_norm", "hidden_act", "max_position_embeddings", "param_count", "weight_bytes"}
+OUTPUT_KEYS = {
+    "config",
+    "config_class",
+    "model_type",
+    "architectures",
+    "patches",
+    "max_model_len",
+    "max_model_len_key",
+    "derived_max_model_len",
+    "dtype",
+    "implementation",
+    "spec",
+    "trust_remote_code",
+    "remote_code",
+}
+SPEC_KEYS = {
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "sliding_window",
+    "rope",
+    "rms_norm_eps",
+    "attention_bias",
+    "qk_norm",
+    "hidden_act",
+    "max_position_embeddings",
+    "param_count",
+    "weight_bytes",
+}
 NATIVE = {"architecture": None, "impl": "native", "class": registry.DECODER}
 
 
@@ -51,14 +79,24 @@ def test_card_llama_2_7b(tmp_path):
     out, _ = run_card(tmp_path, "llama-2-7b")
     assert out["config_class"] == "transformers.models.llama.configuration_llama.LlamaConfig"
     assert (out["model_type"], out["architectures"]) == ("llama", ["LlamaForCausalLM"])
-    assert (out["max_model_len"], out["max_model_len_key"], out["derived_max_model_len"]) == \
-        (4096, "max_position_embeddings", 4096)
+    assert (out["max_model_len"], out["max_model_len_key"], out["derived_max_model_len"]) == (
+        4096,
+        "max_position_embeddings",
+        4096,
+    )
     assert out["dtype"]["config"] == "float16" and out["dtype"]["gpu"] == "float16"
     assert out["dtype"]["cpu"] == "float32" and "CPU runs float32" in out["dtype"]["note"]
     assert out["implementation"] == dict(NATIVE, architecture="LlamaForCausalLM")
     s = out["spec"]
-    assert (s["num_hidden_layers"], s["hidden_size"], s["intermediate_size"], s["num_attention_heads"],
-            s["num_key_value_heads"], s["head_dim"], s["vocab_size"]) == (32, 4096, 11008, 32, 32, 128, 32000)
+    assert (
+        s["num_hidden_layers"],
+        s["hidden_size"],
+        s["intermediate_size"],
+        s["num_attention_heads"],
+        s["num_key_value_heads"],
+        s["head_dim"],
+        s["vocab_size"],
+    ) == (32, 4096, 11008, 32, 32, 128, 32000)
     assert s["rope"] == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
     assert (s["rms_norm_eps"], s["attention_bias"], s["qk_norm"], s["hidden_act"]) == (1e-05, False, False, "silu")
     assert s["param_count"] == 6_738_415_616 and s["weight_bytes"] == 2 * 6_738_415_616
@@ -70,9 +108,15 @@ def test_card_llama_2_7b(tmp_path):
 def test_card_llama_3_1_8b_llama3_rope(tmp_path):
     out, _ = run_card(tmp_path, "llama-3.1-8b")
     assert out["max_model_len"] == 131072  # L-03: llama3 rope is not scaled
-    assert out["spec"]["rope"] == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 8192, "partial_rotary_factor": 1.0}
+    assert out["spec"]["rope"] == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "partial_rotary_factor": 1.0,
+    }
     assert out["spec"]["num_key_value_heads"] == 8 and out["spec"]["param_count"] == 8_030_261_248
     assert out["dtype"]["gpu"] == "bfloat16" and out["implementation"]["impl"] == "native"
 
@@ -103,8 +147,12 @@ def test_card_qwen2_5_7b_yarn(tmp_path):
     out, _ = run_card(tmp_path, "qwen2.5-7b-yarn")
     assert (out["max_model_len"], out["derived_max_model_len"]) == (32768, 32768)  # L-04: yarn not scaled
     rp = out["spec"]["rope"]
-    assert (rp["rope_type"], rp["factor"], rp["original_max_position_embeddings"], rp["rope_theta"]) == \
-        ("yarn", 4.0, 32768, 1000000.0)
+    assert (rp["rope_type"], rp["factor"], rp["original_max_position_embeddings"], rp["rope_theta"]) == (
+        "yarn",
+        4.0,
+        32768,
+        1000000.0,
+    )
     assert out["config"]["rope_parameters"]["type"] == "yarn"  # the legacy key is kept (L-01 style)
     assert out["spec"]["param_count"] == 7_615_616_512
     with pytest.raises(InvalidModelError, match="128000"):  # a longer context than derived is refused (L-18)
@@ -122,15 +170,21 @@ def test_card_qwen3_0_6b(tmp_path):
 def test_card_phi_3_mini_128k_longrope(tmp_path):
     out, warnings = run_card(tmp_path, "phi-3-mini-128k")
     # L-05: derived 131072, default the short pre-training context
-    assert (out["max_model_len"], out["derived_max_model_len"], out["max_model_len_key"]) == \
-        (4096, 131072, "original_max_position_embeddings")
+    assert (out["max_model_len"], out["derived_max_model_len"], out["max_model_len_key"]) == (
+        4096,
+        131072,
+        "original_max_position_embeddings",
+    )
     assert out["spec"]["rope"]["rope_type"] == "longrope"
     assert out["spec"]["rope"]["original_max_position_embeddings"] == 4096
     # C-03: auto_map.AutoConfig with a built-in model_type and no trust: transformers' class, no code run
     assert out["config_class"].endswith("Phi3Config") and out["remote_code"] is None
     assert any("built in" in w for w in warnings)
-    assert out["implementation"] == {"architecture": "Phi3ForCausalLM", "impl": "transformers",
-                                     "class": registry.TRANSFORMERS_BACKEND}
+    assert out["implementation"] == {
+        "architecture": "Phi3ForCausalLM",
+        "impl": "transformers",
+        "class": registry.TRANSFORMERS_BACKEND,
+    }
     assert out["spec"]["param_count"] == 3_821_079_552
     longest, _ = run_card(tmp_path / "l", "phi-3-mini-128k", max_model_len="131072")
     assert longest["max_model_len"] == 131072
@@ -160,8 +214,12 @@ def test_card_gpt2_n_positions(tmp_path):
     out, _ = run_card(tmp_path, "gpt2")
     assert out["max_model_len"] == 1024 and isinstance(out["max_model_len"], int)  # L-22
     s = out["spec"]
-    assert (s["hidden_size"], s["num_attention_heads"], s["num_hidden_layers"], s["intermediate_size"]) == \
-        (768, 12, 12, 3072)
+    assert (s["hidden_size"], s["num_attention_heads"], s["num_hidden_layers"], s["intermediate_size"]) == (
+        768,
+        12,
+        12,
+        3072,
+    )
     assert s["rope"] is None and s["param_count"] == 124_439_808
     assert out["dtype"]["config"] == "float32" and out["dtype"]["gpu"] == "bfloat16"  # D-08
     assert out["implementation"]["architecture"] == "GPT2LMHeadModel"

@@ -13,17 +13,26 @@ from types import SimpleNamespace
 
 import pytest
 
-from stages import manifest
-from stages.configure import ConfigureStage, configure, load
-from stages.errors import InvalidModelError, UnsupportedError, UntrustedCodeError, UsageError
+from prestage.stages import manifest
+from prestage.stages.configure import ConfigureStage, configure
+from prestage.stages.configure import hf_config as load
+from prestage.stages.errors import InvalidModelError, UnsupportedError, UntrustedCodeError, UsageError
 
 CARDS = Path(__file__).parent / "data" / "configs"
-LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
-         "max_position_embeddings": 4096}
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 4096,
+}
 
 # A repo's own config code, as remote-code repos ship it (written by the tests, not a real repo's file).
-REMOTE_CONFIG_PY = '''
+REMOTE_CONFIG_PY = """
 from transformers import PreTrainedConfig
 
 
@@ -46,7 +55,7 @@ class InternLM2Config(PreTrainedConfig):
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-'''
+"""
 
 
 def folder_with(tmp_path, config, name="m", files=None) -> Path:
@@ -64,8 +73,12 @@ def run(folder, **params):
 
 # ---- config class choice (C-01..C-09) -----------------------------------------------------------------
 
-CUSTOM = dict(LLAMA, model_type="my_custom", architectures=["XForCausalLM"],
-              auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+CUSTOM = dict(
+    LLAMA,
+    model_type="my_custom",
+    architectures=["XForCausalLM"],
+    auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"},
+)
 CUSTOM_PY = REMOTE_CONFIG_PY.replace("InternLM2Config", "XConfig").replace('"internlm2"', '"my_custom"')
 
 
@@ -86,8 +99,8 @@ def test_C02_trusted_remote_code_builds_the_repo_class(tmp_path):
     rc = out["remote_code"]
     assert rc["auto_map"]["AutoConfig"] == "configuration_x.XConfig" and rc["commit"] is None
     import hashlib
-    assert rc["files"] == [{"path": "configuration_x.py",
-                            "sha256": hashlib.sha256(CUSTOM_PY.encode()).hexdigest()}]
+
+    assert rc["files"] == [{"path": "configuration_x.py", "sha256": hashlib.sha256(CUSTOM_PY.encode()).hexdigest()}]
     # auto_map.AutoModelForCausalLM with trust: the Transformers backend can build it
     assert out["implementation"]["impl"] == "transformers"
 
@@ -112,11 +125,21 @@ def test_C05_no_model_type_is_invalid(tmp_path):
 
 
 def test_C06_refinedweb_uses_prestages_own_config_class(tmp_path):
-    raw = {"architectures": ["RWForCausalLM"], "model_type": "RefinedWebModel", "hidden_size": 4544,
-           "n_head": 71, "n_layer": 32, "vocab_size": 65024, "multi_query": True, "parallel_attn": True,
-           "bias": False, "alibi": False, "bos_token_id": 11, "eos_token_id": 11,
-           "auto_map": {"AutoConfig": "configuration_RW.RWConfig",
-                        "AutoModelForCausalLM": "modelling_RW.RWForCausalLM"}}
+    raw = {
+        "architectures": ["RWForCausalLM"],
+        "model_type": "RefinedWebModel",
+        "hidden_size": 4544,
+        "n_head": 71,
+        "n_layer": 32,
+        "vocab_size": 65024,
+        "multi_query": True,
+        "parallel_attn": True,
+        "bias": False,
+        "alibi": False,
+        "bos_token_id": 11,
+        "eos_token_id": 11,
+        "auto_map": {"AutoConfig": "configuration_RW.RWConfig", "AutoModelForCausalLM": "modelling_RW.RWForCausalLM"},
+    }
     d = folder_with(tmp_path, raw)
     loaded = load.build(d, raw)  # no --trust-remote-code needed for the config
     cfg = loaded.config
@@ -128,12 +151,18 @@ def test_C06_refinedweb_uses_prestages_own_config_class(tmp_path):
 
 
 def test_C07_mistral_with_layer_types_is_ministral(tmp_path):
-    raw = dict(LLAMA, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=1024,
-               layer_types=["sliding_attention", "full_attention"])
+    raw = dict(
+        LLAMA,
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        sliding_window=1024,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     out, _ = run(folder_with(tmp_path, raw))
     assert out["model_type"] == "ministral"
-    assert {"rule": "model_type", "field": "model_type", "before": "mistral", "after": "ministral"}.items() <= \
-        out["patches"][0].items()
+    assert {"rule": "model_type", "field": "model_type", "before": "mistral", "after": "ministral"}.items() <= out[
+        "patches"
+    ][0].items()
 
 
 def test_C08_missing_architectures_falls_back_to_base_class(tmp_path):
@@ -166,6 +195,7 @@ def test_C11_llm_config_becomes_text_config():
 
 # ---- RoPE and sliding-window details on real config classes -------------------------------------------
 
+
 def test_L13_rotary_emb_base_does_not_override_llama_theta(tmp_path):
     out, warnings = run(folder_with(tmp_path, dict(LLAMA, rotary_emb_base=500000)))
     assert out["spec"]["rope"]["rope_theta"] == 10000.0  # as vLLM with transformers 5: setdefault only
@@ -193,8 +223,13 @@ def test_L12_telechat_yarn_on_llama_config(tmp_path):
 
 
 def test_L21_sliding_window_zero_means_none(tmp_path):
-    raw = dict(LLAMA, model_type="mistral", architectures=["MistralForCausalLM"], max_position_embeddings=32768,
-               sliding_window=0)
+    raw = dict(
+        LLAMA,
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        max_position_embeddings=32768,
+        sliding_window=0,
+    )
     out, _ = run(folder_with(tmp_path, raw))
     assert out["max_model_len"] == 32768 and out["spec"]["sliding_window"] is None
     assert "sliding_window 0" in [p["rule"] for p in out["patches"]]
@@ -203,13 +238,18 @@ def test_L21_sliding_window_zero_means_none(tmp_path):
 def test_hf_overrides_are_applied_and_recorded(tmp_path):
     out, _ = run(folder_with(tmp_path, LLAMA), hf_overrides='{"max_position_embeddings": 8192}')
     assert out["max_model_len"] == 8192 and out["config"]["max_position_embeddings"] == 8192
-    assert {"rule": "hf_overrides", "field": "max_position_embeddings", "before": 4096, "after": 8192,
-            "why": "--hf-overrides"} in out["patches"]
+    assert {
+        "rule": "hf_overrides",
+        "field": "max_position_embeddings",
+        "before": 4096,
+        "after": 8192,
+        "why": "--hf-overrides",
+    } in out["patches"]
 
 
 def test_hf_overrides_of_the_wrong_type_are_usage_errors(tmp_path):
     """transformers' strict fields reject a string layer count: one UsageError line, not an internal error."""
-    with pytest.raises(UsageError, match="--hf-overrides num_hidden_layers=\"x\""):
+    with pytest.raises(UsageError, match='--hf-overrides num_hidden_layers="x"'):
         run(folder_with(tmp_path, LLAMA), hf_overrides='{"num_hidden_layers": "x"}')
 
 
@@ -221,39 +261,57 @@ def test_non_numeric_rope_theta_is_invalid_model(tmp_path):
 
 # ---- bad input ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,match", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON list, not an object"),
-    (json.dumps({"hidden_size": 64}), "neither 'model_type' nor 'architectures'"),
-    (json.dumps(dict(LLAMA, num_attention_heads=0)), "num_attention_heads=0"),
-    (json.dumps(dict(LLAMA, hidden_size=66, head_dim=None)), "not (divisible|a multiple)"),
-    (json.dumps(dict(LLAMA, num_key_value_heads=3)), "num_key_value_heads=3"),
-    (json.dumps(dict(LLAMA, architectures="LlamaForCausalLM")), "must be a list"),
-])
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON list, not an object"),
+        (json.dumps({"hidden_size": 64}), "neither 'model_type' nor 'architectures'"),
+        (json.dumps(dict(LLAMA, num_attention_heads=0)), "num_attention_heads=0"),
+        (json.dumps(dict(LLAMA, hidden_size=66, head_dim=None)), "not (divisible|a multiple)"),
+        (json.dumps(dict(LLAMA, num_key_value_heads=3)), "num_key_value_heads=3"),
+        (json.dumps(dict(LLAMA, architectures="LlamaForCausalLM")), "must be a list"),
+    ],
+)
 def test_bad_config_is_invalid_model(tmp_path, text, match):
     with pytest.raises(InvalidModelError, match=match) as e:
         run(folder_with(tmp_path, text))
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"dtype": "fp8"}, "--dtype"), ({"max_model_len": "1.5K"}, "--max-model-len"),
-    ({"model_impl": "vllm2"}, "--model-impl"), ({"hf_overrides": "[1]"}, "--hf-overrides"),
-    ({"hf_overrides": "{x"}, "--hf-overrides"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"dtype": "fp8"}, "--dtype"),
+        ({"max_model_len": "1.5K"}, "--max-model-len"),
+        ({"model_impl": "vllm2"}, "--model-impl"),
+        ({"hf_overrides": "[1]"}, "--hf-overrides"),
+        ({"hf_overrides": "{x"}, "--hf-overrides"),
+    ],
+)
 def test_bad_flags_are_usage_errors(params, match):
     with pytest.raises(UsageError, match=match):
         ConfigureStage().inputs(params, {})
 
 
 def test_inputs_are_normalized():
-    inputs = ConfigureStage().inputs({"dtype": "half", "max_model_len": "1K", "model_impl": "vllm",
-                                      "hf_overrides": '{"a": 1}'}, {})
-    assert inputs == {"trust_remote_code": False, "dtype": "float16", "max_model_len": 1024, "model_impl": "native",
-                      "disable_sliding_window": False, "hf_overrides": {"a": 1}, "allow_long_max_model_len": False}
+    inputs = ConfigureStage().inputs(
+        {"dtype": "half", "max_model_len": "1K", "model_impl": "vllm", "hf_overrides": '{"a": 1}'}, {}
+    )
+    assert inputs == {
+        "trust_remote_code": False,
+        "dtype": "float16",
+        "max_model_len": 1024,
+        "model_impl": "native",
+        "disable_sliding_window": False,
+        "hf_overrides": {"a": 1},
+        "allow_long_max_model_len": False,
+    }
 
 
 # ---- remote code (auto_map only): local folder and hub at the pinned commit ---------------------------
+
 
 def test_remote_code_card_internlm2_local(tmp_path):
     d = tmp_path / "internlm2"
@@ -267,8 +325,11 @@ def test_remote_code_card_internlm2_local(tmp_path):
     assert out["model_type"] == "internlm2"
     assert out["max_model_len"] == 65536  # dynamic rope factor 2 on 32768 (L-02)
     assert out["spec"]["rope"]["rope_type"] == "dynamic" and out["spec"]["rope"]["rope_theta"] == 1000000
-    assert out["implementation"] == {"architecture": "InternLM2ForCausalLM", "impl": "transformers",
-                                     "class": "stages.launch.hf_backend:TransformersForCausalLM"}
+    assert out["implementation"] == {
+        "architecture": "InternLM2ForCausalLM",
+        "impl": "transformers",
+        "class": "prestage.stages.launch.hf_backend:TransformersForCausalLM",
+    }
     assert out["spec"]["param_count"] is None  # modeling code not in the folder: no meta count
     with pytest.raises(UnsupportedError, match="InternLM2ForCausalLM"):
         run(d, trust_remote_code=True, model_impl="native")
@@ -292,6 +353,7 @@ def test_remote_code_fetched_from_hub_at_pinned_commit(tmp_path, hub, hf_env, pr
 
 # ---- CLI end to end on a real tiny checkpoint --------------------------------------------------------
 
+
 def test_cli_configure_tiny_checkpoint(checkpoint_dirs, prestage, artifacts_dir):
     r = prestage(["--artifacts", artifacts_dir, "--run", "t", "resolve", checkpoint_dirs["single"]])
     assert r.rc == 0, r
@@ -309,13 +371,16 @@ def test_cli_configure_tiny_checkpoint(checkpoint_dirs, prestage, artifacts_dir)
     assert r.rc == 0 and (artifacts_dir / "t" / "configure.msgpack").read_bytes() == before
 
 
-@pytest.mark.parametrize("config,flags,code", [
-    ("{broken", [], 9),
-    (json.dumps(CUSTOM), [], 8),
-    (json.dumps(dict(LLAMA, architectures=["FooForCausalLM"])), [], 7),
-    (json.dumps(LLAMA), ["--dtype", "fp8"], 2),
-    (json.dumps(LLAMA), ["--max-model-len", "8192"], 9),
-])
+@pytest.mark.parametrize(
+    "config,flags,code",
+    [
+        ("{broken", [], 9),
+        (json.dumps(CUSTOM), [], 8),
+        (json.dumps(dict(LLAMA, architectures=["FooForCausalLM"])), [], 7),
+        (json.dumps(LLAMA), ["--dtype", "fp8"], 2),
+        (json.dumps(LLAMA), ["--max-model-len", "8192"], 9),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_code(tmp_path, prestage, artifacts_dir, config, flags, code):
     d = folder_with(tmp_path, config)
     r = prestage(["--artifacts", artifacts_dir, "--run", "e", "resolve", d])
@@ -329,20 +394,34 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path, prestage, artifacts_di
 
 # ---- Mistral format (params.json, §2.9) ----------------------------------------------------------------
 
+
 def test_mistral_format_params_json(tmp_path):
     d = tmp_path / "mistral-7b-v0.3"
     d.mkdir()
-    params = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
-              "norm_eps": 1e-05, "vocab_size": 32768, "rope_theta": 1000000.0}
+    params = {
+        "dim": 4096,
+        "n_layers": 32,
+        "head_dim": 128,
+        "hidden_dim": 14336,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "norm_eps": 1e-05,
+        "vocab_size": 32768,
+        "rope_theta": 1000000.0,
+    }
     (d / "params.json").write_text(json.dumps(params))
     header = json.dumps({"w": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}}).encode()
     import struct
+
     (d / "consolidated.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
     out, warnings = configure(d, "params.json", ConfigureStage().inputs({}, {}))
     assert out["architectures"] == ["MistralForCausalLM"] and out["implementation"]["impl"] == "native"
     assert out["spec"]["param_count"] == 7_248_023_552  # Mistral-7B-v0.3
-    assert (out["spec"]["hidden_size"], out["spec"]["num_key_value_heads"], out["spec"]["rms_norm_eps"]) == \
-        (4096, 8, 1e-05)
+    assert (out["spec"]["hidden_size"], out["spec"]["num_key_value_heads"], out["spec"]["rms_norm_eps"]) == (
+        4096,
+        8,
+        1e-05,
+    )
     assert out["spec"]["rope"]["rope_theta"] == 1000000.0
     assert out["max_model_len"] == 128000 and any("128000" in w for w in warnings)
     assert out["dtype"]["config"] == "bfloat16"  # from the consolidated.safetensors header
@@ -350,8 +429,9 @@ def test_mistral_format_params_json(tmp_path):
 
 # ---- the configure store (memo.py) ---------------------------------------------------------------------
 
+
 def test_memo_key_follows_content_and_inputs(tmp_path):
-    from stages.configure import memo
+    from prestage.stages.configure import memo
 
     d = folder_with(tmp_path, LLAMA)
     inputs = ConfigureStage().inputs({}, {})

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stages.configure import dtype as dt
-from stages.configure import maxlen, rope
-from stages.errors import InvalidModelError, UnsupportedError, UsageError
-from stages.launch import registry
+from prestage.stages.configure import dtype as dt
+from prestage.stages.configure import maxlen, rope
+from prestage.stages.errors import InvalidModelError, UnsupportedError, UsageError
+from prestage.stages.launch import registry
 
 
 def cfg(**kw):
@@ -27,9 +27,23 @@ def cfg(**kw):
 
 # ---- --max-model-len parsing (L-23) ----------------------------------------------------------------
 
-@pytest.mark.parametrize("text,value", [("1K", 1024), ("1k", 1000), ("25.6k", 25600), ("auto", -1), ("-1", -1),
-                                        ("AUTO", -1), ("4096", 4096), ("2M", 2 * 2 ** 20), ("1.5m", 1_500_000),
-                                        (None, None), (8192, 8192)])
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1K", 1024),
+        ("1k", 1000),
+        ("25.6k", 25600),
+        ("auto", -1),
+        ("-1", -1),
+        ("AUTO", -1),
+        ("4096", 4096),
+        ("2M", 2 * 2**20),
+        ("1.5m", 1_500_000),
+        (None, None),
+        (8192, 8192),
+    ],
+)
 def test_L23_max_model_len_human_readable(text, value):
     assert maxlen.parse_max_model_len(text) == value
 
@@ -45,6 +59,7 @@ def test_L23_max_model_len_rejects_bad_values(text):
 
 # ---- max_model_len derivation (L-01..L-22) ---------------------------------------------------------
 
+
 def test_L01_linear_rope_scales_max_len():
     c = cfg(max_position_embeddings=4096, rope_parameters={"type": "linear", "rope_type": "linear", "factor": 4})
     r = maxlen.resolve_max_model_len(c, None)
@@ -57,20 +72,27 @@ def test_L02_dynamic_rope_scales_max_len():
 
 
 def test_L03_llama3_rope_not_scaled():
-    c = cfg(max_position_embeddings=131072, rope_parameters={"rope_type": "llama3", "factor": 8.0,
-                                                             "original_max_position_embeddings": 8192})
+    c = cfg(
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
+    )
     assert maxlen.resolve_max_model_len(c, None).max_model_len == 131072
 
 
 def test_L04_yarn_not_scaled():
-    c = cfg(max_position_embeddings=32768, rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                            "original_max_position_embeddings": 32768})
+    c = cfg(
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    )
     assert maxlen.resolve_max_model_len(c, None).max_model_len == 32768
 
 
 def test_L05_longrope_defaults_to_original_and_accepts_up_to_derived():
-    c = cfg(max_position_embeddings=131072, original_max_position_embeddings=4096,
-            rope_parameters={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})
+    c = cfg(
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]},
+    )
     r = maxlen.resolve_max_model_len(c, None)
     assert (r.max_model_len, r.derived) == (4096, 131072)
     assert maxlen.resolve_max_model_len(c, 131072).max_model_len == 131072
@@ -79,8 +101,9 @@ def test_L05_longrope_defaults_to_original_and_accepts_up_to_derived():
 
 
 def test_L07_gemma3_never_scaled():
-    c = cfg(model_type="gemma3_text", max_position_embeddings=32768,
-            rope_parameters={"rope_type": "linear", "factor": 8.0})
+    c = cfg(
+        model_type="gemma3_text", max_position_embeddings=32768, rope_parameters={"rope_type": "linear", "factor": 8.0}
+    )
     assert maxlen.resolve_max_model_len(c, None).max_model_len == 32768
 
 
@@ -135,6 +158,7 @@ def test_L22_gpt2_n_positions_without_rope():
 
 
 # ---- legacy RoPE rules (L-06, L-08, L-09, L-10, L-12) -----------------------------------------------
+
 
 def test_L06_su_becomes_longrope():
     rp, patches, warns = {"type": "su", "short_factor": [1.0]}, [], []
@@ -250,6 +274,7 @@ def test_corrupt_safetensors_header_is_invalid_model(tmp_path):
 
 # ---- registry (M-01..M-09) --------------------------------------------------------------------------
 
+
 def known(*names):
     return lambda arch: arch in names
 
@@ -302,8 +327,15 @@ def test_M09_sequence_classification_is_pooling_and_refused():
 
 
 def test_native_families_and_base_names():
-    for arch in ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                 "Qwen3ForCausalLM", "LlamaModel", "Qwen2Model"):
+    for arch in (
+        "LlamaForCausalLM",
+        "LLaMAForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "LlamaModel",
+        "Qwen2Model",
+    ):
         impl = registry.resolve([arch], "auto", known())
         assert (impl.impl, impl.cls) == ("native", registry.DECODER)
     # the first usable architecture wins, in order
@@ -313,36 +345,49 @@ def test_native_families_and_base_names():
 
 
 def test_registry_imports_without_torch_or_transformers():
-    code = ("import sys; import stages.launch.registry, stages.configure, stages.configure.maxlen, "
-            "stages.configure.dtype, stages.configure.rope, stages.configure.spec; "
-            "bad = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; import prestage.stages.launch.registry, stages.configure, stages.configure.maxlen, "
+        "prestage.stages.configure.dtype, stages.configure.rope, stages.configure.spec; "
+        "bad = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_spec_param_count_formula_matches_hand_count():
-    from stages.configure import spec as sp
+    from prestage.stages.configure import spec as sp
 
     # tiny Qwen3 (qk_norm, tied): 2 layers, H=64, I=128, 4 heads x 16, 2 KV heads, V=1024
-    s = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 1024, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "attention_bias": False,
-         "o_proj_bias": False, "qk_norm": True, "mlp_bias": False, "tie_word_embeddings": True}
+    s = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "vocab_size": 1024,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "attention_bias": False,
+        "o_proj_bias": False,
+        "qk_norm": True,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+    }
     per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 16 + 3 * 64 * 128 + 2 * 64
     assert sp.native_param_count(s) == 1024 * 64 + 2 * per_layer + 64
-    assert math.isclose(sp.native_param_count(dict(s, tie_word_embeddings=False)) - sp.native_param_count(s),
-                        1024 * 64)
+    assert math.isclose(sp.native_param_count(dict(s, tie_word_embeddings=False)) - sp.native_param_count(s), 1024 * 64)
 
 
 def test_non_numeric_length_or_factor_is_invalid_model():
     with pytest.raises(InvalidModelError, match="seq_length='2k'"):
         maxlen.resolve_max_model_len(cfg(max_position_embeddings=4096, seq_length="2k"), None)
     with pytest.raises(InvalidModelError, match="rope factor 'x'"):
-        maxlen.resolve_max_model_len(cfg(max_position_embeddings=4096,
-                                         rope_parameters={"rope_type": "linear", "factor": "x"}), None)
+        maxlen.resolve_max_model_len(
+            cfg(max_position_embeddings=4096, rope_parameters={"rope_type": "linear", "factor": "x"}), None
+        )
 
 
-@given(st.integers(min_value=1, max_value=10 ** 7), st.sampled_from(["", "k", "K", "m", "M"]))
+@given(st.integers(min_value=1, max_value=10**7), st.sampled_from(["", "k", "K", "m", "M"]))
 def test_L23_parse_round_trips_whole_numbers(n, suffix):
-    scale = {"": 1, "k": 1000, "K": 1024, "m": 10 ** 6, "M": 2 ** 20}[suffix]
+    scale = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20}[suffix]
     assert maxlen.parse_max_model_len(f"{n}{suffix}") == n * scale

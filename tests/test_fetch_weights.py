@@ -1,7 +1,7 @@
 """The fetch-weights stage end to end (reference §8.7): hub repos on the local test hub, local folders,
 integrity, offline, resume after SIGKILL, concurrent fetches, and `prestage verify`.
 
-Most cases run the stages in-process (runner.chain.run_stage, transformers imported once); the cases
+Most cases run the stages in-process (prestage.runner.chain.run_stage, transformers imported once); the cases
 about exit codes, processes and locks run the real CLI in subprocesses.
 """
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from runner.chain import run_stage
-from stages import ORDER, errors, get_stage
-from stages import hub as hubmod
-from stages.base import Reporter
-from stages.fetch_weights import download as dl
-from stages.manifest import manifest_path, read
+from prestage.runner.chain import run_stage
+from prestage.stages import ORDER, errors, get_stage
+from prestage.stages import hub as hubmod
+from prestage.stages.base import Reporter
+from prestage.stages.fetch_weights import download as dl
+from prestage.stages.manifest import manifest_path, read
 from tests.conftest import REPO_ROOT
 
 QUIET = Reporter(quiet=True)
@@ -52,13 +52,22 @@ def fetch(run_dir: Path, model: str, force=False, **params):
 
 def cli(args, env, timeout=120):
     full = {**env, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "runner.cli", *map(str, args)], env=full, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prestage", *map(str, args)],
+        env=full,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def weight_bytes_served(hub, repo) -> dict:
-    return {k.split("/", 2)[2]: v for k, v in hub.bytes_served.items()
-            if k.startswith(repo + "/") and k.endswith((".safetensors", ".bin", ".pt", ".pth"))}
+    return {
+        k.split("/", 2)[2]: v
+        for k, v in hub.bytes_served.items()
+        if k.startswith(repo + "/") and k.endswith((".safetensors", ".bin", ".pt", ".pth"))
+    }
 
 
 def copy_variant(src: Path, dst: Path, drop=(), add=None, config=None) -> Path:
@@ -83,19 +92,32 @@ def error_line(r) -> str:
 
 # ---- hub repos ------------------------------------------------------------------------------------------
 
+
 def test_W01_hub_safetensors_and_bin_downloads_only_safetensors(hub, hf_env, checkpoint_dirs, tmp_path):
     repo = "fw/w01"
-    hub.commit(repo, {**{p.name: p for p in checkpoint_dirs["single"].iterdir()},
-                      "pytorch_model.bin": checkpoint_dirs["bin"] / "pytorch_model.bin"})
+    hub.commit(
+        repo,
+        {
+            **{p.name: p for p in checkpoint_dirs["single"].iterdir()},
+            "pytorch_model.bin": checkpoint_dirs["bin"] / "pytorch_model.bin",
+        },
+    )
     out = fetch(tmp_path / "run", repo).manifest.outputs
     assert out["format"] == "safetensors" and [f["path"] for f in out["files"]] == ["model.safetensors"]
     assert set(weight_bytes_served(hub, repo)) == {"model.safetensors"}
     entry = hub.file_entry(repo, "model.safetensors")
-    assert out["files"][0] == {"path": "model.safetensors", "size": entry.size, "sha256": entry.sha256,
-                               "kind": "safetensors"}
+    assert out["files"][0] == {
+        "path": "model.safetensors",
+        "size": entry.size,
+        "sha256": entry.sha256,
+        "kind": "safetensors",
+    }
     assert out["root"] == "cache" and out["folder"] == hubmod.snapshot_rel(repo, hub.resolve(repo))
-    assert out["tensors"]["model.layers.1.mlp.down_proj.weight"] == {"file": "model.safetensors", "dtype": "F32",
-                                                                      "shape": [64, 128]}
+    assert out["tensors"]["model.layers.1.mlp.down_proj.weight"] == {
+        "file": "model.safetensors",
+        "dtype": "F32",
+        "shape": [64, 128],
+    }
     assert out["total_bytes"] == entry.size and out["param_count"] > 0
 
 
@@ -125,8 +147,14 @@ def test_W04_hub_auto_picks_mistral_consolidated(hub, hf_env, checkpoint_dirs, t
 
 def test_W08_hub_bin_leaves_training_files_behind(hub, hf_env, checkpoint_dirs, tmp_path):
     repo = "fw/w08"
-    hub.commit(repo, {**{p.name: p for p in checkpoint_dirs["bin"].iterdir()},
-                      "training_args.bin": b"\x00" * 20000, "optimizer.pt": b"\x01" * 20000})
+    hub.commit(
+        repo,
+        {
+            **{p.name: p for p in checkpoint_dirs["bin"].iterdir()},
+            "training_args.bin": b"\x00" * 20000,
+            "optimizer.pt": b"\x01" * 20000,
+        },
+    )
     out = fetch(tmp_path / "run", repo).manifest.outputs
     assert out["format"] == "pt" and [f["path"] for f in out["files"]] == ["pytorch_model.bin"]
     assert out["files"][0]["kind"] == "bin"
@@ -138,8 +166,14 @@ def test_W08_hub_bin_leaves_training_files_behind(hub, hf_env, checkpoint_dirs, 
 
 def test_W12_hub_original_folder_never_fetched(hub, hf_env, checkpoint_dirs, tmp_path):
     repo = "fw/w12"
-    hub.commit(repo, {**{p.name: p for p in checkpoint_dirs["single"].iterdir()},
-                      "original/consolidated.00.pth": b"\x02" * 30000, "original/params.json": "{}"})
+    hub.commit(
+        repo,
+        {
+            **{p.name: p for p in checkpoint_dirs["single"].iterdir()},
+            "original/consolidated.00.pth": b"\x02" * 30000,
+            "original/params.json": "{}",
+        },
+    )
     out = fetch(tmp_path / "run", repo).manifest.outputs
     assert [f["path"] for f in out["files"]] == ["model.safetensors"]
     assert set(weight_bytes_served(hub, repo)) == {"model.safetensors"}
@@ -172,8 +206,9 @@ def test_W14_npcache_converts_once_into_the_run_folder(hub, hf_env, tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert np.array_equal(np.load(run / "np" / doc["tensors"][name]["file"]), state[name].numpy())
     mtime = names.stat().st_mtime_ns
-    again = run_stage("fetch-weights", run, defaults(model="test-org/tiny-bin", load_format="npcache"), QUIET,
-                      force=True)
+    again = run_stage(
+        "fetch-weights", run, defaults(model="test-org/tiny-bin", load_format="npcache"), QUIET, force=True
+    )
     assert names.stat().st_mtime_ns == mtime and again.manifest.outputs["npcache"] == out["npcache"]
 
 
@@ -200,29 +235,42 @@ def test_disk_space_checked_before_download(hub, hf_env, tmp_path, monkeypatch):
 
 def test_spec_mismatch_fails_before_launch(hub, hf_env, checkpoint_dirs, tmp_path):
     repo = "fw/layers"
-    hub.commit(repo, copy_variant(checkpoint_dirs["single"], tmp_path / "v", config={"num_hidden_layers": 3,
-                                                                              "layer_types": ["full_attention"] * 3}))
+    hub.commit(
+        repo,
+        copy_variant(
+            checkpoint_dirs["single"],
+            tmp_path / "v",
+            config={"num_hidden_layers": 3, "layer_types": ["full_attention"] * 3},
+        ),
+    )
     with pytest.raises(errors.InvalidModelError, match=r"num_hidden_layers is 3 .* layers 0\.\.1 \(layers 2 missing"):
         fetch(tmp_path / "run", repo)
 
 
 # ---- local folders --------------------------------------------------------------------------------------
 
+
 def _local(tmp_path, run="run", **params):
     return lambda folder: fetch(tmp_path / run, folder, **params).manifest.outputs
 
 
 def test_W02_local_safetensors_and_bin(tmp_path, checkpoint_dirs):
-    folder = copy_variant(checkpoint_dirs["single"], tmp_path / "m",
-                          add={"pytorch_model.bin": checkpoint_dirs["bin"] / "pytorch_model.bin"})
+    folder = copy_variant(
+        checkpoint_dirs["single"],
+        tmp_path / "m",
+        add={"pytorch_model.bin": checkpoint_dirs["bin"] / "pytorch_model.bin"},
+    )
     out = _local(tmp_path)(folder)
     assert out["root"] == "local" and [f["path"] for f in out["files"]] == ["model.safetensors"]
     assert (tmp_path / "run" / out["folder"]).resolve() == folder.resolve()
 
 
 def test_W05_local_safetensors_format_drops_consolidated(tmp_path, checkpoint_dirs):
-    folder = copy_variant(checkpoint_dirs["sharded"], tmp_path / "m",
-                          add={"consolidated.safetensors": checkpoint_dirs["single"] / "model.safetensors"})
+    folder = copy_variant(
+        checkpoint_dirs["sharded"],
+        tmp_path / "m",
+        add={"consolidated.safetensors": checkpoint_dirs["single"] / "model.safetensors"},
+    )
     out = _local(tmp_path, load_format="safetensors")(folder)
     assert [f["path"] for f in out["files"]] == sorted(p.name for p in folder.glob("model-*.safetensors"))
     assert out["skipped"][0]["path"] == "consolidated.safetensors"
@@ -233,8 +281,10 @@ def test_W06_local_index_names_missing_shard(tmp_path, checkpoint_dirs):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["extra.weight"] = "model-00009-of-00009.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(errors.InvalidModelError, match="referenced in model.safetensors.index.json but missing: "
-                                                       "model-00009-of-00009.safetensors"):
+    with pytest.raises(
+        errors.InvalidModelError,
+        match="referenced in model.safetensors.index.json but missing: model-00009-of-00009.safetensors",
+    ):
         _local(tmp_path)(folder)
 
 
@@ -247,8 +297,9 @@ def test_W07_local_shards_without_index_natural_order(tmp_path, checkpoint_dirs)
     assert {t["file"] for t in out["tensors"].values()} == {f["path"] for f in out["files"]}
 
 
-@pytest.mark.parametrize("case,layout,fmt", [("W09", "bin", "pt"), ("W10", "bin", "safetensors"),
-                                             ("W11", "single", "auto")])
+@pytest.mark.parametrize(
+    "case,layout,fmt", [("W09", "bin", "pt"), ("W10", "bin", "safetensors"), ("W11", "single", "auto")]
+)
 def test_W09_W10_W11_local_no_weights_for_format(tmp_path, checkpoint_dirs, case, layout, fmt):
     folder = copy_variant(checkpoint_dirs[layout], tmp_path / "m")
     if case == "W11":
@@ -274,6 +325,7 @@ def test_local_changed_file_is_an_integrity_error(tmp_path, checkpoint_dirs):
 
 
 # ---- the CLI: exit codes, offline, corruption, processes ------------------------------------------------
+
 
 def test_W19_unknown_load_format_is_usage_error(hub, hf_env, tmp_path):
     arts = tmp_path / "arts"
@@ -323,7 +375,9 @@ def test_verify_rehashes_and_reports_each_file(hub, hf_env, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["files"]
     assert {x["path"] for x in rows if x["stage"] == "fetch-weights"} >= {
-        "model-00001-of-00003.safetensors", "model.safetensors.index.json"} and all(x["ok"] for x in rows)
+        "model-00001-of-00003.safetensors",
+        "model.safetensors.index.json",
+    } and all(x["ok"] for x in rows)
     out = read(manifest_path(arts / "m", "fetch-weights")).outputs
     blob = (Path(hf_env["HF_HUB_CACHE"]) / out["folder"] / out["files"][0]["path"]).resolve()
     data = bytearray(blob.read_bytes())
@@ -372,17 +426,27 @@ def test_sigkill_mid_download_resumes_only_unfinished_files(hub, hf_env, slow_re
     sizes = {p: e.size for p, e in hub.files(slow_repo).items() if p.endswith(".safetensors")}
     blobs = hubmod.repo_folder(Path(hf_env["HF_HUB_CACHE"]), slow_repo) / "blobs"
     hub.throttle(8e6)
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "--artifacts", str(arts), "fetch-weights", "m",
-                             "--max-workers", "1"], env={**hf_env, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", "m", "--max-workers", "1"],
+        env={**hf_env, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def partway():
-            done = [p for p in blobs.glob("*") if not p.name.endswith((".incomplete", ".lock"))
-                    and p.stat().st_size in sizes.values()]
+            done = [
+                p
+                for p in blobs.glob("*")
+                if not p.name.endswith((".incomplete", ".lock")) and p.stat().st_size in sizes.values()
+            ]
             part = [p for p in blobs.glob("*.incomplete") if p.stat().st_size > 0]
             if proc.poll() is not None:
                 raise AssertionError(f"fetch ended early ({proc.returncode}): {proc.stderr.read()}")
             return len(done) >= 1 and part
+
         _wait(partway, what="one finished shard and one partial shard")
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -410,23 +474,33 @@ def test_W17_two_processes_download_once(hub, hf_env, slow_repo, tmp_path):
     shutil.copytree(arts / "a", arts / "b")
     hub.throttle(15e6)  # ~4 s of download: the second process starts while the first holds the lock
     env = {**hf_env, "PYTHONPATH": str(REPO_ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", "--artifacts", str(arts), "fetch-weights", run],
-                              env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for run in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", run],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run in ("a", "b")
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     sizes = {p: e.size for p, e in hub.files(slow_repo).items() if p.endswith(".safetensors")}
     assert weight_bytes_served(hub, slow_repo) == sizes  # every shard transferred exactly once
-    assert any("waiting for another process fetching fw/slow" in err and "are in the cache" in err
-               for _, err in outs), outs
+    assert any(
+        "waiting for another process fetching fw/slow" in err and "are in the cache" in err for _, err in outs
+    ), outs
     a, b = (read(manifest_path(arts / r, "fetch-weights")).outputs for r in ("a", "b"))
     assert a == b
 
 
 def test_ctrl_c_during_fetch_starts_no_further_file(tmp_path):
     """KeyboardInterrupt stops the pool from starting the queued files (it used to wait for all of them)."""
-    s = hubmod.HubSettings(endpoint="http://127.0.0.1:9", token=None, token_source=None, cache_dir=tmp_path,
-                           offline=True)
+    s = hubmod.HubSettings(
+        endpoint="http://127.0.0.1:9", token=None, token_source=None, cache_dir=tmp_path, offline=True
+    )
     files = [{"path": f"model-{i:05d}.safetensors"} for i in range(20)]
     seen = []
 
@@ -438,6 +512,5 @@ def test_ctrl_c_during_fetch_starts_no_further_file(tmp_path):
         return {}
 
     with pytest.raises(KeyboardInterrupt):
-        dl.fetch_parallel(s, "test-org/x", "0" * 40, files, to_fetch=set(), post=post, max_workers=1,
-                          progress=False)
+        dl.fetch_parallel(s, "test-org/x", "0" * 40, files, to_fetch=set(), post=post, max_workers=1, progress=False)
     assert len(seen) < len(files) // 2, seen

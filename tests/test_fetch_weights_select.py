@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from stages.errors import InvalidModelError, UnsupportedError, UsageError
-from stages.fetch_weights import select as sel
-from stages.fetch_weights.safetensors_header import read_header
-from stages.fetch_weights.tensors import check_spec, merge, param_count
-from stages.fetch_weights.verify import hash_files, sha256_file
+from prestage.stages.errors import InvalidModelError, UnsupportedError, UsageError
+from prestage.stages.fetch_weights import selection as sel
+from prestage.stages.fetch_weights.safetensors_header import read_header
+from prestage.stages.fetch_weights.tensors import check_spec, merge, param_count
+from prestage.stages.fetch_weights.verify import hash_files, sha256_file
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 INDEX = {"metadata": {}, "weight_map": {"a": SHARDS[0], "b": SHARDS[1]}}
@@ -68,12 +68,15 @@ def test_W08_bin_pattern_drops_training_leftovers():
     assert [x["path"] for x in s.skipped] == ["training_args.bin"]
 
 
-@pytest.mark.parametrize("fmt,paths,hint", [
-    ("pt", ["config.json", "pytorch_model.bin"], "try --load-format hf"),  # W-09
-    ("safetensors", ["config.json", "pytorch_model.bin"], "try --load-format hf"),  # W-10
-    ("auto", ["config.json", "model.pth"], "no loadable weights"),  # W-11
-    ("hf", ["config.json", "model.ckpt"], "no loadable weights"),  # W-11
-])
+@pytest.mark.parametrize(
+    "fmt,paths,hint",
+    [
+        ("pt", ["config.json", "pytorch_model.bin"], "try --load-format hf"),  # W-09
+        ("safetensors", ["config.json", "pytorch_model.bin"], "try --load-format hf"),  # W-10
+        ("auto", ["config.json", "model.pth"], "no loadable weights"),  # W-11
+        ("hf", ["config.json", "model.ckpt"], "no loadable weights"),  # W-11
+    ],
+)
 def test_W09_W10_W11_no_weights_for_format(fmt, paths, hint):
     with pytest.raises(UnsupportedError) as e:
         sel.select(fmt, paths, model="org/m")
@@ -121,6 +124,7 @@ def test_index_without_weight_map_is_invalid():
 
 # ---- safetensors headers ---------------------------------------------------------------------------
 
+
 def _write(tmp_path, name="w.safetensors", **tensors):
     path = tmp_path / name
     save_file(tensors, str(path))
@@ -135,9 +139,16 @@ def test_header_reads_names_dtypes_shapes(tmp_path):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9.]{0,10}", fullmatch=True),
-                       st.tuples(st.sampled_from([np.float32, np.float16, np.int8, np.int32]),
-                                 st.lists(st.integers(0, 4), max_size=3)), min_size=1, max_size=5))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9.]{0,10}", fullmatch=True),
+        st.tuples(
+            st.sampled_from([np.float32, np.float16, np.int8, np.int32]), st.lists(st.integers(0, 4), max_size=3)
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_header_roundtrip_property(tmp_path_factory, spec):
     d = tmp_path_factory.mktemp("h")
     tensors = {k: np.zeros(shape, dtype) for k, (dtype, shape) in spec.items()}
@@ -151,15 +162,24 @@ def _raw(header: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + data
 
 
-@pytest.mark.parametrize("header,data,msg", [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "needs 8 bytes"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "overlaps"),
-    ({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "unknown dtype"),
-    ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "malformed"),
-])
+@pytest.mark.parametrize(
+    "header,data,msg",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "needs 8 bytes"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            b"\0" * 8,
+            "overlaps",
+        ),
+        ({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "malformed"),
+    ],
+)
 def test_header_layout_defects(tmp_path, header, data, msg):
     p = tmp_path / "bad.safetensors"
     p.write_bytes(_raw(header, data))
@@ -183,6 +203,7 @@ def test_header_not_json_or_too_short(tmp_path):
 
 # ---- hashing -----------------------------------------------------------------------------------------
 
+
 def test_hash_files_matches_hashlib_across_chunk_boundaries(tmp_path):
     blobs = {f"f{i}": bytes(range(256)) * (i * 4099 + 1) for i in range(5)}
     paths = []
@@ -197,6 +218,7 @@ def test_hash_files_matches_hashlib_across_chunk_boundaries(tmp_path):
 
 
 # ---- tensor index vs spec ----------------------------------------------------------------------------
+
 
 def _index(n_layers, vocab=16, hidden=4, head=True):
     t = {"model.embed_tokens.weight": {"file": "a", "dtype": "F32", "shape": [vocab, hidden]}}

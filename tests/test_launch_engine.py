@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.errors import ResourceError, UsageError
-from stages.launch.detokenizer import IncrementalDetokenizer
-from stages.launch.engine import Engine, plan_kv_cache
-from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
-from stages.launch.sampling import SamplingParams
+from prestage.stages.errors import ResourceError, UsageError
+from prestage.stages.launch.detokenizer import IncrementalDetokenizer
+from prestage.stages.launch.engine import Engine, plan_kv_cache
+from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+from prestage.stages.launch.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -26,9 +26,16 @@ def tiny_pair(seed: int):
     """(transformers Qwen2 model, our decoder with the same weights), tiny and random."""
     import transformers
 
-    cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   initializer_range=0.2)
+    cfg = transformers.Qwen2Config(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
     torch.manual_seed(seed)
     hf = transformers.Qwen2ForCausalLM(cfg).eval()
     ours = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=torch.float32)
@@ -42,8 +49,9 @@ def model():
 
 
 def make_engine(model, tokenizer, eos=(), max_model_len=64, max_num_seqs=4):
-    return Engine(model, tokenizer, list(eos), "cpu", torch.float32, max_model_len, max_num_seqs,
-                  max_num_seqs * max_model_len)
+    return Engine(
+        model, tokenizer, list(eos), "cpu", torch.float32, max_model_len, max_num_seqs, max_num_seqs * max_model_len
+    )
 
 
 def test_launch_detokenizer_matches_full_decode(tokenizer):
@@ -72,12 +80,12 @@ def test_launch_stop_string_cuts_text(model, tokenizer):
     engine = make_engine(model, tokenizer)
     prompt = tokenizer.encode("import os")
     full = engine.generate([prompt], SamplingParams(max_tokens=24, **GREEDY))[0]
-    stop = full["text"][len(full["text"]) // 2:][:3]
+    stop = full["text"][len(full["text"]) // 2 :][:3]
     assert stop.strip(), full["text"]
     out = engine.generate([prompt], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0]
     assert out["finish_reason"] == "stop"
-    assert out["text"] == full["text"][:full["text"].find(stop)]
-    assert full["token_ids"][:len(out["token_ids"])] == out["token_ids"] and len(out["token_ids"]) < 24
+    assert out["text"] == full["text"][: full["text"].find(stop)]
+    assert full["token_ids"][: len(out["token_ids"])] == out["token_ids"] and len(out["token_ids"]) < 24
 
 
 def test_launch_eos_stops_and_is_kept_in_token_ids(model, tokenizer):
@@ -86,7 +94,7 @@ def test_launch_eos_stops_and_is_kept_in_token_ids(model, tokenizer):
     eos = free["token_ids"][4]
     cut = free["token_ids"].index(eos)
     out = make_engine(model, tokenizer, eos=[eos]).generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0]
-    assert out["finish_reason"] == "stop" and out["token_ids"] == free["token_ids"][:cut + 1]
+    assert out["finish_reason"] == "stop" and out["token_ids"] == free["token_ids"][: cut + 1]
     assert out["text"] == tokenizer.decode(free["token_ids"][:cut], skip_special_tokens=True)
     ignored = make_engine(model, tokenizer, eos=[eos]).generate([prompt], SamplingParams(max_tokens=12, **GREEDY))[0]
     assert ignored["token_ids"] == free["token_ids"]
@@ -132,9 +140,17 @@ def test_launch_sampling_top_k_1_is_greedy_and_seed_decides(model, tokenizer):
     assert a[0]["token_ids"] == b[0]["token_ids"] != greedy
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"temperature": -1}, "--temperature"), ({"top_p": 0}, "--top-p"),
-                                          ({"max_tokens": 0}, "--max-tokens"), ({"top_k": -2}, "--top-k"),
-                                          ({"min_p": 1.5}, "--min-p"), ({"repetition_penalty": 0}, "--repetition")])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"temperature": -1}, "--temperature"),
+        ({"top_p": 0}, "--top-p"),
+        ({"max_tokens": 0}, "--max-tokens"),
+        ({"top_k": -2}, "--top-k"),
+        ({"min_p": 1.5}, "--min-p"),
+        ({"repetition_penalty": 0}, "--repetition"),
+    ],
+)
 def test_launch_sampling_params_rejected(kwargs, flag):
     with pytest.raises(UsageError, match=flag):
         SamplingParams(**kwargs)
@@ -144,7 +160,7 @@ def test_launch_kv_plan_cpu_budget_and_resource_error(model):
     per_token = model.kv_bytes_per_token(torch.float32)
     assert per_token == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head_dim x bytes
     assert plan_kv_cache(model, torch.device("cpu"), torch.float32, 64, 8) == 8 * 64
-    budget_gib = per_token * 100 / 1024 ** 3
+    budget_gib = per_token * 100 / 1024**3
     assert plan_kv_cache(model, torch.device("cpu"), torch.float32, 64, 8, cpu_kv_cache_space_gib=budget_gib) == 100
     with pytest.raises(ResourceError, match="--max-model-len 4096 needs 2.00 MiB") as e:
         plan_kv_cache(model, torch.device("cpu"), torch.float32, 4096, 8, cpu_kv_cache_space_gib=budget_gib)
@@ -162,11 +178,13 @@ def test_launch_repetition_penalty_matches_transformers(tokenizer):
     penalized = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3))
     plain = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
     for ids, got in zip(prompts, penalized, strict=True):
-        gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=24, repetition_penalty=1.3,
-                                            eos_token_id=None, pad_token_id=0)
+        gen = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=24, repetition_penalty=1.3, eos_token_id=None, pad_token_id=0
+        )
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), generation_config=gen,
-                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([ids]), generation_config=gen, attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+            )[0, len(ids) :].tolist()
         assert got["token_ids"] == ref
     assert [o["token_ids"] for o in penalized] != [o["token_ids"] for o in plain]
 

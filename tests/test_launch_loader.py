@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.errors import IntegrityError, InvalidModelError, NotFoundError
-from stages.launch.loader import fill_dummy, load_checkpoint
-from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError
+from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+from prestage.stages.launch.weight_loading import fill_dummy, load_checkpoint
 
 
 def record(folder: Path, rel: str, kind: str) -> dict:
@@ -76,12 +76,15 @@ def test_launch_loader_bin_checkpoint(checkpoint_dirs, tmp_path):
 
 
 def test_launch_loader_npcache(checkpoint_dirs, tmp_path):
-    from stages.fetch_weights import npcache
+    from prestage.stages.fetch_weights import npcache
 
     folder = checkpoint_dirs["bin"]
     rec = record(folder, "pytorch_model.bin", "bin")
-    outputs = {"format": "npcache", "files": [rec],
-               "npcache": npcache.build(tmp_path, [(rec["path"], folder / rec["path"], rec["sha256"])])}
+    outputs = {
+        "format": "npcache",
+        "files": [rec],
+        "npcache": npcache.build(tmp_path, [(rec["path"], folder / rec["path"], rec["sha256"])]),
+    }
     model = native_for(folder)
     load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
@@ -167,16 +170,26 @@ def test_W04_launch_loader_mistral_format_names(checkpoint_dirs, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained(src)
     hf = load_file(src / "model.safetensors")
     H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     meta = {}
     for name, t in hf.items():
         if name.endswith("_proj.bias"):
             continue  # Qwen2's q/k/v biases have no Mistral-format name: the test model is bias-free below
-        new = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-               "lm_head.weight": "output.weight"}.get(name)
+        new = {
+            "model.embed_tokens.weight": "tok_embeddings.weight",
+            "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight",
+        }.get(name)
         if new is None:
             new = name.removeprefix("model.")
             for a, b in names.items():
@@ -204,15 +217,21 @@ def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path)
     import transformers
     from safetensors.torch import load_file
 
-    from stages.configure.spec import build_spec
-    from stages.launch.inference import build_model, retie_if_identical
+    from prestage.stages.configure.spec import build_spec
+    from prestage.stages.launch.inference import build_model, retie_if_identical
 
     folder = checkpoint_dirs["single"]
     cfg = transformers.AutoConfig.from_pretrained(folder)
     spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
     spec["tie_word_embeddings"] = True
-    conf = {"implementation": {"architecture": "Qwen2ForCausalLM", "impl": "native",
-                               "class": "stages.launch.models.decoder:DecoderForCausalLM"}, "spec": spec}
+    conf = {
+        "implementation": {
+            "architecture": "Qwen2ForCausalLM",
+            "impl": "native",
+            "class": "prestage.stages.launch.models.decoder:DecoderForCausalLM",
+        },
+        "spec": spec,
+    }
     tensors = {name: {} for name in load_file(folder / "model.safetensors")}
     warnings: list = []
     model = build_model(conf, {"tensors": tensors}, torch.float32, torch.device("cpu"), None, warnings)
@@ -231,8 +250,8 @@ def test_W16_launch_reties_an_identical_head(checkpoint_dirs, tmp_path):
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from stages.configure.spec import build_spec
-    from stages.launch.inference import build_model, retie_if_identical
+    from prestage.stages.configure.spec import build_spec
+    from prestage.stages.launch.inference import build_model, retie_if_identical
 
     state = load_file(checkpoint_dirs["single"] / "model.safetensors")
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
@@ -242,11 +261,16 @@ def test_W16_launch_reties_an_identical_head(checkpoint_dirs, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained(checkpoint_dirs["single"])
     spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
     spec["tie_word_embeddings"] = True
-    conf = {"implementation": {"architecture": "Qwen2ForCausalLM", "impl": "native",
-                               "class": "stages.launch.models.decoder:DecoderForCausalLM"}, "spec": spec}
+    conf = {
+        "implementation": {
+            "architecture": "Qwen2ForCausalLM",
+            "impl": "native",
+            "class": "prestage.stages.launch.models.decoder:DecoderForCausalLM",
+        },
+        "spec": spec,
+    }
     warnings: list = []
-    model = build_model(conf, {"tensors": {n: {} for n in state}}, torch.float32, torch.device("cpu"), None,
-                        warnings)
+    model = build_model(conf, {"tensors": {n: {} for n in state}}, torch.float32, torch.device("cpu"), None, warnings)
     load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
     before = last_logits(model, IDS)
     retie_if_identical(model, warnings)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.launch.engine import Engine
-from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
-from stages.launch.rope import inv_freq_and_scaling
-from stages.launch.sampling import SamplingParams
+from prestage.stages.launch.engine import Engine
+from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+from prestage.stages.launch.rope import inv_freq_and_scaling
+from prestage.stages.launch.sampling import SamplingParams
 
 TOL = 1e-4
 NEW_TOKENS = 32
@@ -28,12 +28,26 @@ ROPES = {
     # max_position_embeddings 24: prompt + 32 tokens outgrows it, so the NTK base grows during generation
     "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, 24),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256),
-    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64}, 256),
+    "llama3": (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        256,
+    ),
     # original 20 < 13 + 32: the long factors take over during generation
-    "longrope": ({"rope_type": "longrope", "original_max_position_embeddings": 20,
-                  "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
-                  "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}, 64),
+    "longrope": (
+        {
+            "rope_type": "longrope",
+            "original_max_position_embeddings": 20,
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+        },
+        64,
+    ),
 }
 
 
@@ -48,17 +62,28 @@ def tiny_hf_model(arch: str, rope: str, dtype=torch.float32):
     import transformers
 
     rope_params, max_pos = ROPES[rope]
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                  initializer_range=0.2, rope_parameters={"rope_theta": 10000.0, **rope_params},
-                  bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        initializer_range=0.2,
+        rope_parameters={"rope_theta": 10000.0, **rope_params},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common)
     elif arch == "mistral":
         cfg = transformers.MistralConfig(**common, sliding_window=6)
     elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True,
-                                       sliding_window=5, max_window_layers=1)
+        cfg = transformers.Qwen2Config(
+            **common, tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=1
+        )
     elif arch == "qwen3":
         cfg = transformers.Qwen3Config(**common, head_dim=16)
     else:
@@ -81,13 +106,14 @@ def native_from(hf_model, dtype=torch.float32, device="cpu") -> DecoderForCausal
 def test_launch_native_parity(arch, rope):
     hf = tiny_hf_model(arch, rope)
     ours = native_from(hf)
-    engine = Engine(ours, _IdsTokenizer(), [], "cpu", torch.float32, max_model_len=64, max_num_seqs=8,
-                    kv_cache_tokens=8 * 64)
+    engine = Engine(
+        ours, _IdsTokenizer(), [], "cpu", torch.float32, max_model_len=64, max_num_seqs=8, kv_cache_tokens=8 * 64
+    )
     # logits: one right-padded batch through our model vs each prompt alone through transformers
     B, T = len(PROMPTS), max(map(len, PROMPTS))
     ids = torch.zeros(B, T, dtype=torch.long)
     for i, p in enumerate(PROMPTS):
-        ids[i, :len(p)] = torch.tensor(p)
+        ids[i, : len(p)] = torch.tensor(p)
     lengths = torch.tensor([len(p) for p in PROMPTS])
     with torch.no_grad():
         hidden = ours(ids, torch.arange(T)[None].expand(B, T), lengths, 0, T)  # [B, T, hidden]
@@ -95,7 +121,7 @@ def test_launch_native_parity(arch, rope):
         worst = 0.0
         for i, p in enumerate(PROMPTS):
             ref = hf(torch.tensor([p])).logits[0]  # [len, V]
-            worst = max(worst, (ref - logits[i, :len(p)]).abs().max().item())
+            worst = max(worst, (ref - logits[i, : len(p)]).abs().max().item())
     print(f"{arch}/{rope}: max abs logit diff {worst:.2e}")
     assert worst < TOL
 
@@ -103,8 +129,12 @@ def test_launch_native_parity(arch, rope):
     batch = engine.generate(PROMPTS, greedy)
     for p, out in zip(PROMPTS, batch, strict=True):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist()
+            ref = hf.generate(
+                torch.tensor([p]),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            )[0, len(p) :].tolist()
         assert out["token_ids"] == ref, f"{arch}/{rope} prompt {p}"
         assert out["finish_reason"] == "length"
     alone = [engine.generate([p], greedy)[0]["token_ids"] for p in PROMPTS]
@@ -120,8 +150,12 @@ def test_launch_rope_inv_freq_matches_transformers():
     for rope, (params, max_pos) in ROPES.items():
         if rope == "default":
             continue
-        cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=max_pos,
-                                       rope_parameters={"rope_theta": 10000.0, **params})
+        cfg = transformers.LlamaConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=max_pos,
+            rope_parameters={"rope_theta": 10000.0, **params},
+        )
         spec = DecoderArgs.from_hf_config(cfg).rope
         for seq_len in (None, max_pos + 40):
             ref, ref_scale = ROPE_INIT_FUNCTIONS[rope](cfg, "cpu", seq_len=seq_len)
@@ -139,8 +173,11 @@ def test_launch_seeded_sampling_same_alone_and_in_batch():
     assert alone[0]["token_ids"] == batch[0]["token_ids"]
     greedy = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=12, temperature=0.0))
     other_seed = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=8))
-    assert {tuple(alone[0]["token_ids"]), tuple(greedy[0]["token_ids"]), tuple(other_seed[0]["token_ids"])} \
-        .__len__() == 3  # sampling is really random, and the seed really decides it
+    assert {
+        tuple(alone[0]["token_ids"]),
+        tuple(greedy[0]["token_ids"]),
+        tuple(other_seed[0]["token_ids"]),
+    }.__len__() == 3  # sampling is really random, and the seed really decides it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -149,11 +186,21 @@ def test_launch_gpu_bf16_parity_qwen2_05b_shape():
     and identical greedy tokens for 16 steps."""
     import transformers
 
-    cfg = transformers.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                   max_position_embeddings=32768, tie_word_embeddings=True,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=0, initializer_range=0.05)
+    cfg = transformers.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
     torch.manual_seed(0)
     hf = transformers.Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ours = native_from(hf, dtype=torch.bfloat16, device="cuda")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from stages.errors import UnsupportedError
+from prestage.stages.errors import UnsupportedError
 
 
 def _hf_greedy(folder, prompt: str, n: int) -> list[int]:
@@ -20,11 +20,18 @@ def _hf_greedy(folder, prompt: str, n: int) -> list[int]:
     ids = tok.encode(prompt)
     with torch.no_grad():
         plain_greedy = transformers.GenerationConfig(  # not the checkpoint's sampling defaults
-            do_sample=False, max_new_tokens=n, repetition_penalty=1.0, eos_token_id=hf.generation_config.eos_token_id,
-            pad_token_id=hf.generation_config.pad_token_id)
-        out = hf.generate(torch.tensor([ids]), generation_config=plain_greedy,
-                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+            do_sample=False,
+            max_new_tokens=n,
+            repetition_penalty=1.0,
+            eos_token_id=hf.generation_config.eos_token_id,
+            pad_token_id=hf.generation_config.pad_token_id,
+        )
+        out = hf.generate(
+            torch.tensor([ids]),
+            generation_config=plain_greedy,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture
@@ -37,9 +44,27 @@ def offline_env(monkeypatch):
 
 def test_launch_cli_native_completions_match_transformers(prestage, checkpoint_dirs, artifacts_dir, offline_env):
     folder = checkpoint_dirs["sharded"]
-    r = prestage(["--artifacts", artifacts_dir, "--run", "r", "run", folder, "--prompt", "import os",
-                  "--prompt", "def main(", "--max-tokens", "10", "--verify-hashes", "--json",
-                  "--generation-config", "vllm"], env=offline_env)  # plain greedy: the file's defaults ignored
+    r = prestage(
+        [
+            "--artifacts",
+            artifacts_dir,
+            "--run",
+            "r",
+            "run",
+            folder,
+            "--prompt",
+            "import os",
+            "--prompt",
+            "def main(",
+            "--max-tokens",
+            "10",
+            "--verify-hashes",
+            "--json",
+            "--generation-config",
+            "vllm",
+        ],
+        env=offline_env,
+    )  # plain greedy: the file's defaults ignored
     assert r.rc == 0, r
     launch = json.loads(r.stdout)["launch"]
     assert launch["implementation"]["impl"] == "native" and launch["device"] == "cpu"
@@ -48,7 +73,7 @@ def test_launch_cli_native_completions_match_transformers(prestage, checkpoint_d
     for c in launch["completions"]:
         assert c["token_ids"] == _hf_greedy(folder, c["prompt"], 10)
         assert c["finish_reason"] in ("length", "stop")
-    from stages.manifest import read
+    from prestage.stages.manifest import read
 
     m = read(artifacts_dir / "r" / "launch.msgpack")
     startup = m.volatile["startup"]
@@ -62,11 +87,26 @@ def test_launch_takes_generation_config_defaults_as_vllm(prestage, checkpoint_di
     transformers' generate(do_sample=False), which applies the same file."""
     import transformers
 
-    from stages.manifest import read
+    from prestage.stages.manifest import read
 
     folder = checkpoint_dirs["single"]
-    r = prestage(["--artifacts", artifacts_dir, "--run", "a", "run", folder, "--prompt", "import os",
-                  "--max-tokens", "12", "--temperature", "0"], env=offline_env)
+    r = prestage(
+        [
+            "--artifacts",
+            artifacts_dir,
+            "--run",
+            "a",
+            "run",
+            folder,
+            "--prompt",
+            "import os",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ],
+        env=offline_env,
+    )
     assert r.rc == 0, r
     m = read(artifacts_dir / "a" / "launch.msgpack")
     assert m.inputs["generation_config"] == "auto" and m.inputs["temperature"] == 0.0
@@ -76,12 +116,21 @@ def test_launch_takes_generation_config_defaults_as_vllm(prestage, checkpoint_di
     assert hf.generation_config.repetition_penalty == 1.05
     ids = tok.encode("import os")
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, top_p=None, top_k=None,
-                          temperature=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert m.outputs["completions"][0]["token_ids"] == out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=12,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    assert m.outputs["completions"][0]["token_ids"] == out[0, len(ids) :].tolist()
 
-    r = prestage(["--artifacts", artifacts_dir, "--run", "a", "launch", "a", "--max-tokens", "2",
-                  "--generation-config", "vllm"], env=offline_env)
+    r = prestage(
+        ["--artifacts", artifacts_dir, "--run", "a", "launch", "a", "--max-tokens", "2", "--generation-config", "vllm"],
+        env=offline_env,
+    )
     assert r.rc == 0, r
     m = read(artifacts_dir / "a" / "launch.msgpack")
     assert (m.inputs["temperature"], m.inputs["top_p"], m.inputs["repetition_penalty"]) == (0.0, 1.0, 1.0)
@@ -122,8 +171,24 @@ def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_e
     from tests.support.checkpoints import build_checkpoint
 
     folder = build_checkpoint(tmp_path / "gpt2", arch="gpt2")
-    r = prestage(["--artifacts", artifacts_dir, "--run", "g", "run", folder, "--prompt", "import os",
-                  "--max-tokens", "8", "--json", "--generation-config", "vllm"], env=offline_env)
+    r = prestage(
+        [
+            "--artifacts",
+            artifacts_dir,
+            "--run",
+            "g",
+            "run",
+            folder,
+            "--prompt",
+            "import os",
+            "--max-tokens",
+            "8",
+            "--json",
+            "--generation-config",
+            "vllm",
+        ],
+        env=offline_env,
+    )
     assert r.rc == 0, r
     launch = json.loads(r.stdout)["launch"]
     assert launch["implementation"]["impl"] == "transformers"
@@ -133,7 +198,7 @@ def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_e
 
 
 def test_launch_unknown_implementation_is_unsupported():
-    from stages.launch.inference import build_model
+    from prestage.stages.launch.inference import build_model
 
     conf = {"implementation": {"architecture": "FooForCausalLM", "impl": "native", "class": "foo:Bar"}}
     with pytest.raises(UnsupportedError, match="FooForCausalLM.*supported: native: .*Qwen2ForCausalLM"):
@@ -141,8 +206,8 @@ def test_launch_unknown_implementation_is_unsupported():
 
 
 def test_launch_prompts_file(tmp_path):
-    from stages.errors import NotFoundError
-    from stages.launch import DEFAULT_PROMPT, read_prompts
+    from prestage.stages.errors import NotFoundError
+    from prestage.stages.launch import DEFAULT_PROMPT, read_prompts
 
     f = tmp_path / "prompts.txt"
     f.write_text("first\n\n  \nsecond line\n")
@@ -152,15 +217,24 @@ def test_launch_prompts_file(tmp_path):
         read_prompts({"prompts_file": str(tmp_path / "nope.txt")})
 
 
-@pytest.mark.parametrize("flag, value, match", [
-    ("max_tokens", 0, "--max-tokens 0"), ("max_tokens", -1, "--max-tokens -1"),
-    ("temperature", -1.0, "--temperature"), ("top_p", 2.0, "--top-p"), ("top_p", 0.0, "--top-p"),
-    ("max_num_seqs", 0, "--max-num-seqs 0"), ("gpu_memory_utilization", 0.0, "--gpu-memory-utilization"),
-    ("gpu_memory_utilization", 2.0, "--gpu-memory-utilization"), ("seed", 2 ** 64, "--seed")])
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("max_tokens", 0, "--max-tokens 0"),
+        ("max_tokens", -1, "--max-tokens -1"),
+        ("temperature", -1.0, "--temperature"),
+        ("top_p", 2.0, "--top-p"),
+        ("top_p", 0.0, "--top-p"),
+        ("max_num_seqs", 0, "--max-num-seqs 0"),
+        ("gpu_memory_utilization", 0.0, "--gpu-memory-utilization"),
+        ("gpu_memory_utilization", 2.0, "--gpu-memory-utilization"),
+        ("seed", 2**64, "--seed"),
+    ],
+)
 def test_launch_bad_flag_values_are_usage_errors_not_defaults(flag, value, match):
     """A 0 given on the command line is refused, never replaced by the default (it used to be `or 16`)."""
-    from stages.errors import UsageError
-    from stages.launch import LaunchStage
+    from prestage.stages.errors import UsageError
+    from prestage.stages.launch import LaunchStage
 
     with pytest.raises(UsageError, match=match):
         LaunchStage().inputs({flag: value, "prompt": ["hi"]}, {})

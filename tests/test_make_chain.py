@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 MAKEFILE = """\
-P   := {python} -m runner.cli --artifacts arts
+P   := {python} -m prestage --artifacts arts
 RUN := arts/tiny
 
 all: $(RUN)/tokenize-prep.msgpack $(RUN)/fetch-weights.msgpack
@@ -34,8 +34,9 @@ $(RUN)/fetch-weights.msgpack: $(RUN)/configure.msgpack
 
 def _make(cwd: Path) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run(["make", "-C", str(cwd), "--no-print-directory"], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        ["make", "-C", str(cwd), "--no-print-directory"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout.splitlines()
 
@@ -44,8 +45,9 @@ def _stages_run(lines: list[str]) -> list[str]:
     """The prestage commands make executed, as stage names."""
     found = []
     for line in lines:
-        m = re.search(r"runner\.cli --artifacts arts (?:--run tiny )?(resolve|configure|tokenize-prep|fetch-weights)",
-                      line)
+        m = re.search(
+            r"runner\.cli --artifacts arts (?:--run tiny )?(resolve|configure|tokenize-prep|fetch-weights)", line
+        )
         if m:
             found.append(m.group(1))
     return found

@@ -9,15 +9,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import manifest as mf
-from stages.errors import BadManifestError
+from prestage.stages import manifest as mf
+from prestage.stages.errors import BadManifestError
 
 
 def _sample(**over) -> mf.Manifest:
-    kw = dict(stage="resolve", stage_version=1,
-              inputs={"model": "org/name", "revision": "main", "token": "absent"},
-              upstream={}, outputs={"commit": "a" * 40, "files": [{"path": "config.json", "size": 10}]},
-              warnings=["w"], volatile={"started_at": "now", "duration_s": 0.1})
+    kw = dict(
+        stage="resolve",
+        stage_version=1,
+        inputs={"model": "org/name", "revision": "main", "token": "absent"},
+        upstream={},
+        outputs={"commit": "a" * 40, "files": [{"path": "config.json", "size": 10}]},
+        warnings=["w"],
+        volatile={"started_at": "now", "duration_s": 0.1},
+    )
     kw.update(over)
     return mf.Manifest(**kw)
 

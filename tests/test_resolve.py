@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import CODE
-from stages.manifest import read
+from prestage.stages.errors import CODE
+from prestage.stages.manifest import read
 
 
 def _free_port() -> int:
@@ -88,8 +88,9 @@ def test_R10_offline_with_cache(hub, hf_env, prestage, tmp_path):
     arts = tmp_path / "arts"
     assert prestage(["--artifacts", str(arts), "resolve", "test-org/tiny-single"], env=hf_env).rc == 0
     hub.reset_counters()
-    r = prestage(["--artifacts", str(arts / "off"), "resolve", "test-org/tiny-single"],
-                 env={**hf_env, "HF_HUB_OFFLINE": "1"})
+    r = prestage(
+        ["--artifacts", str(arts / "off"), "resolve", "test-org/tiny-single"], env={**hf_env, "HF_HUB_OFFLINE": "1"}
+    )
     assert r.rc == 0, r.stderr
     assert sum(hub.requests.values()) == 0
 
@@ -110,8 +111,9 @@ def test_R06_repo_not_found(hub, hf_env, prestage, tmp_path):
 
 
 def test_R07_revision_not_found(hub, hf_env, prestage, tmp_path):
-    r = prestage(["--artifacts", str(tmp_path), "resolve", "test-org/tiny-single", "--revision", "no-such-branch"],
-                 env=hf_env)
+    r = prestage(
+        ["--artifacts", str(tmp_path), "resolve", "test-org/tiny-single", "--revision", "no-such-branch"], env=hf_env
+    )
     assert r.rc == CODE["not-found"]
     line = _one_line(r)
     assert "no-such-branch" in line and "--revision" in line
@@ -131,8 +133,9 @@ def test_R08_gated_without_and_with_wrong_token(hub, hf_env, prestage, tmp_path)
 
 def test_gated_with_granted_token_records_only_presence(hub, hf_env, prestage, tmp_path):
     hub.allow_token("test-org/gated", "hf_granted_token")
-    r = prestage(["--artifacts", str(tmp_path), "resolve", "test-org/gated", "--hf-token", "hf_granted_token"],
-                 env=hf_env)
+    r = prestage(
+        ["--artifacts", str(tmp_path), "resolve", "test-org/gated", "--hf-token", "hf_granted_token"], env=hf_env
+    )
     assert r.rc == 0, r.stderr
     raw = (tmp_path / "test-org--gated" / "resolve.msgpack").read_bytes()
     assert b"hf_granted_token" not in raw
@@ -154,11 +157,14 @@ def test_hub_unreachable_bounded_retries(hf_env, prestage, tmp_path):
     assert time.monotonic() - t0 < 20
 
 
-@pytest.mark.parametrize("case,files,expect", [
-    ("R01", {"config.json": "{}"}, ("hf", "config.json")),
-    ("R02", {"config.json": "{}", "params.json": "{}", "consolidated.safetensors": ""}, ("mistral", "params.json")),
-    ("R03", {"config.json": "{}", "consolidated.safetensors": ""}, ("hf", "config.json")),
-])
+@pytest.mark.parametrize(
+    "case,files,expect",
+    [
+        ("R01", {"config.json": "{}"}, ("hf", "config.json")),
+        ("R02", {"config.json": "{}", "params.json": "{}", "consolidated.safetensors": ""}, ("mistral", "params.json")),
+        ("R03", {"config.json": "{}", "consolidated.safetensors": ""}, ("hf", "config.json")),
+    ],
+)
 def test_R01_R03_local_format_detection(case, files, expect, prestage, tmp_path):
     d = tmp_path / case
     d.mkdir()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from stages.manifest import read
+from prestage.stages.manifest import read
 
 PROMPT = "def fibonacci(n):"
 
@@ -21,17 +21,36 @@ def served(tmp_path_factory, checkpoint_dirs):
 
     from fastapi.testclient import TestClient
 
-    from runner.chain import load_upstream
-    from stages import get_stage
-    from stages.launch.inference import load_for_inference
-    from stages.launch.server import create_app
+    from prestage.runner.chain import load_upstream
+    from prestage.stages import get_stage
+    from prestage.stages.launch.inference import load_for_inference
+    from prestage.stages.launch.server import create_app
 
     tmp = tmp_path_factory.mktemp("served")
     model = shutil.copytree(checkpoint_dirs["single"], tmp / "tiny")
     arts = tmp / "arts"
-    r = subprocess.run([sys.executable, "-m", "runner.cli", "--artifacts", str(arts), "run", str(model), "--prompt",
-                        PROMPT, "--max-tokens", "12", "--device", "cpu", "--generation-config", "vllm"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prestage",
+            "--artifacts",
+            str(arts),
+            "run",
+            str(model),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--generation-config",
+            "vllm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     run_dir = arts / "tiny"
     launched = read(run_dir / "launch.msgpack").outputs["completions"][0]
@@ -71,20 +90,25 @@ def test_models_and_health(served):
 
 def test_chat_uses_the_stored_template(served):
     client, _ = served
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                  "max_tokens": 5, "temperature": 0})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert r.json()["usage"]["completion_tokens"] <= 5
 
 
-@pytest.mark.parametrize("body,status,needle", [
-    ({"prompt": "a", "model": "other"}, 404, "other"),
-    ({"prompt": "a", "max_tokens": 10**7}, 400, "max_tokens"),
-    ({"prompt": [10**9]}, 400, "out of vocabulary"),
-    ({"prompt": "a", "n": 2}, 400, "n=2"),
-])
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        ({"prompt": "a", "model": "other"}, 404, "other"),
+        ({"prompt": "a", "max_tokens": 10**7}, 400, "max_tokens"),
+        ({"prompt": [10**9]}, 400, "out of vocabulary"),
+        ({"prompt": "a", "n": 2}, 400, "n=2"),
+    ],
+)
 def test_errors_are_one_line_4xx(served, body, status, needle):
     client, _ = served
     r = client.post("/v1/completions", json=body)
@@ -111,10 +135,27 @@ def test_prestage_serve_over_http(served):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu", "--served-model-name", "tiny", "--generation-config", "vllm"],
-                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prestage",
+            "serve",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "tiny",
+            "--generation-config",
+            "vllm",
+        ],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -129,8 +170,7 @@ def test_prestage_serve_over_http(served):
                     raise AssertionError(f"serve did not come up: {err}") from None
                 time.sleep(0.3)
         body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())
         assert answer["choices"][0]["text"] == launched["text"]
@@ -143,14 +183,15 @@ def test_generation_defaults_fill_what_the_request_leaves_out(served):
     """As vLLM's server: a field the request omits takes generation_config.json's value; a given one wins."""
     from fastapi.testclient import TestClient
 
-    from stages.launch.server import create_app
+    from prestage.stages.launch.server import create_app
 
     client, _ = served
     defaults = {"temperature": 0.0, "repetition_penalty": 2.0, "max_tokens": 24}
     with TestClient(create_app(client.inference, "tiny", 4096, defaults)) as with_file:
         omitted = with_file.post("/v1/completions", json={"prompt": PROMPT}).json()
-    explicit = client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0, "repetition_penalty": 2.0,
-                                                    "max_tokens": 24}).json()
+    explicit = client.post(
+        "/v1/completions", json={"prompt": PROMPT, "temperature": 0, "repetition_penalty": 2.0, "max_tokens": 24}
+    ).json()
     plain = client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0, "max_tokens": 24}).json()
     assert omitted["choices"][0]["text"] == explicit["choices"][0]["text"]
     assert omitted["usage"]["completion_tokens"] == 24
@@ -180,7 +221,7 @@ def test_streamed_text_never_sends_what_a_stop_string_cuts(served):
     client, _ = served
     body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
     full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
     assert cut["finish_reason"] == "stop" and stop not in cut["text"] and len(cut["text"]) < len(full)
     chunks = _events(client.post("/v1/completions", json={**body, "stop": [stop], "stream": True}))

@@ -188,8 +188,13 @@ def test_range_request_and_http_get_resume(hub, checkpoint_dirs, tmp_path):
     with open(target, "wb") as f:
         f.write(data[:half])
         blob = hub.file_entry("test-org/tiny-single", "model.safetensors").sha256
-        http_get(f"{hub.url}/_lfs/{blob}?repo=test-org%2Ftiny-single&commit={hub.resolve('test-org/tiny-single')}"
-                 f"&path=model.safetensors", f, resume_size=half, expected_size=len(data))
+        http_get(
+            f"{hub.url}/_lfs/{blob}?repo=test-org%2Ftiny-single&commit={hub.resolve('test-org/tiny-single')}"
+            f"&path=model.safetensors",
+            f,
+            resume_size=half,
+            expected_size=len(data),
+        )
     assert target.read_bytes() == data
     assert hub.bytes_served["test-org/tiny-single/model.safetensors"] == len(data) - half
     assert [s for m, _, s in hub.request_log] == [206]
@@ -355,8 +360,11 @@ def test_throttle_slows_serving(hub):
 def test_cli_serves_seeded_demo(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.hub_server", "--storage", str(tmp_path / "s"), "--seed-demo"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     try:
         url = proc.stdout.readline().strip()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from runner.chain import run_stage
-from stages import errors
-from stages.base import Reporter
-from stages.manifest import read
-from stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
-from stages.tokenize_prep.cached import cached_attributes
+from prestage.runner.chain import run_stage
+from prestage.stages import errors
+from prestage.stages.base import Reporter
+from prestage.stages.manifest import read
+from prestage.stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
+from prestage.stages.tokenize_prep.cached import cached_attributes
 
 QUIET = Reporter(quiet=True)
 
@@ -45,6 +45,7 @@ def _edit_json(path: Path, **changes):
 
 # ---- round trip -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", ["single", "sharded", "bin"])
 def test_roundtrip_each_layout_stores_tokenizer_and_cached_attributes(checkpoint_dirs, tmp_path, layout):
     from transformers import AutoTokenizer
@@ -63,8 +64,10 @@ def test_roundtrip_each_layout_stores_tokenizer_and_cached_attributes(checkpoint
     assert out["chat_template"]["source"] == "tokenizer"
     assert [g["name"] for g in out["golden"]] == ["ascii", "code", "cjk", "emoji", "chat"]
     assert out["golden"][-1]["text"].endswith("<|im_start|>assistant\n")
-    assert out["tokenizer_json_sha256"] == hashlib.sha256(
-        (checkpoint_dirs[layout] / "tokenizer.json").read_bytes()).hexdigest()
+    assert (
+        out["tokenizer_json_sha256"]
+        == hashlib.sha256((checkpoint_dirs[layout] / "tokenizer.json").read_bytes()).hexdigest()
+    )
     stored = {f["path"] for f in out["files"]}
     assert {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"} <= stored
     assert all((run / p).is_file() for p in stored)
@@ -93,7 +96,7 @@ def test_same_inputs_give_byte_identical_manifest(model_copy, tmp_path):
 
 
 def test_cached_run_skips_and_missing_file_reruns(model_copy, tmp_path):
-    from stages.tokenize_prep import TokenizePrepStage
+    from prestage.stages.tokenize_prep import TokenizePrepStage
 
     run = tmp_path / "run"
     m = _prep(run, model_copy)
@@ -130,6 +133,7 @@ def test_check_golden_names_first_changed_string(model_copy, tmp_path):
 
 
 # ---- cases from the reference ----------------------------------------------------------------------
+
 
 def test_T06_max_token_id_covers_added_tokens_beyond_vocab_size(model_copy, tmp_path):
     from transformers import AutoTokenizer
@@ -178,12 +182,16 @@ def test_T08_builtin_fallback_model_type_is_named_in_warning(model_copy, tmp_pat
 
 def _custom_tokenizer(model_copy: Path, model_type: str = "tiny_custom") -> None:
     """Make the tokenizer the repo's own class (auto_map) and the model type one transformers lacks."""
-    _edit_json(model_copy / "tokenizer_config.json", tokenizer_class="TinyCustomTokenizer",
-               auto_map={"AutoTokenizer": [None, "tiny_tok.TinyCustomTokenizer"]})
+    _edit_json(
+        model_copy / "tokenizer_config.json",
+        tokenizer_class="TinyCustomTokenizer",
+        auto_map={"AutoTokenizer": [None, "tiny_tok.TinyCustomTokenizer"]},
+    )
     _edit_json(model_copy / "config.json", model_type=model_type)
     (model_copy / "tiny_tok.py").write_text(
         '"""A repo-provided tokenizer class."""\nfrom transformers import TokenizersBackend\n\n\n'
-        "class TinyCustomTokenizer(TokenizersBackend):\n    pass\n")
+        "class TinyCustomTokenizer(TokenizersBackend):\n    pass\n"
+    )
 
 
 def test_T03_custom_tokenizer_class_needs_trust_remote_code(model_copy, tmp_path):
@@ -272,6 +280,7 @@ def test_named_chat_templates_default_and_by_name(model_copy, tmp_path):
 
 # ---- bad inputs -------------------------------------------------------------------------------------
 
+
 def test_invalid_tokenizer_json_is_invalid_model(model_copy, tmp_path):
     (model_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": 5}}')
     with pytest.raises(errors.InvalidModelError, match="tokenizer.json is not a valid tokenizers file"):
@@ -313,6 +322,7 @@ def test_local_tokenizer_folder_overrides_the_model(model_copy, tmp_path, checkp
 
 # ---- the hub ----------------------------------------------------------------------------------------
 
+
 def test_T04_hub_model_tokenizer_uses_resolve_commit_and_skips_weights(hub, hf_env, tmp_path):
     run = tmp_path / "run"
     hub.reset_counters()
@@ -350,6 +360,7 @@ def test_other_hub_tokenizer_is_pinned_and_ignores_download_dir(hub, hf_env, tmp
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------
+
 
 def test_cli_runs_to_tokenize_prep_and_reports_untrusted_code_in_one_line(model_copy, tmp_path, prestage):
     arts = tmp_path / "arts"

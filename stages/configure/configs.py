@@ -26,14 +26,31 @@ def rw_config_class(model_type: str = "RefinedWeb"):
     class RWConfig(PreTrainedConfig):
         model_type = "RefinedWeb"  # replaced per registration below
         keys_to_ignore_at_inference = ["past_key_values"]
-        attribute_map = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-                         "num_kv_heads": "n_head_kv"}
+        attribute_map = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "num_kv_heads": "n_head_kv"}
 
-        def __init__(self, vocab_size=250880, hidden_size=64, n_layer=2, n_head=8, layer_norm_epsilon=1e-5,
-                     initializer_range=0.02, use_cache=True, bos_token_id=1, eos_token_id=2,
-                     hidden_dropout=0.0, attention_dropout=0.0, multi_query=True, n_head_kv=None, alibi=False,
-                     bias=False, parallel_attn=False, new_decoder_architecture=False, rope_theta=10000.0,
-                     max_position_embeddings=2048, **kwargs):
+        def __init__(
+            self,
+            vocab_size=250880,
+            hidden_size=64,
+            n_layer=2,
+            n_head=8,
+            layer_norm_epsilon=1e-5,
+            initializer_range=0.02,
+            use_cache=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            multi_query=True,
+            n_head_kv=None,
+            alibi=False,
+            bias=False,
+            parallel_attn=False,
+            new_decoder_architecture=False,
+            rope_theta=10000.0,
+            max_position_embeddings=2048,
+            **kwargs,
+        ):
             self.vocab_size = vocab_size
             # Backward compatibility with n_embed kwarg
             n_embed = kwargs.pop("n_embed", None)

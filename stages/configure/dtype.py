@@ -13,26 +13,47 @@ import json
 import struct
 from pathlib import Path
 
-from stages.errors import InvalidModelError, UsageError
+from prestage.stages.errors import InvalidModelError, UsageError
 
-REQUESTED = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16",
-             "float": "float32", "float32": "float32"}
+REQUESTED = {
+    "auto": "auto",
+    "half": "float16",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float": "float32",
+    "float32": "float32",
+}
 # fp16 is numerically unstable for these model types (vLLM `_MODEL_TYPE_TO_INVALID_DTYPES`-style table).
 NO_FLOAT16 = {"gemma2", "gemma3", "gemma3_text", "glm4"}
-_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2"}
+_ST_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 # which float dtypes hold every value of which (lossless casts), for the broadcast rule
-_LOSSLESS = {("float16", "float32"), ("bfloat16", "float32"), ("float16", "float64"), ("bfloat16", "float64"),
-             ("float32", "float64"), ("float8_e4m3fn", "float16"), ("float8_e4m3fn", "bfloat16"),
-             ("float8_e4m3fn", "float32"), ("float8_e5m2", "float16"), ("float8_e5m2", "bfloat16"),
-             ("float8_e5m2", "float32")}
+_LOSSLESS = {
+    ("float16", "float32"),
+    ("bfloat16", "float32"),
+    ("float16", "float64"),
+    ("bfloat16", "float64"),
+    ("float32", "float64"),
+    ("float8_e4m3fn", "float16"),
+    ("float8_e4m3fn", "bfloat16"),
+    ("float8_e4m3fn", "float32"),
+    ("float8_e5m2", "float16"),
+    ("float8_e5m2", "bfloat16"),
+    ("float8_e5m2", "float32"),
+}
 _ORDER = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2")
 
 
 def normalize_requested(value: str | None) -> str:
     v = (value or "auto").strip().lower()
     if v.startswith("torch."):
-        v = v[len("torch."):]
+        v = v[len("torch.") :]
     if v not in REQUESTED:
         raise UsageError(f"--dtype {value!r}: unknown dtype; use one of {', '.join(REQUESTED)}")
     return REQUESTED[v]
@@ -42,14 +63,17 @@ def _name(d) -> str | None:
     if d is None:
         return None
     s = str(d)
-    return s[len("torch."):] if s.startswith("torch.") else s
+    return s[len("torch.") :] if s.startswith("torch.") else s
 
 
 def config_dtype(cfg, folder: Path | None) -> tuple[str, str]:
     """(dtype name, where it came from): the config fields first, then safetensors headers, else float32."""
-    for owner, label in ((cfg, "config"), (_get_text(cfg), "text_config"),
-                         (getattr(cfg, "vision_config", None), "vision_config"),
-                         (getattr(cfg, "encoder_config", None), "encoder_config")):
+    for owner, label in (
+        (cfg, "config"),
+        (_get_text(cfg), "text_config"),
+        (getattr(cfg, "vision_config", None), "vision_config"),
+        (getattr(cfg, "encoder_config", None), "encoder_config"),
+    ):
         d = _name(getattr(owner, "dtype", None)) if owner is not None else None
         if d:
             return d, label
@@ -109,8 +133,9 @@ def cpu_dtype(requested: str) -> tuple[str, str]:
     return requested, f"CPU runs {requested} as --dtype asked"
 
 
-def resolve_dtype(model_type: str, cfg_dtype: str, requested: str, capability: tuple[int, int] | None,
-                  pooling: bool = False) -> tuple[str, str | None]:
+def resolve_dtype(
+    model_type: str, cfg_dtype: str, requested: str, capability: tuple[int, int] | None, pooling: bool = False
+) -> tuple[str, str | None]:
     """(dtype, note) as vLLM's `_get_and_verify_dtype` decides for a device of `capability`.
 
     Raises InvalidModelError when float16 is chosen for a model type that does not support it (D-05).
@@ -132,11 +157,15 @@ def resolve_dtype(model_type: str, cfg_dtype: str, requested: str, capability: t
     else:
         chosen = requested
         if chosen not in supported_dtypes(capability):
-            raise UsageError(f"--dtype {chosen}: a GPU of compute capability {capability[0]}.{capability[1]} "
-                             f"does not support it; use one of {', '.join(supported_dtypes(capability))}")
+            raise UsageError(
+                f"--dtype {chosen}: a GPU of compute capability {capability[0]}.{capability[1]} "
+                f"does not support it; use one of {', '.join(supported_dtypes(capability))}"
+            )
         if chosen != cfg_dtype:
             note = f"casting the {cfg_dtype} checkpoint to {chosen} as --dtype asked"
     if chosen == "float16" and model_type in NO_FLOAT16:
-        raise InvalidModelError(f"--dtype float16: model type '{model_type}' does not support float16 "
-                                "(numerical instability); use --dtype bfloat16 or float32")
+        raise InvalidModelError(
+            f"--dtype float16: model type '{model_type}' does not support float16 "
+            "(numerical instability); use --dtype bfloat16 or float32"
+        )
     return chosen, note

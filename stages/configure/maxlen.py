@@ -10,15 +10,24 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from stages.errors import InvalidModelError, UsageError
+from prestage.stages.errors import InvalidModelError, UsageError
 
 # Step A keys, in vLLM's order: the minimum of the present ones wins.
-LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-               "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 # rope types whose factor does not multiply the length (they already describe the extended context).
 _UNSCALED_ROPE = {"su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling"}
-_DECIMAL = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12}
-_BINARY = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _HUMAN = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT])$")
 DEFAULT_WHEN_UNKNOWN = 2048
 
@@ -44,9 +53,11 @@ def parse_max_model_len(value) -> int | None:
             digits, suffix = m.groups()
             if suffix in _BINARY:
                 if "." in digits:
-                    raise UsageError(f"--max-model-len {text}: a binary suffix ({suffix}) takes a whole number; "
-                                     f"write e.g. {int(float(digits))}{suffix}, or use the decimal "
-                                     f"{suffix.lower()}")
+                    raise UsageError(
+                        f"--max-model-len {text}: a binary suffix ({suffix}) takes a whole number; "
+                        f"write e.g. {int(float(digits))}{suffix}, or use the decimal "
+                        f"{suffix.lower()}"
+                    )
                 number = int(digits) * _BINARY[suffix]
             else:
                 scaled = float(digits) * _DECIMAL[suffix]
@@ -57,8 +68,9 @@ def parse_max_model_len(value) -> int | None:
             try:
                 number = int(text)
             except ValueError:
-                raise UsageError(f"--max-model-len {text!r}: expected a number such as 4096, 4k (=4000), "
-                                 "4K (=4096), or auto") from None
+                raise UsageError(
+                    f"--max-model-len {text!r}: expected a number such as 4096, 4k (=4000), 4K (=4096), or auto"
+                ) from None
     if number == -1:
         return -1
     if number < 1:
@@ -106,8 +118,9 @@ def derive_from_keys(cfg) -> tuple[float, str | None]:
     return derived, key
 
 
-def resolve_max_model_len(cfg, user: int | None, *, disable_sliding_window: bool = False,
-                          allow_long: bool = False) -> MaxLen:
+def resolve_max_model_len(
+    cfg, user: int | None, *, disable_sliding_window: bool = False, allow_long: bool = False
+) -> MaxLen:
     """vLLM `_get_and_verify_max_len` for the generate runner (§2.7 step B)."""
     warnings: list[str] = []
     derived, key = derive_from_keys(cfg)
@@ -118,8 +131,10 @@ def resolve_max_model_len(cfg, user: int | None, *, disable_sliding_window: bool
         if user is not None and user != -1:
             # vLLM returns the user's value here with no other check (L-17).
             return MaxLen(int(user), None, None, warnings)
-        warnings.append(f"the config has none of the keys {', '.join(LENGTH_KEYS)}: assuming the model's maximum "
-                        f"length is {DEFAULT_WHEN_UNKNOWN}; pass --max-model-len to set it")
+        warnings.append(
+            f"the config has none of the keys {', '.join(LENGTH_KEYS)}: assuming the model's maximum "
+            f"length is {DEFAULT_WHEN_UNKNOWN}; pass --max-model-len to set it"
+        )
         derived, key = DEFAULT_WHEN_UNKNOWN, "default"
     dicts = rope_dicts(cfg)
     if dicts and "gemma3" not in str(getattr(cfg, "model_type", "")):
@@ -137,8 +152,9 @@ def resolve_max_model_len(cfg, user: int | None, *, disable_sliding_window: bool
     if user is None or user == -1:
         if longrope:  # LongRoPE defaults to the short pre-training context (L-05)
             value = int(getattr(cfg, "original_max_position_embeddings", None) or derived)
-            bound = "original_max_position_embeddings" if getattr(cfg, "original_max_position_embeddings",
-                                                                  None) else key
+            bound = (
+                "original_max_position_embeddings" if getattr(cfg, "original_max_position_embeddings", None) else key
+            )
             return MaxLen(value, bound, _num(derived), warnings)
         return MaxLen(int(derived), key, _num(derived), warnings)
     if user > derived:
@@ -148,9 +164,12 @@ def resolve_max_model_len(cfg, user: int | None, *, disable_sliding_window: bool
                 raise InvalidModelError(
                     f"--max-model-len {user} is greater than the model's derived maximum ({key}={_num(derived)} "
                     f"or model_max_length={mml} in config.json); pass --max-model-len <= {int(derived)}, or set "
-                    "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to override (outputs may be wrong past the trained length)")
-            warnings.append(f"--max-model-len {user} is greater than the model's derived maximum ({key}="
-                            f"{_num(derived)}); kept because VLLM_ALLOW_LONG_MAX_MODEL_LEN is set")
+                    "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to override (outputs may be wrong past the trained length)"
+                )
+            warnings.append(
+                f"--max-model-len {user} is greater than the model's derived maximum ({key}="
+                f"{_num(derived)}); kept because VLLM_ALLOW_LONG_MAX_MODEL_LEN is set"
+            )
     return MaxLen(int(user), key, _num(derived), warnings)
 
 

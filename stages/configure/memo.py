@@ -22,8 +22,8 @@ from pathlib import Path
 
 import msgpack
 
-from stages.hub import env_true
-from stages.manifest import canonical_bytes, write_atomic
+from prestage.stages.hub import env_true
+from prestage.stages.manifest import canonical_bytes, write_atomic
 
 _SOURCES = Path(__file__).resolve().parent
 _REGISTRY = _SOURCES.parent / "launch" / "registry.py"
@@ -57,14 +57,25 @@ def key(folder: Path, config_file: str, inputs: dict, stage_version: int, capabi
         return None
     folder = Path(folder)
     try:
-        files = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-                 for name in sorted({config_file, "config.json"}) if (folder / name).is_file()}
+        files = {
+            name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in sorted({config_file, "config.json"})
+            if (folder / name).is_file()
+        }
         transformers_version = metadata.version("transformers")
     except (OSError, metadata.PackageNotFoundError):
         return None
-    blob = canonical_bytes({"files": files, "headers": _headers_digest(folder), "inputs": inputs,
-                            "stage_version": stage_version, "source": _source_digest(),
-                            "transformers": transformers_version, "capability": list(capability)})
+    blob = canonical_bytes(
+        {
+            "files": files,
+            "headers": _headers_digest(folder),
+            "inputs": inputs,
+            "stage_version": stage_version,
+            "source": _source_digest(),
+            "transformers": transformers_version,
+            "capability": list(capability),
+        }
+    )
     return hashlib.sha256(blob).hexdigest()
 
 

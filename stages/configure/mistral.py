@@ -6,11 +6,18 @@ that becomes a generic transformers `PreTrainedConfig`, plus warnings.
 
 from __future__ import annotations
 
-from stages.errors import InvalidModelError
+from prestage.stages.errors import InvalidModelError
 
-_RENAMES = {"dim": "hidden_size", "norm_eps": "rms_norm_eps", "n_kv_heads": "num_key_value_heads",
-            "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "hidden_dim": "intermediate_size",
-            "activation": "hidden_act", "tied_embeddings": "tie_word_embeddings"}
+_RENAMES = {
+    "dim": "hidden_size",
+    "norm_eps": "rms_norm_eps",
+    "n_kv_heads": "num_key_value_heads",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "hidden_dim": "intermediate_size",
+    "activation": "hidden_act",
+    "tied_embeddings": "tie_word_embeddings",
+}
 DEFAULT_MAX_POSITIONS = 128000
 
 
@@ -24,7 +31,8 @@ def params_to_hf(params: dict, hf: dict | None) -> tuple[dict, list[str]]:
     out.setdefault("tie_word_embeddings", False)
     if out.get("max_position_embeddings") is None:
         from_hf = (hf or {}).get("max_position_embeddings") or ((hf or {}).get("text_config") or {}).get(
-            "max_position_embeddings")
+            "max_position_embeddings"
+        )
         if from_hf:
             out["max_position_embeddings"] = from_hf
         else:
@@ -37,8 +45,9 @@ def params_to_hf(params: dict, hf: dict | None) -> tuple[dict, list[str]]:
     if isinstance(sw, list):
         windows = {w for w in sw if w is not None}
         if len(windows) > 1:
-            raise InvalidModelError(f"params.json sliding_window {sw}: more than one window size; prestage (like "
-                                    "vLLM) supports one")
+            raise InvalidModelError(
+                f"params.json sliding_window {sw}: more than one window size; prestage (like vLLM) supports one"
+            )
         pattern = ["sliding_attention" if w is not None else "full_attention" for w in sw]
         if isinstance(n_layers, int) and pattern:
             out["layer_types"] = [pattern[i % len(pattern)] for i in range(n_layers)]
@@ -50,10 +59,15 @@ def params_to_hf(params: dict, hf: dict | None) -> tuple[dict, list[str]]:
 
     yarn = out.pop("yarn", None)
     if isinstance(yarn, dict):
-        rp = {"rope_type": "yarn", "mscale_all_dim": 1, "rope_theta": out.get("rope_theta", 10000.0),
-              "factor": yarn.get("factor"),
-              "original_max_position_embeddings": yarn.get("original_max_position_embeddings"),
-              "beta_fast": yarn.get("beta"), "beta_slow": yarn.get("alpha")}
+        rp = {
+            "rope_type": "yarn",
+            "mscale_all_dim": 1,
+            "rope_theta": out.get("rope_theta", 10000.0),
+            "factor": yarn.get("factor"),
+            "original_max_position_embeddings": yarn.get("original_max_position_embeddings"),
+            "beta_fast": yarn.get("beta"),
+            "beta_slow": yarn.get("alpha"),
+        }
         if yarn.get("apply_scale") is False:
             rp["attention_factor"] = 1.0
         out["rope_parameters"] = {k: v for k, v in rp.items() if v is not None}

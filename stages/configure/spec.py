@@ -8,7 +8,7 @@ exact for the native decoder families (Llama, Mistral, Qwen2, Qwen3); for other 
 
 from __future__ import annotations
 
-from stages.errors import InvalidModelError
+from prestage.stages.errors import InvalidModelError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _KV_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query_group_num", "num_attention_groups")
@@ -28,8 +28,11 @@ def _int(cfg, name: str, *, required: bool = True) -> int | None:
 
 def num_kv_heads(cfg, heads: int) -> int:
     """vLLM `get_total_num_kv_heads`: the first KV-head key present, Falcon's multi_query, else all heads."""
-    if getattr(cfg, "model_type", None) in ("falcon", "RefinedWeb", "RefinedWebModel") \
-            and getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+    if (
+        getattr(cfg, "model_type", None) in ("falcon", "RefinedWeb", "RefinedWebModel")
+        and getattr(cfg, "multi_query", False)
+        and not getattr(cfg, "new_decoder_architecture", False)
+    ):
         return 1
     for key in _KV_KEYS:
         v = getattr(cfg, key, None)
@@ -47,8 +50,10 @@ def head_dim_of(cfg, hidden: int, heads: int) -> int:
     if isinstance(hsph, int) and hsph > 0:
         return hsph
     if hidden % heads:
-        raise InvalidModelError(f"config.json hidden_size={hidden} is not divisible by num_attention_heads={heads} "
-                                "and no head_dim is given; fix one of them or add head_dim")
+        raise InvalidModelError(
+            f"config.json hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+            "and no head_dim is given; fix one of them or add head_dim"
+        )
     return hidden // heads
 
 
@@ -73,15 +78,26 @@ def rope_of(cfg) -> dict | None:
         for key in _ROPE_NUMBERS:
             v = d.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise InvalidModelError(f"rope_parameters {key}={v!r}: must be a number; fix config.json "
-                                        "(or --hf-overrides)")
+                raise InvalidModelError(
+                    f"rope_parameters {key}={v!r}: must be a number; fix config.json (or --hf-overrides)"
+                )
     return out
 
 
 # RoPE fields launch reads as numbers (rope_type, short_factor/long_factor lists etc. are not checked here).
-_ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "low_freq_factor", "high_freq_factor",
-                 "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
-                 "mscale_all_dim")
+_ROPE_NUMBERS = (
+    "rope_theta",
+    "factor",
+    "partial_rotary_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 def qkv_bias(cfg, family: str | None) -> tuple[bool, bool]:
@@ -92,8 +108,14 @@ def qkv_bias(cfg, family: str | None) -> tuple[bool, bool]:
     return bias, bias
 
 
-FAMILIES = {"llama": "llama", "mistral": "mistral", "ministral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-            "transformer": "mistral"}  # "transformer": a Mistral-format params.json
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "ministral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "transformer": "mistral",
+}  # "transformer": a Mistral-format params.json
 
 
 def native_param_count(s: dict) -> int:
@@ -123,14 +145,19 @@ def build_spec(cfg, *, native: bool, weight_dtype: str, sliding_window) -> dict:
     hidden = _int(cfg, "hidden_size")
     layers = _int(cfg, "num_hidden_layers")
     vocab = _int(cfg, "vocab_size")
-    for name, v in (("num_attention_heads", heads), ("hidden_size", hidden), ("num_hidden_layers", layers),
-                    ("vocab_size", vocab)):
+    for name, v in (
+        ("num_attention_heads", heads),
+        ("hidden_size", hidden),
+        ("num_hidden_layers", layers),
+        ("vocab_size", vocab),
+    ):
         if v < 1:
             raise InvalidModelError(f"config.json {name}={v}: must be at least 1; fix config.json")
     kv = num_kv_heads(cfg, heads)
     if not isinstance(kv, int) or kv < 1 or heads % kv:
-        raise InvalidModelError(f"config.json num_key_value_heads={kv} must be >= 1 and divide "
-                                f"num_attention_heads={heads}; fix config.json")
+        raise InvalidModelError(
+            f"config.json num_key_value_heads={kv} must be >= 1 and divide num_attention_heads={heads}; fix config.json"
+        )
     hd = head_dim_of(cfg, hidden, heads)
     inter = getattr(cfg, "intermediate_size", None)
     if inter is None and getattr(cfg, "n_inner", "absent") != "absent":  # GPT-2 style: n_inner or 4*hidden

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from stages import errors, hub
+from prestage.stages import errors, hub
 
 
 def lock_file(download_dir: str | Path | None, repo_id: str) -> Path:
@@ -93,11 +93,14 @@ def missing_files(s: hub.HubSettings, repo_id: str, commit: str, files: list[dic
 
 def offline_check(s: hub.HubSettings, repo_id: str, commit: str, missing: list[dict]) -> None:
     if missing:
-        names = ", ".join(f["path"] for f in missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10
-                                                             else "")
-        raise errors.OfflineMissError(f"{repo_id}@{commit[:12]}: offline mode is on and {len(missing)} weight "
-                                      f"file(s) are not in the cache {s.cache_dir}: {names}; run once online "
-                                      "(unset HF_HUB_OFFLINE / drop --offline) to fetch them")
+        names = ", ".join(f["path"] for f in missing[:10]) + (
+            f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+        )
+        raise errors.OfflineMissError(
+            f"{repo_id}@{commit[:12]}: offline mode is on and {len(missing)} weight "
+            f"file(s) are not in the cache {s.cache_dir}: {names}; run once online "
+            "(unset HF_HUB_OFFLINE / drop --offline) to fetch them"
+        )
 
 
 def partial_bytes(s: hub.HubSettings, repo_id: str, f: dict) -> int:
@@ -122,8 +125,10 @@ def check_disk(s: hub.HubSettings, repo_id: str, missing: list[dict]) -> int:
     need = sum(max(0, (f.get("size") or 0) - partial_bytes(s, repo_id, f)) for f in missing)
     free = _free_bytes(s.cache_dir)
     if need > free:
-        raise errors.ResourceError(f"{repo_id}: the weights need {_gb(need)} more in {s.cache_dir} but only "
-                                   f"{_gb(free)} is free; free space there or pass --download-dir on a larger disk")
+        raise errors.ResourceError(
+            f"{repo_id}: the weights need {_gb(need)} more in {s.cache_dir} but only "
+            f"{_gb(free)} is free; free space there or pass --download-dir on a larger disk"
+        )
     return need
 
 
@@ -165,16 +170,34 @@ def _aggregate_tqdm(bar):
     return _Part
 
 
-def fetch_parallel(s: hub.HubSettings, repo_id: str, commit: str, files: list[dict], *, to_fetch: set,
-                   post, max_workers: int = 8, progress: bool = True, need_bytes: int = 0) -> dict:
+def fetch_parallel(
+    s: hub.HubSettings,
+    repo_id: str,
+    commit: str,
+    files: list[dict],
+    *,
+    to_fetch: set,
+    post,
+    max_workers: int = 8,
+    progress: bool = True,
+    need_bytes: int = 0,
+) -> dict:
     """Download `to_fetch` paths (others are cached), calling post(rel, abs_path) per file; {rel: post()}."""
     snap = snapshot_dir(s, repo_id, commit)
     bar = None
     if progress and to_fetch:
         from tqdm import tqdm
 
-        bar = tqdm(total=need_bytes or None, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                   desc=f"fetch {repo_id}", dynamic_ncols=True, leave=True)
+        bar = tqdm(
+            total=need_bytes or None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            desc=f"fetch {repo_id}",
+            dynamic_ncols=True,
+            leave=True,
+        )
     part = _aggregate_tqdm(bar)
 
     def one(f: dict):
@@ -232,8 +255,10 @@ def _download(s: hub.HubSettings, repo_id: str, commit: str, rel: str, part) -> 
     try:
         meta = hub.with_retries(lambda: get_hf_file_metadata(url, token=s.token or None))
         if not meta.etag:
-            raise errors.NetworkError(f"{repo_id}@{commit[:12]} ({rel}): the hub sent no ETag for the file; "
-                                      "check HF_ENDPOINT points at a Hugging Face hub")
+            raise errors.NetworkError(
+                f"{repo_id}@{commit[:12]} ({rel}): the hub sent no ETag for the file; "
+                "check HF_ENDPOINT points at a Hugging Face hub"
+            )
         blobs = hub.repo_folder(s.cache_dir, repo_id) / "blobs"
         blob = blobs / meta.etag
         with _ETAG_GUARD:
@@ -250,9 +275,17 @@ def _download(s: hub.HubSettings, repo_id: str, commit: str, rel: str, part) -> 
                     if meta.size is not None and resume > meta.size:
                         fh.truncate(0)
                         resume = 0
-                    hub.with_retries(lambda: http_get(meta.location, fh, resume_size=fh.tell(), headers=headers,
-                                                      expected_size=meta.size, displayed_filename=rel,
-                                                      tqdm_class=part))
+                    hub.with_retries(
+                        lambda: http_get(
+                            meta.location,
+                            fh,
+                            resume_size=fh.tell(),
+                            headers=headers,
+                            expected_size=meta.size,
+                            displayed_filename=rel,
+                            tqdm_class=part,
+                        )
+                    )
                 os.chmod(partial, 0o644)
                 os.replace(partial, blob)
         link = snapshot_dir(s, repo_id, commit) / rel
@@ -265,11 +298,14 @@ def _download(s: hub.HubSettings, repo_id: str, commit: str, rel: str, part) -> 
         raise
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise errors.ResourceError(f"{repo_id} ({rel}): the disk holding {s.cache_dir} is full; free space "
-                                       "or pass --download-dir on a larger disk, then re-run to resume") from None
+            raise errors.ResourceError(
+                f"{repo_id} ({rel}): the disk holding {s.cache_dir} is full; free space "
+                "or pass --download-dir on a larger disk, then re-run to resume"
+            ) from None
         if "Consistency check failed" in str(e):
-            raise errors.NetworkError(f"{repo_id}@{commit[:12]} ({rel}): the transfer ended early ({e}); re-run "
-                                      "to resume it") from None
+            raise errors.NetworkError(
+                f"{repo_id}@{commit[:12]} ({rel}): the transfer ended early ({e}); re-run to resume it"
+            ) from None
         if not hasattr(e, "response") and not isinstance(e, ConnectionError):
             raise
         raise hub.translate(e, repo_id=repo_id, revision=commit, s=s, what=rel) from None

@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from stages import errors, hub
-from stages.base import Context, StageResult
-from stages.digest import sha256_file
-from stages.fetch_weights import download as dl
-from stages.fetch_weights import select as sel
-from stages.fetch_weights import tensors as tx
+from prestage.stages import errors, hub
+from prestage.stages.base import Context, StageResult
+from prestage.stages.digest import sha256_file
+from prestage.stages.fetch_weights import download as dl
+from prestage.stages.fetch_weights import selection as sel
+from prestage.stages.fetch_weights import tensors as tx
 
 
 def fetch(ctx: Context, inputs: dict) -> StageResult:
@@ -36,16 +36,29 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
     else:
         folder_rel, root = res["local_dir"], "local"
     spec = conf.get("spec") or {}
-    outputs = {"load_format": asked, "root": root, "folder": folder_rel, "index": None, "skipped": [],
-               "npcache": None, "dummy": None}
+    outputs = {
+        "load_format": asked,
+        "root": root,
+        "folder": folder_rel,
+        "index": None,
+        "skipped": [],
+        "npcache": None,
+        "dummy": None,
+    }
     volatile: dict = {}
     t0 = time.perf_counter()
 
     if asked == "dummy":
         tensors, how = tx.dummy_tensors(conf)
         rep.info(f"fetch-weights: load format dummy: nothing downloaded; {len(tensors)} tensors to fill at launch")
-        outputs.update(format="dummy", files=[], tensors=tensors, total_bytes=0,
-                       param_count=tx.param_count(tensors), dummy={"shapes_from": how})
+        outputs.update(
+            format="dummy",
+            files=[],
+            tensors=tensors,
+            total_bytes=0,
+            param_count=tx.param_count(tensors),
+            dummy={"shapes_from": how},
+        )
         return StageResult(outputs=outputs, volatile={"seconds": round(time.perf_counter() - t0, 3)})
 
     index_rel = sel.index_needed(asked, listing, ignore)
@@ -55,30 +68,52 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
         if s.offline and index_rel and hub.cached_file(s.cache_dir, res["repo_id"], res["commit"], index_rel) is None:
             # name every file the fetch would need, not just the index that comes first
             guess = sel.select(asked, listing, index=None, ignore_patterns=ignore, model=label)
-            dl.offline_check(s, res["repo_id"], res["commit"], [{"path": index_rel}] + dl.missing_files(
-                s, res["repo_id"], res["commit"], [listing[p] for p in guess.files]))
+            dl.offline_check(
+                s,
+                res["repo_id"],
+                res["commit"],
+                [{"path": index_rel}]
+                + dl.missing_files(s, res["repo_id"], res["commit"], [listing[p] for p in guess.files]),
+            )
         with dl.repo_lock(inputs.get("download_dir"), res["repo_id"], rep):
-            selection, index_rel = _select(asked, listing, ignore, index_rel, label, res,
-                                           lambda rel: dl.download_one(s, res["repo_id"], res["commit"], rel))
+            selection, index_rel = _select(
+                asked,
+                listing,
+                ignore,
+                index_rel,
+                label,
+                res,
+                lambda rel: dl.download_one(s, res["repo_id"], res["commit"], rel),
+            )
             files = [listing[p] for p in selection.files]
             missing = dl.missing_files(s, res["repo_id"], res["commit"], files)
             if s.offline:
                 dl.offline_check(s, res["repo_id"], res["commit"], missing)
             need = dl.check_disk(s, res["repo_id"], missing) if missing else 0
             if missing:
-                rep.info(f"fetch-weights: downloading {len(missing)} of {len(files)} file(s) of {label} "
-                         f"({need / 1e6:.1f} MB) into {s.cache_dir}")
+                rep.info(
+                    f"fetch-weights: downloading {len(missing)} of {len(files)} file(s) of {label} "
+                    f"({need / 1e6:.1f} MB) into {s.cache_dir}"
+                )
             else:
                 rep.info(f"fetch-weights: all {len(files)} file(s) of {label} are in the cache")
             snap = dl.snapshot_dir(s, res["repo_id"], res["commit"])
             post = _verifier(listing, snap, delete_bad=True)
             t1 = time.perf_counter()
-            results = dl.fetch_parallel(s, res["repo_id"], res["commit"], files,
-                                        to_fetch={f["path"] for f in missing}, post=post,
-                                        max_workers=int(ctx.params.get("max_workers") or 8),
-                                        progress=rep.progress and not _bars_off(), need_bytes=need)
-            volatile.update(downloaded_files=len(missing), downloaded_bytes=need,
-                            fetch_seconds=round(time.perf_counter() - t1, 3))
+            results = dl.fetch_parallel(
+                s,
+                res["repo_id"],
+                res["commit"],
+                files,
+                to_fetch={f["path"] for f in missing},
+                post=post,
+                max_workers=int(ctx.params.get("max_workers") or 8),
+                progress=rep.progress and not _bars_off(),
+                need_bytes=need,
+            )
+            volatile.update(
+                downloaded_files=len(missing), downloaded_bytes=need, fetch_seconds=round(time.perf_counter() - t1, 3)
+            )
             base = snap
     else:
         base = hub.model_dir(ctx.run_dir, res, params)
@@ -97,19 +132,30 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
         outputs["index"] = {"path": index_rel, "size": size, "sha256": sha}
     tensors = tx.merge(results[p]["tensors"] for p in selection.files)
     warnings = tx.check_spec(tensors, spec, conf.get("config"), where=label)  # the runner prints them
-    recorded = [{"path": p, "size": results[p]["size"], "sha256": results[p]["sha256"], "kind": _kind(p)}
-                for p in selection.files]
-    outputs.update(format=selection.format, files=recorded, skipped=selection.skipped, tensors=tensors,
-                   total_bytes=sum(f["size"] for f in recorded), param_count=tx.param_count(tensors))
+    recorded = [
+        {"path": p, "size": results[p]["size"], "sha256": results[p]["sha256"], "kind": _kind(p)}
+        for p in selection.files
+    ]
+    outputs.update(
+        format=selection.format,
+        files=recorded,
+        skipped=selection.skipped,
+        tensors=tensors,
+        total_bytes=sum(f["size"] for f in recorded),
+        param_count=tx.param_count(tensors),
+    )
     if selection.format == "npcache":
-        from stages.fetch_weights import npcache
+        from prestage.stages.fetch_weights import npcache
 
-        outputs["npcache"] = npcache.build(ctx.run_dir, [(p, base / p, results[p]["sha256"])
-                                                         for p in selection.files], rep)
+        outputs["npcache"] = npcache.build(
+            ctx.run_dir, [(p, base / p, results[p]["sha256"]) for p in selection.files], rep
+        )
     secs = time.perf_counter() - t0
     volatile.update(seconds=round(secs, 3), folder_abs=str(base))
-    rep.info(f"fetch-weights: {selection.format}, {len(recorded)} file(s), {outputs['total_bytes'] / 1e6:.1f} MB, "
-             f"{len(tensors)} tensors, {outputs['param_count']:,} parameters, verified in {secs:.1f}s")
+    rep.info(
+        f"fetch-weights: {selection.format}, {len(recorded)} file(s), {outputs['total_bytes'] / 1e6:.1f} MB, "
+        f"{len(tensors)} tensors, {outputs['param_count']:,} parameters, verified in {secs:.1f}s"
+    )
     return StageResult(outputs=outputs, warnings=warnings, volatile=volatile)
 
 
@@ -122,13 +168,16 @@ def _select(asked, listing, ignore, index_rel, label, res, get_index):
             try:
                 index = json.loads(Path(path).read_text())
             except (OSError, ValueError) as e:
-                raise errors.InvalidModelError(f"{label}: {index_rel} is not readable JSON ({e}); fix or remove "
-                                               "the index file") from None
+                raise errors.InvalidModelError(
+                    f"{label}: {index_rel} is not readable JSON ({e}); fix or remove the index file"
+                ) from None
         selection = sel.select(asked, listing, index=index, ignore_patterns=ignore, model=label)
     except errors.UnsupportedError:
         if res.get("listing_source") == "snapshot":
-            raise errors.OfflineMissError(f"{label}: offline and no weight files for load format '{asked}' are "
-                                          "in the cached snapshot; run once online to fetch them") from None
+            raise errors.OfflineMissError(
+                f"{label}: offline and no weight files for load format '{asked}' are "
+                "in the cached snapshot; run once online to fetch them"
+            ) from None
         raise
     return selection, selection.index
 
@@ -149,8 +198,10 @@ def _verifier(listing: dict, base: Path, *, delete_bad: bool):
         if bad:
             if delete_bad:
                 dl.remove_cached(base, rel)
-                raise errors.IntegrityError(f"{rel}: {bad}; the corrupt copy was deleted from the cache: "
-                                            "re-run fetch-weights to download it again")
+                raise errors.IntegrityError(
+                    f"{rel}: {bad}; the corrupt copy was deleted from the cache: "
+                    "re-run fetch-weights to download it again"
+                )
             raise errors.IntegrityError(f"{rel}: {bad}; the local file changed since resolve: re-run resolve")
         return {"size": size, "sha256": sha, "tensors": tx.index_file(path, rel, _kind_for_index(rel))}
 

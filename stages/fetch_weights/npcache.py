@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from stages.fetch_weights.tensors import st_dtype
-from stages.fetch_weights.verify import hash_files
+from prestage.stages.fetch_weights.tensors import st_dtype
+from prestage.stages.fetch_weights.verify import hash_files
 
 NP_DIR = "np"
 NAMES = "weight_names.json"
@@ -50,8 +50,12 @@ def build(run_dir: Path, sources: list[tuple[str, Path, str]], reporter=None) ->
             reporter.info(f"npcache: reusing {np_dir}")
     files = [f"{NP_DIR}/{doc['tensors'][n]['file']}" for n in doc["names"]]  # load order
     hashed = hash_files([run_dir / f for f in files])
-    return {"dir": NP_DIR, "names_file": f"{NP_DIR}/{NAMES}", "names": doc["names"],
-            "files": [{"path": f, "size": hashed[run_dir / f][0], "sha256": hashed[run_dir / f][1]} for f in files]}
+    return {
+        "dir": NP_DIR,
+        "names_file": f"{NP_DIR}/{NAMES}",
+        "names": doc["names"],
+        "files": [{"path": f, "size": hashed[run_dir / f][0], "sha256": hashed[run_dir / f][1]} for f in files],
+    }
 
 
 def _convert(np_dir: Path, sources, want) -> dict:

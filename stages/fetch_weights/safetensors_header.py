@@ -14,14 +14,28 @@ import math
 import struct
 from pathlib import Path
 
-from stages.errors import InvalidModelError
+from prestage.stages.errors import InvalidModelError
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F4": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 
@@ -36,8 +50,10 @@ def read_header(path: Path, *, label: str | None = None) -> tuple[dict, dict, in
             raise InvalidModelError(f"{label}: {size} bytes is too short for a safetensors file; re-download it")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
-            raise InvalidModelError(f"{label}: safetensors header length {n} does not fit the {size}-byte file; "
-                                    "the file is truncated or not safetensors")
+            raise InvalidModelError(
+                f"{label}: safetensors header length {n} does not fit the {size}-byte file; "
+                "the file is truncated or not safetensors"
+            )
         raw = fh.read(n)
     try:
         doc = json.loads(raw)
@@ -60,8 +76,10 @@ def read_header(path: Path, *, label: str | None = None) -> tuple[dict, dict, in
         if dtype == "F4":  # two 4-bit values per byte
             want = (math.prod(shape) + 1) // 2
         if end - begin != want:
-            raise InvalidModelError(f"{label}: tensor '{name}' {dtype}{shape} needs {want} bytes but its "
-                                    f"data_offsets span {end - begin}; the file is corrupt")
+            raise InvalidModelError(
+                f"{label}: tensor '{name}' {dtype}{shape} needs {want} bytes but its "
+                f"data_offsets span {end - begin}; the file is corrupt"
+            )
         tensors[name] = {"dtype": dtype, "shape": shape, "offsets": [begin, end]}
     data_start = 8 + n
     pos = 0
@@ -72,6 +90,8 @@ def read_header(path: Path, *, label: str | None = None) -> tuple[dict, dict, in
             raise InvalidModelError(f"{label}: tensor '{name}' at offset {begin} {what}; the file is corrupt")
         pos = end
     if data_start + pos != size:
-        raise InvalidModelError(f"{label}: tensors end at byte {data_start + pos} but the file has {size} bytes; "
-                                "the file is truncated or padded: re-download it")
+        raise InvalidModelError(
+            f"{label}: tensors end at byte {data_start + pos} but the file has {size} bytes; "
+            "the file is truncated or padded: re-download it"
+        )
     return tensors, meta, data_start

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import hub
-from stages.base import Context, Stage, StageResult, opt
-from stages.fetch_weights import select as sel
-from stages.manifest import Manifest
+from prestage.stages import hub
+from prestage.stages.base import Context, Stage, StageResult, opt
+from prestage.stages.fetch_weights import selection as sel
+from prestage.stages.manifest import Manifest
 
 _HELP_FORMATS = ", ".join(sel.LOAD_FORMATS)
 
@@ -26,28 +26,42 @@ class FetchWeightsStage(Stage):
     version = 1
     requires = ("resolve", "configure")
     options = (
-        opt("--load-format", default="auto", show_default=True,
-            help=f"Which weight files to load, as vLLM's flag: {_HELP_FORMATS}"),
-        opt("--download-dir", default=None,
-            help="Cache root for downloads instead of HF_HUB_CACHE (as vLLM's --download-dir)"),
-        opt("--ignore-patterns", multiple=True, default=sel.DEFAULT_IGNORE, show_default=True,
-            help="Glob of repo paths never downloaded or loaded (repeatable)"),
-        opt("--offline", is_flag=True, default=False,
-            help="Use only the local cache, no network (as HF_HUB_OFFLINE=1)"),
-        opt("--max-workers", type=int, default=8, show_default=True,
-            help="Files downloaded and hashed at once"),
+        opt(
+            "--load-format",
+            default="auto",
+            show_default=True,
+            help=f"Which weight files to load, as vLLM's flag: {_HELP_FORMATS}",
+        ),
+        opt(
+            "--download-dir",
+            default=None,
+            help="Cache root for downloads instead of HF_HUB_CACHE (as vLLM's --download-dir)",
+        ),
+        opt(
+            "--ignore-patterns",
+            multiple=True,
+            default=sel.DEFAULT_IGNORE,
+            show_default=True,
+            help="Glob of repo paths never downloaded or loaded (repeatable)",
+        ),
+        opt(
+            "--offline", is_flag=True, default=False, help="Use only the local cache, no network (as HF_HUB_OFFLINE=1)"
+        ),
+        opt("--max-workers", type=int, default=8, show_default=True, help="Files downloaded and hashed at once"),
     )
 
     def inputs(self, params: dict, upstream: dict) -> dict:
         patterns = params.get("ignore_patterns")
         patterns = list(patterns) if patterns else list(sel.DEFAULT_IGNORE)
         ddir = params.get("download_dir")
-        return {"load_format": sel.normalize_load_format(params.get("load_format")),
-                "ignore_patterns": patterns,
-                "download_dir": str(Path(ddir).expanduser().absolute()) if ddir else None}
+        return {
+            "load_format": sel.normalize_load_format(params.get("load_format")),
+            "ignore_patterns": patterns,
+            "download_dir": str(Path(ddir).expanduser().absolute()) if ddir else None,
+        }
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
-        from stages.fetch_weights.fetch import fetch
+        from prestage.stages.fetch_weights.fetch import fetch
 
         return fetch(ctx, inputs)
 

@@ -16,17 +16,36 @@ import math
 import re
 from pathlib import Path
 
-from stages.errors import InvalidModelError
-from stages.fetch_weights.safetensors_header import read_header
+from prestage.stages.errors import InvalidModelError
+from prestage.stages.fetch_weights.safetensors_header import read_header
 
 _LAYER_RE = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.(\d+)\.")
-_EMBED = ("model.embed_tokens.weight", "tok_embeddings.weight", "model.language_model.embed_tokens.weight",
-          "language_model.model.embed_tokens.weight")
+_EMBED = (
+    "model.embed_tokens.weight",
+    "tok_embeddings.weight",
+    "model.language_model.embed_tokens.weight",
+    "language_model.model.embed_tokens.weight",
+)
 _HEAD = ("lm_head.weight", "output.weight", "language_model.lm_head.weight")
-_TORCH_TO_ST = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-                "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "uint16": "U16",
-                "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-                "float8_e8m0fnu": "F8_E8M0", "complex64": "C64"}
+_TORCH_TO_ST = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",
+    "complex64": "C64",
+}
 
 
 def st_dtype(torch_dtype) -> str:
@@ -48,8 +67,10 @@ def index_file(path: Path, rel: str, kind: str) -> dict:
         try:  # legacy (non-zip) checkpoints cannot be memory-mapped
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            raise InvalidModelError(f"{rel}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200]}); re-download it") from None
+            raise InvalidModelError(
+                f"{rel}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); re-download it"
+            ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -68,8 +89,10 @@ def merge(indexes) -> dict:
     for idx in indexes:
         for name, info in idx.items():
             if name in merged:
-                raise InvalidModelError(f"tensor '{name}' is in both {merged[name]['file']} and {info['file']}; "
-                                        "the checkpoint mixes two exports: keep one")
+                raise InvalidModelError(
+                    f"tensor '{name}' is in both {merged[name]['file']} and {info['file']}; "
+                    "the checkpoint mixes two exports: keep one"
+                )
             merged[name] = info
     return merged
 
@@ -95,25 +118,32 @@ def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: 
                 parts.append(f"layers {_ranges(missing)} missing")
             if extra:
                 parts.append(f"layers {_ranges(extra)} not in the config")
-            raise InvalidModelError(f"{where}: num_hidden_layers is {n_layers} but the weights have layers "
-                                    f"{_ranges(sorted(found))} ({'; '.join(parts)}); the checkpoint does not match "
-                                    "config.json: fix one of them")
+            raise InvalidModelError(
+                f"{where}: num_hidden_layers is {n_layers} but the weights have layers "
+                f"{_ranges(sorted(found))} ({'; '.join(parts)}); the checkpoint does not match "
+                "config.json: fix one of them"
+            )
     vocab, hidden = spec.get("vocab_size"), spec.get("hidden_size")
     want_shape = [vocab, hidden] if isinstance(vocab, int) and isinstance(hidden, int) else None
     embed = next((n for n in _EMBED if n in tensors), None)
     head = next((n for n in _HEAD if n in tensors), None)
     for name in (embed, head):
         if name and want_shape and _is_float(tensors[name]["dtype"]) and tensors[name]["shape"] != want_shape:
-            raise InvalidModelError(f"{where}: {name} has shape {tensors[name]['shape']} but the config says "
-                                    f"vocab_size x hidden_size = {want_shape}; the checkpoint does not match "
-                                    "config.json: fix one of them")
+            raise InvalidModelError(
+                f"{where}: {name} has shape {tensors[name]['shape']} but the config says "
+                f"vocab_size x hidden_size = {want_shape}; the checkpoint does not match "
+                "config.json: fix one of them"
+            )
     tied = spec.get("tie_word_embeddings")
     if embed and tied is True and head:
-        warnings.append(f"tie_word_embeddings is true but the checkpoint has {head}: vLLM unties the embeddings "
-                        "and loads it")
+        warnings.append(
+            f"tie_word_embeddings is true but the checkpoint has {head}: vLLM unties the embeddings and loads it"
+        )
     if embed and tied is False and not head:
-        warnings.append("tie_word_embeddings is false but the checkpoint has no lm_head.weight: loading will "
-                        "leave the output projection uninitialized")
+        warnings.append(
+            "tie_word_embeddings is false but the checkpoint has no lm_head.weight: loading will "
+            "leave the output projection uninitialized"
+        )
     return warnings
 
 
@@ -176,11 +206,19 @@ def _decoder_shapes(spec: dict) -> dict:
     out = {"model.embed_tokens.weight": [v, h]}
     for L in range(n):
         p = f"model.layers.{L}."
-        out.update({p + "self_attn.q_proj.weight": [nh * hd, h], p + "self_attn.k_proj.weight": [nkv * hd, h],
-                    p + "self_attn.v_proj.weight": [nkv * hd, h], p + "self_attn.o_proj.weight": [h, nh * hd],
-                    p + "mlp.gate_proj.weight": [i, h], p + "mlp.up_proj.weight": [i, h],
-                    p + "mlp.down_proj.weight": [h, i], p + "input_layernorm.weight": [h],
-                    p + "post_attention_layernorm.weight": [h]})
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": [nh * hd, h],
+                p + "self_attn.k_proj.weight": [nkv * hd, h],
+                p + "self_attn.v_proj.weight": [nkv * hd, h],
+                p + "self_attn.o_proj.weight": [h, nh * hd],
+                p + "mlp.gate_proj.weight": [i, h],
+                p + "mlp.up_proj.weight": [i, h],
+                p + "mlp.down_proj.weight": [h, i],
+                p + "input_layernorm.weight": [h],
+                p + "post_attention_layernorm.weight": [h],
+            }
+        )
     out["model.norm.weight"] = [h]
     if not spec.get("tie_word_embeddings"):
         out["lm_head.weight"] = [v, h]

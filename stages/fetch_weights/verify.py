@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from stages.digest import sha256_file
+from prestage.stages.digest import sha256_file
 
 
 def hash_files(paths, workers: int | None = None) -> dict:

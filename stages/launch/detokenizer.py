@@ -34,9 +34,9 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         if self.read_offset >= len(self.ids):
             return ""
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset:])
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""

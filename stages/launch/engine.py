@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.errors import ResourceError, UsageError
-from stages.launch.detokenizer import IncrementalDetokenizer
-from stages.launch.sampling import SamplingParams, penalize, sample
+from prestage.stages.errors import ResourceError, UsageError
+from prestage.stages.launch.detokenizer import IncrementalDetokenizer
+from prestage.stages.launch.sampling import SamplingParams, penalize, sample
 
-_GIB = 1024 ** 3
+_GIB = 1024**3
 
 
 @dataclass
@@ -44,9 +44,16 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
 
-def plan_kv_cache(model, device: torch.device, dtype: torch.dtype, max_model_len: int, max_num_seqs: int,
-                  gpu_memory_utilization: float = 0.9, cpu_kv_cache_space_gib: float = 4.0,
-                  prefill_tokens: int = 8192) -> int:
+def plan_kv_cache(
+    model,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+    max_num_seqs: int,
+    gpu_memory_utilization: float = 0.9,
+    cpu_kv_cache_space_gib: float = 4.0,
+    prefill_tokens: int = 8192,
+) -> int:
     """How many KV-cache tokens fit; ResourceError when not even one sequence of max_model_len does.
 
     CUDA (after the weights are loaded): total x utilization, less what is in use now, less a reserve for
@@ -56,7 +63,7 @@ def plan_kv_cache(model, device: torch.device, dtype: torch.dtype, max_model_len
         free, total = torch.cuda.mem_get_info(device)
         args = getattr(model, "args", None)
         width = (2 * args.intermediate_size + 6 * args.hidden_size) if args else 0
-        reserve = prefill_tokens * width * torch.empty((), dtype=dtype).element_size() + 256 * 1024 ** 2
+        reserve = prefill_tokens * width * torch.empty((), dtype=dtype).element_size() + 256 * 1024**2
         budget = total * gpu_memory_utilization - (total - free) - reserve
         where = f"at --gpu-memory-utilization {gpu_memory_utilization} of a {total / _GIB:.1f} GiB GPU"
         fix = "raise --gpu-memory-utilization"
@@ -66,13 +73,15 @@ def plan_kv_cache(model, device: torch.device, dtype: torch.dtype, max_model_len
         fix = "raise VLLM_CPU_KVCACHE_SPACE (GiB)"
     need = per_token * max_model_len
     if budget < need:
-        raise ResourceError(f"--max-model-len {max_model_len} needs {_size(need)} of KV cache for one sequence but "
-                            f"only {_size(max(budget, 0))} is available {where}; lower --max-model-len or {fix}")
+        raise ResourceError(
+            f"--max-model-len {max_model_len} needs {_size(need)} of KV cache for one sequence but "
+            f"only {_size(max(budget, 0))} is available {where}; lower --max-model-len or {fix}"
+        )
     return int(min(budget // per_token, max_num_seqs * max_model_len))
 
 
 def _size(n: float) -> str:
-    return f"{n / _GIB:.2f} GiB" if n >= _GIB / 10 else f"{n / 1024 ** 2:.2f} MiB"
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB / 10 else f"{n / 1024**2:.2f} MiB"
 
 
 class DecodeGraphs:
@@ -108,9 +117,20 @@ class DecodeGraphs:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, eos_ids, device, dtype: torch.dtype, max_model_len: int,
-                 max_num_seqs: int, kv_cache_tokens: int, seed: int = 0, cuda_graphs: bool = True,
-                 max_prefill_tokens: int = 8192):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        eos_ids,
+        device,
+        dtype: torch.dtype,
+        max_model_len: int,
+        max_num_seqs: int,
+        kv_cache_tokens: int,
+        seed: int = 0,
+        cuda_graphs: bool = True,
+        max_prefill_tokens: int = 8192,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = set(int(i) for i in (eos_ids or []))
         self.device = torch.device(device)
@@ -118,8 +138,10 @@ class Engine:
         self.max_model_len = max_model_len
         self.num_slots = min(max_num_seqs, kv_cache_tokens // max_model_len)
         if self.num_slots < 1:
-            raise ResourceError(f"KV cache of {kv_cache_tokens} tokens cannot hold one sequence of --max-model-len "
-                                f"{max_model_len}; lower --max-model-len")
+            raise ResourceError(
+                f"KV cache of {kv_cache_tokens} tokens cannot hold one sequence of --max-model-len "
+                f"{max_model_len}; lower --max-model-len"
+            )
         self.kv_cache_tokens = self.num_slots * max_model_len
         self.max_prefill_tokens = max(max_prefill_tokens, max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -131,8 +153,9 @@ class Engine:
         self.stats: dict = {}
 
     # ---- public --------------------------------------------------------------------------------------------
-    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 on_step=None) -> list[dict]:
+    def generate(
+        self, prompts_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams], on_step=None
+    ) -> list[dict]:
         """Run every prompt to completion; `on_step(index, text, finish_reason)`, when given, is called for each
         sequence a step advanced, with its whole text so far (the server streams the deltas)."""
         if isinstance(params, SamplingParams):
@@ -159,8 +182,11 @@ class Engine:
                     for seq in stepped:
                         on_step(seq.index, seq.text, seq.finish_reason)
                 running = self._compact(running)
-        self.stats = {"first_token_s": first_token_s, "generate_s": time.perf_counter() - start,
-                      "generated_tokens": sum(len(s.output) for s in seqs)}
+        self.stats = {
+            "first_token_s": first_token_s,
+            "generate_s": time.perf_counter() - start,
+            "generated_tokens": sum(len(s.output) for s in seqs),
+        }
         return [{"text": s.text, "token_ids": list(s.output), "finish_reason": s.finish_reason} for s in seqs]
 
     # ---- steps ---------------------------------------------------------------------------------------------
@@ -168,13 +194,17 @@ class Engine:
         if not prompt:
             raise UsageError(f"prompt {index} is empty: give at least one token")
         if len(prompt) >= self.max_model_len:
-            raise UsageError(f"prompt {index} has {len(prompt)} tokens, more than --max-model-len "
-                             f"{self.max_model_len} allows (prompt + 1 generated); shorten it or raise --max-model-len")
+            raise UsageError(
+                f"prompt {index} has {len(prompt)} tokens, more than --max-model-len "
+                f"{self.max_model_len} allows (prompt + 1 generated); shorten it or raise --max-model-len"
+            )
         vocab = getattr(self.model, "vocab_size", None)
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
-            raise UsageError(f"prompt {index} has token id {bad[0]}, outside the model's vocabulary of {vocab}; "
-                             "the tokenizer does not match the model")
+            raise UsageError(
+                f"prompt {index} has token id {bad[0]}, outside the model's vocabulary of {vocab}; "
+                "the tokenizer does not match the model"
+            )
         gen = self.generator
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -196,7 +226,7 @@ class Engine:
         T = max(len(s.prompt) for s in batch)
         ids = torch.zeros(len(batch), T, dtype=torch.long)  # [B, T], right-padded with 0
         for i, s in enumerate(batch):
-            ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
+            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
         lengths = torch.tensor([len(s.prompt) for s in batch])  # [B]
         return self.model.prefill(ids.to(self.device), lengths.to(self.device), slot0)  # [B, V]
 
@@ -225,8 +255,9 @@ class Engine:
                 seq.text += seq.detok.add(token)
                 if self._hit_stop_string(seq):
                     seq.finish_reason = "stop"
-            if seq.finish_reason is None and (len(seq.output) >= seq.params.max_tokens
-                                              or seq.length >= self.max_model_len):
+            if seq.finish_reason is None and (
+                len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_model_len
+            ):
                 seq.finish_reason = "length"
             if seq.finish_reason == "length" or (seq.finish_reason == "stop" and token in self.eos_ids):
                 seq.text += seq.detok.flush()
@@ -238,7 +269,7 @@ class Engine:
         """Cut the text before the first stop string it contains (vLLM leaves the stop string out)."""
         hits = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
-            seq.text = seq.text[:min(hits)]
+            seq.text = seq.text[: min(hits)]
             return True
         return False
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from stages.errors import InvalidModelError
+from prestage.stages.errors import InvalidModelError
 
 
 class TransformersForCausalLM:
@@ -27,8 +27,9 @@ class TransformersForCausalLM:
         from transformers.initialization import no_init_weights
 
         with torch.device(device or "cpu"), no_init_weights():
-            self.hf = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.get_default_dtype(),
-                                                       trust_remote_code=trust_remote_code)
+            self.hf = AutoModelForCausalLM.from_config(
+                config, dtype=dtype or torch.get_default_dtype(), trust_remote_code=trust_remote_code
+            )
         self.hf.tie_weights()
         self.hf.eval()
         accepted = inspect.signature(self.hf.forward).parameters
@@ -56,7 +57,7 @@ class TransformersForCausalLM:
         for name, tensor in weights:
             candidates = [name, f"{prefix}.{name}"]
             if prefix and name.startswith(prefix + "."):
-                candidates.append(name[len(prefix) + 1:])
+                candidates.append(name[len(prefix) + 1 :])
             target = next((c for c in candidates if c in params or c in buffers), None)
             if target is None:
                 if not any(p.search(name) for p in ignore):
@@ -64,8 +65,10 @@ class TransformersForCausalLM:
                 continue
             dest = params[target].data if target in params else buffers[target]
             if tuple(dest.shape) != tuple(tensor.shape):
-                raise InvalidModelError(f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects "
-                                        f"{list(dest.shape)}: the weights do not match config.json")
+                raise InvalidModelError(
+                    f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects "
+                    f"{list(dest.shape)}: the weights do not match config.json"
+                )
             dest.copy_(tensor, non_blocking=True)
             if target in params:
                 loaded.add(canonical[id(params[target])])
@@ -90,7 +93,7 @@ class TransformersForCausalLM:
         """input_ids [B, T] right-padded, lengths [B] -> last-token logits [B, V]."""
         rows = []
         for i, n in enumerate(lengths.tolist()):
-            self.caches[slot0 + i], logits = self._step(input_ids[i:i + 1, :n], None, None)  # [1, n, V]
+            self.caches[slot0 + i], logits = self._step(input_ids[i : i + 1, :n], None, None)  # [1, n, V]
             rows.append(logits[0, -1])  # [V]
         return torch.stack(rows)  # [B, V]
 
@@ -98,8 +101,9 @@ class TransformersForCausalLM:
         """input_ids, positions [B] for slots [0, B) -> next-token logits [B, V]."""
         rows = []
         for i in range(input_ids.shape[0]):
-            self.caches[i], logits = self._step(input_ids[i].view(1, 1), positions[i].view(1, 1),
-                                                self.caches[i])  # [1, 1, V]
+            self.caches[i], logits = self._step(
+                input_ids[i].view(1, 1), positions[i].view(1, 1), self.caches[i]
+            )  # [1, 1, V]
             rows.append(logits[0, -1])  # [V]
         return torch.stack(rows)  # [B, V]
 

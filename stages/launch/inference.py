@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.errors import ResourceError, UnsupportedError, UsageError
-from stages.launch import given, registry
+from prestage.stages.errors import ResourceError, UnsupportedError, UsageError
+from prestage.stages.launch import given, registry
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -69,8 +69,10 @@ def hf_config(configure_outputs: dict, model_dir: Path | None):
         return AutoConfig.for_model(model_type, **raw)
     except ValueError:
         if not (trust and model_dir is not None):
-            raise UnsupportedError(f"model type {model_type!r} is unknown to the installed transformers; upgrade "
-                                   "transformers, or pass --trust-remote-code for a model with its own code") from None
+            raise UnsupportedError(
+                f"model type {model_type!r} is unknown to the installed transformers; upgrade "
+                "transformers, or pass --trust-remote-code for a model with its own code"
+            ) from None
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True, local_files_only=True)
     for key, value in raw.items():
         setattr(config, key, value)
@@ -82,23 +84,30 @@ def build_model(configure_outputs: dict, fetch_outputs: dict, dtype, device, mod
     impl = configure_outputs.get("implementation") or {}
     cls_ref, arch = impl.get("class"), impl.get("architecture")
     if cls_ref == registry.DECODER:
-        from stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+        from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
 
         args = DecoderArgs.from_spec(configure_outputs["spec"], arch)
         if args.tie_word_embeddings and "lm_head.weight" in (fetch_outputs.get("tensors") or {}):
             args.tie_word_embeddings = False  # vLLM's maybe_untie_word_embeddings: the checkpoint has its own head
             warnings.append("tie_word_embeddings is true but the checkpoint has lm_head.weight: loading it untied")
         model = DecoderForCausalLM(args, dtype=dtype, device=device)
-        model.untied_by_checkpoint = bool(configure_outputs["spec"].get("tie_word_embeddings")) \
-            and not args.tie_word_embeddings
+        model.untied_by_checkpoint = (
+            bool(configure_outputs["spec"].get("tie_word_embeddings")) and not args.tie_word_embeddings
+        )
         return model
     if cls_ref == registry.TRANSFORMERS_BACKEND:
-        from stages.launch.hf_backend import TransformersForCausalLM
+        from prestage.stages.launch.hf_backend import TransformersForCausalLM
 
-        return TransformersForCausalLM(hf_config(configure_outputs, model_dir), dtype=dtype, device=device,
-                                       trust_remote_code=bool(configure_outputs.get("trust_remote_code")))
-    raise UnsupportedError(f"architecture {arch} maps to implementation {cls_ref!r}, which launch cannot build; "
-                           f"supported: {registry.supported_summary()}")
+        return TransformersForCausalLM(
+            hf_config(configure_outputs, model_dir),
+            dtype=dtype,
+            device=device,
+            trust_remote_code=bool(configure_outputs.get("trust_remote_code")),
+        )
+    raise UnsupportedError(
+        f"architecture {arch} maps to implementation {cls_ref!r}, which launch cannot build; "
+        f"supported: {registry.supported_summary()}"
+    )
 
 
 def retie_if_identical(model, warnings: list) -> None:
@@ -116,8 +125,10 @@ def retie_if_identical(model, warnings: list) -> None:
 
 
 def _oom(what: str, device, e: BaseException) -> ResourceError:
-    return ResourceError(f"out of memory on {device} while {what} ({' '.join(str(e).split())[:120]}); lower "
-                         "--max-model-len or --max-num-seqs, or use a bigger device")
+    return ResourceError(
+        f"out of memory on {device} while {what} ({' '.join(str(e).split())[:120]}); lower "
+        "--max-model-len or --max-num-seqs, or use a bigger device"
+    )
 
 
 def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs: int | None = None) -> Inference:
@@ -126,11 +137,11 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     import torch
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
 
-    from stages.fetch_weights.stage import FetchWeightsStage
-    from stages.launch.engine import Engine, plan_kv_cache
-    from stages.launch.loader import load_checkpoint
-    from stages.launch.sampling import SamplingParams
-    from stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
+    from prestage.stages.fetch_weights.stage import FetchWeightsStage
+    from prestage.stages.launch.engine import Engine, plan_kv_cache
+    from prestage.stages.launch.sampling import SamplingParams
+    from prestage.stages.launch.weight_loading import load_checkpoint
+    from prestage.stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
 
     timings = {"imports_s": time.perf_counter() - t}
     warnings: list[str] = []
@@ -149,7 +160,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     dtype = pick_dtype(conf, device, warnings)
     model_dir = None
     if "resolve" in upstream:
-        from stages.hub import model_dir as resolve_model_dir
+        from prestage.stages.hub import model_dir as resolve_model_dir
 
         model_dir = resolve_model_dir(run_dir, upstream["resolve"].outputs, params)
     t = time.perf_counter()
@@ -157,8 +168,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
         model = build_model(conf, fetch, dtype, device, model_dir, warnings)
         timings["build_s"] = time.perf_counter() - t
         base = FetchWeightsStage.folder(run_dir, fetch_manifest)
-        stats = load_checkpoint(model, fetch, base, run_dir, device,
-                                verify_hashes=bool(params.get("verify_hashes")))
+        stats = load_checkpoint(model, fetch, base, run_dir, device, verify_hashes=bool(params.get("verify_hashes")))
     except torch.OutOfMemoryError as e:
         raise _oom("loading the weights", device, e) from None
     warnings.extend(stats.warnings)
@@ -174,20 +184,44 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
         raise UsageError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
     t = time.perf_counter()
     try:
-        kv_tokens = plan_kv_cache(model, device, dtype, max_model_len, seqs, gpu_memory_utilization=util,
-                                  cpu_kv_cache_space_gib=float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4))
-        engine = Engine(model, tokenizer, tok_out.get("eos_token_ids") or [], device, dtype, max_model_len, seqs,
-                        kv_tokens, seed=int(given(params, "seed", 0)))
-        engine.generate([[int(tok_out.get("bos_token_id") or 0)]], SamplingParams(max_tokens=2, temperature=0.0,
-                                                                                 ignore_eos=True))
+        kv_tokens = plan_kv_cache(
+            model,
+            device,
+            dtype,
+            max_model_len,
+            seqs,
+            gpu_memory_utilization=util,
+            cpu_kv_cache_space_gib=float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4),
+        )
+        engine = Engine(
+            model,
+            tokenizer,
+            tok_out.get("eos_token_ids") or [],
+            device,
+            dtype,
+            max_model_len,
+            seqs,
+            kv_tokens,
+            seed=int(given(params, "seed", 0)),
+        )
+        engine.generate(
+            [[int(tok_out.get("bos_token_id") or 0)]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        )
     except torch.OutOfMemoryError as e:
         raise _oom(f"allocating the KV cache for --max-model-len {max_model_len}", device, e) from None
     timings["warmup_s"] = time.perf_counter() - t
 
     impl = conf.get("implementation") or {}
-    info = {"implementation": dict(impl), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-            "kv_cache_tokens": engine.kv_cache_tokens,
-            "engine": {"kind": "native" if impl.get("impl") == "native" else "transformers",
-                       "max_model_len": max_model_len, "max_num_seqs": engine.num_slots,
-                       "cuda_graphs": engine.graphs is not None}}
+    info = {
+        "implementation": dict(impl),
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_tokens": engine.kv_cache_tokens,
+        "engine": {
+            "kind": "native" if impl.get("impl") == "native" else "transformers",
+            "max_model_len": max_model_len,
+            "max_num_seqs": engine.num_slots,
+            "cuda_graphs": engine.graphs is not None,
+        },
+    }
     return Inference(engine, tokenizer, model, info, timings, warnings)

@@ -17,49 +17,84 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.errors import UnsupportedError
+from prestage.stages.errors import UnsupportedError
 
-DECODER = "stages.launch.models.decoder:DecoderForCausalLM"
-TRANSFORMERS_BACKEND = "stages.launch.hf_backend:TransformersForCausalLM"
+DECODER = "prestage.stages.launch.models.decoder:DecoderForCausalLM"
+TRANSFORMERS_BACKEND = "prestage.stages.launch.hf_backend:TransformersForCausalLM"
 
 # Native decoder families. vLLM also maps the base-model names (`LlamaModel`, ...) to the causal-LM class:
 # a config without `architectures` gets `[<Family>Model]` from transformers' MODEL_MAPPING_NAMES (C-08).
-NATIVE: dict[str, str] = {name: DECODER for name in (
-    "LlamaForCausalLM", "LLaMAForCausalLM", "LlamaModel",
-    "MistralForCausalLM", "MistralModel",
-    "Qwen2ForCausalLM", "Qwen2Model",
-    "Qwen3ForCausalLM", "Qwen3Model",
-)}
+NATIVE: dict[str, str] = {
+    name: DECODER
+    for name in (
+        "LlamaForCausalLM",
+        "LLaMAForCausalLM",
+        "LlamaModel",
+        "MistralForCausalLM",
+        "MistralModel",
+        "Qwen2ForCausalLM",
+        "Qwen2Model",
+        "Qwen3ForCausalLM",
+        "Qwen3Model",
+    )
+}
 
 # vLLM 0.33 `_TRANSFORMERS_SUPPORTED_MODELS`: registered, but run by the Transformers backend (M-04).
 TRANSFORMERS_SUPPORTED: tuple[str, ...] = (
-    "ArceeForCausalLM", "CwmForCausalLM", "GlmForCausalLM", "GPTBigCodeForCausalLM", "GPTNeoXForCausalLM",
-    "HunYuanDenseV1ForCausalLM", "Jais2ForCausalLM", "NanbeigeForCausalLM", "OlmoForCausalLM",
-    "Olmo2ForCausalLM", "Olmo3ForCausalLM", "PhiForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
-    "Starcoder2ForCausalLM", "VaultGemmaForCausalLM",
+    "ArceeForCausalLM",
+    "CwmForCausalLM",
+    "GlmForCausalLM",
+    "GPTBigCodeForCausalLM",
+    "GPTNeoXForCausalLM",
+    "HunYuanDenseV1ForCausalLM",
+    "Jais2ForCausalLM",
+    "NanbeigeForCausalLM",
+    "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+    "Olmo3ForCausalLM",
+    "PhiForCausalLM",
+    "SeedOssForCausalLM",
+    "SmolLM3ForCausalLM",
+    "Starcoder2ForCausalLM",
+    "VaultGemmaForCausalLM",
     # vLLM sends these to TransformersMoEForCausalLM; prestage has one backend class for both.
-    "FlexOlmoForCausalLM", "HunYuanMoEV1ForCausalLM", "Kolibri1ForCausalLM", "MellumForCausalLM",
+    "FlexOlmoForCausalLM",
+    "HunYuanMoEV1ForCausalLM",
+    "Kolibri1ForCausalLM",
+    "MellumForCausalLM",
 )
 
 # Architecture names that already are backend classes (vLLM `_TRANSFORMERS_BACKEND_MODELS`, generate only).
 BACKEND_NAMES: tuple[str, ...] = (
-    "TransformersForCausalLM", "TransformersMoEForCausalLM", "TransformersMultiModalForCausalLM",
+    "TransformersForCausalLM",
+    "TransformersMoEForCausalLM",
+    "TransformersMultiModalForCausalLM",
     "TransformersMultiModalMoEForCausalLM",
 )
 
 # vLLM `_PREVIOUSLY_SUPPORTED_MODELS`: architecture -> last vLLM version that ran it (M-02).
 PREVIOUSLY_SUPPORTED: dict[str, str] = {
-    "AquilaForCausalLM": "0.24.0", "AquilaModel": "0.24.0", "ArcticForCausalLM": "0.28.0",
-    "BaichuanForCausalLM": "0.23.0", "BaiChuanForCausalLM": "0.23.0", "JAISLMHeadModel": "0.22.0",
-    "MiniMaxText01ForCausalLM": "0.23.0", "MPTForCausalLM": "0.28.0", "MptForCausalLM": "0.28.0",
-    "PersimmonForCausalLM": "0.25.0", "QWenLMHeadModel": "0.23.0", "RWForCausalLM": "0.28.0",
+    "AquilaForCausalLM": "0.24.0",
+    "AquilaModel": "0.24.0",
+    "ArcticForCausalLM": "0.28.0",
+    "BaichuanForCausalLM": "0.23.0",
+    "BaiChuanForCausalLM": "0.23.0",
+    "JAISLMHeadModel": "0.22.0",
+    "MiniMaxText01ForCausalLM": "0.23.0",
+    "MPTForCausalLM": "0.28.0",
+    "MptForCausalLM": "0.28.0",
+    "PersimmonForCausalLM": "0.25.0",
+    "QWenLMHeadModel": "0.23.0",
+    "RWForCausalLM": "0.28.0",
 }
 
 # vLLM `_OOT_SUPPORTED_MODELS`: architecture -> plugin that runs it now (M-03).
 _BART_PLUGIN = "https://github.com/vllm-project/bart-plugin"
 OUT_OF_TREE: dict[str, str] = {
-    "BartModel": _BART_PLUGIN, "BartForConditionalGeneration": _BART_PLUGIN,
-    "MBartForConditionalGeneration": _BART_PLUGIN, "Florence2ForConditionalGeneration": _BART_PLUGIN,
+    "BartModel": _BART_PLUGIN,
+    "BartForConditionalGeneration": _BART_PLUGIN,
+    "MBartForConditionalGeneration": _BART_PLUGIN,
+    "Florence2ForConditionalGeneration": _BART_PLUGIN,
     "Nemotron3_5AsrForRNNT": "https://github.com/vllm-project/vllm-nemotron-asr-plugin",
 }
 
@@ -128,8 +163,9 @@ def runner_of(architectures: list[str]) -> tuple[str, str]:
     return suffix_defaults(first) or ("generate", "none")
 
 
-def resolve(architectures: list[str], model_impl: str = "auto",
-            transformers_has: Callable[[str], bool] = lambda a: False) -> Implementation:
+def resolve(
+    architectures: list[str], model_impl: str = "auto", transformers_has: Callable[[str], bool] = lambda a: False
+) -> Implementation:
     """Pick the implementation for `architectures`, as vLLM's registry does (§3.2/3.3).
 
     `model_impl`: "auto" (native first, else the Transformers backend), "native" (never the backend; vLLM's
@@ -139,14 +175,17 @@ def resolve(architectures: list[str], model_impl: str = "auto",
     if model_impl not in MODEL_IMPLS:
         raise UnsupportedError(f"--model-impl {model_impl!r} is not one of {', '.join(MODEL_IMPLS)}")
     if not architectures:
-        raise UnsupportedError("no model architectures are specified in config.json; add 'architectures' "
-                               "or pass --hf-overrides '{\"architectures\": [\"...ForCausalLM\"]}'")
+        raise UnsupportedError(
+            "no model architectures are specified in config.json; add 'architectures' "
+            'or pass --hf-overrides \'{"architectures": ["...ForCausalLM"]}\''
+        )
     runner, convert = runner_of(architectures)
     if runner == "pooling":
         # vLLM would run it with its pooling runner (e.g. as_seq_cls_model(LlamaForCausalLM), M-09).
         raise UnsupportedError(
             f"architecture {architectures[0]} is a pooling model (vLLM runner 'pooling', convert '{convert}'); "
-            "prestage runs text generation only; use a checkpoint whose architecture is a *ForCausalLM")
+            "prestage runs text generation only; use a checkpoint whose architecture is a *ForCausalLM"
+        )
     if model_impl == "transformers":
         return _via_transformers(architectures[0], transformers_has, strict=True)
     for arch in architectures:
@@ -172,15 +211,18 @@ def _via_transformers(arch: str, transformers_has: Callable[[str], bool], strict
     if transformers_has(arch):
         warning = None
         if arch not in TRANSFORMERS_SUPPORTED and arch not in NATIVE:
-            warning = (f"{arch} has no native prestage implementation, falling back to the Transformers "
-                       "implementation; some features may not be supported and performance may not be optimal")
+            warning = (
+                f"{arch} has no native prestage implementation, falling back to the Transformers "
+                "implementation; some features may not be supported and performance may not be optimal"
+            )
         return Implementation(arch, "transformers", TRANSFORMERS_BACKEND, warning)
     if not strict:
         return None
     raise UnsupportedError(
         f"cannot find a model class for '{arch}': it is not a model class in the installed transformers and "
         "'AutoModelForCausalLM' is not in the config's auto_map (with --trust-remote-code); "
-        f"supported: {supported_summary()}")
+        f"supported: {supported_summary()}"
+    )
 
 
 def _raise_unsupported(architectures: list[str], model_impl: str) -> None:
@@ -188,12 +230,15 @@ def _raise_unsupported(architectures: list[str], model_impl: str) -> None:
         if arch in PREVIOUSLY_SUPPORTED:
             raise UnsupportedError(
                 f"model architecture {arch} was supported in vLLM until v{PREVIOUSLY_SUPPORTED[arch]}, and is not "
-                "supported anymore; use an older vLLM, or a checkpoint converted to a supported architecture")
+                "supported anymore; use an older vLLM, or a checkpoint converted to a supported architecture"
+            )
     for arch in architectures:
         if arch in OUT_OF_TREE:
             raise UnsupportedError(
                 f"model architecture {arch} is not supported in-tree anymore; install the plugin at "
-                f"{OUT_OF_TREE[arch]} (vLLM) to run it; prestage does not run it")
+                f"{OUT_OF_TREE[arch]} (vLLM) to run it; prestage does not run it"
+            )
     hint = "" if model_impl == "auto" else " (with --model-impl auto, any causal LM transformers knows also runs)"
-    raise UnsupportedError(f"model architectures {list(architectures)} are not supported for now; supported: "
-                           f"{supported_summary()}{hint}")
+    raise UnsupportedError(
+        f"model architectures {list(architectures)} are not supported for now; supported: {supported_summary()}{hint}"
+    )

@@ -29,15 +29,16 @@ def rotary_dim(rope: dict, head_dim: int) -> int:
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # [dim/2]
-    return 1.0 / (theta ** exponents)  # [dim/2]
+    return 1.0 / (theta**exponents)  # [dim/2]
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def inv_freq_and_scaling(rope: dict, head_dim: int, max_position_embeddings: int,
-                         seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def inv_freq_and_scaling(
+    rope: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
     """(inv_freq [rotary_dim/2] float32, attention scaling applied to cos/sin) for one RoPE config.
 
     `seq_len` matters only for `dynamic` and `longrope` (the length of the sequence being run)."""
@@ -84,8 +85,11 @@ def _yarn_inv_freq(rope: dict, theta: float, dim: int, max_position_embeddings: 
     scaling = rope.get("attention_factor")
     if scaling is None:
         mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        scaling = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
-                   else _yarn_mscale(factor))
+        scaling = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else _yarn_mscale(factor)
+        )
     beta_fast = rope.get("beta_fast") or 32
     beta_slow = rope.get("beta_slow") or 1
 
@@ -105,8 +109,9 @@ def _yarn_inv_freq(rope: dict, theta: float, dim: int, max_position_embeddings: 
     return inv_freq, float(scaling)
 
 
-def _longrope_inv_freq(rope: dict, theta: float, dim: int, max_position_embeddings: int,
-                       seq_len: int | None) -> tuple[torch.Tensor, float]:
+def _longrope_inv_freq(
+    rope: dict, theta: float, dim: int, max_position_embeddings: int, seq_len: int | None
+) -> tuple[torch.Tensor, float]:
     """LongRoPE (Phi-3): per-frequency rescale factors, short within the original length, long beyond it."""
     original = rope.get("original_max_position_embeddings") or max_position_embeddings
     factor = rope.get("factor")
@@ -117,7 +122,7 @@ def _longrope_inv_freq(rope: dict, theta: float, dim: int, max_position_embeddin
     ext = rope["long_factor"] if seq_len and seq_len > original else rope["short_factor"]
     ext = torch.tensor(ext, dtype=torch.float32)  # [dim/2]
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # [dim/2]
-    return 1.0 / (ext * theta ** exponents), float(scaling)
+    return 1.0 / (ext * theta**exponents), float(scaling)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

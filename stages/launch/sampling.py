@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.errors import UsageError
+from prestage.stages.errors import UsageError
 
 
 @dataclass

@@ -77,12 +77,12 @@ _OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, 
 
 
 def create_app(inference, served_model_name: str, max_model_len: int, generation_defaults: dict | None = None):
-    """A FastAPI app serving `inference` (from stages.launch.inference.load_for_inference); a field a request
+    """A FastAPI app serving `inference` (from prestage.stages.launch.inference.load_for_inference); a field a request
     leaves out takes `generation_defaults` (the model's generation_config.json), else the OpenAI default."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from stages.launch.sampling import SamplingParams
+    from prestage.stages.launch.sampling import SamplingParams
 
     app = FastAPI(title="prestage", version="1")
     lock = threading.Lock()
@@ -90,8 +90,10 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
-        return JSONResponse(status_code=e.status, content={"error": {
-            "message": e.message, "type": "invalid_request_error", "param": e.param, "code": None}})
+        return JSONResponse(
+            status_code=e.status,
+            content={"error": {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": None}},
+        )
 
     def check_common(model: str | None, n: int) -> None:
         if model not in (None, served_model_name):
@@ -106,14 +108,19 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         budget = max_model_len - prompt_len
         if budget <= 0:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens and this model's context is {max_model_len}",
-                           "prompt")
+            raise ApiError(
+                400, f"the prompt has {prompt_len} tokens and this model's context is {max_model_len}", "prompt"
+            )
         if max_tokens is None:
             max_tokens = default_max_tokens or fallback_max_tokens
         tokens = budget if max_tokens is None else max_tokens
         if tokens < 1 or tokens > budget:
-            raise ApiError(400, f"max_tokens={tokens}: must be between 1 and {budget} (context {max_model_len} "
-                                f"minus {prompt_len} prompt tokens)", "max_tokens")
+            raise ApiError(
+                400,
+                f"max_tokens={tokens}: must be between 1 and {budget} (context {max_model_len} "
+                f"minus {prompt_len} prompt tokens)",
+                "max_tokens",
+            )
         values = {k: defaults[k] if getattr(req, k) is None else getattr(req, k) for k in _OPENAI_DEFAULTS}
         try:
             return SamplingParams(max_tokens=tokens, seed=req.seed, stop=stop, **values)
@@ -151,7 +158,7 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
                 i, text, finish = event
                 upto = len(text) if finish else max(sent[i], len(text) - hold[i])
                 if upto > sent[i] or finish:
-                    yield f"data: {json.dumps(chunk(i, text[sent[i]:upto], finish))}\n\n"
+                    yield f"data: {json.dumps(chunk(i, text[sent[i] : upto], finish))}\n\n"
                     sent[i] = upto
             yield "data: [DONE]\n\n"
 
@@ -175,8 +182,18 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "prestage", "max_model_len": max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served_model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "prestage",
+                    "max_model_len": max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
@@ -197,27 +214,47 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
         params = [sampling(req, req.max_tokens, len(p), 16) for p in prompts]  # OpenAI's completions default
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return stream(prompts, params, lambda i, delta, finish: {
-                "id": cid, "object": "text_completion", "created": created, "model": served_model_name,
-                "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": finish}]})
+            return stream(
+                prompts,
+                params,
+                lambda i, delta, finish: {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": served_model_name,
+                    "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": finish}],
+                },
+            )
         outs = run(prompts, params)
-        return {"id": cid, "object": "text_completion", "created": created, "model": served_model_name,
-                "choices": [{"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
-                            for i, o in enumerate(outs)],
-                "usage": usage(prompts, outs)}
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": served_model_name,
+            "choices": [
+                {"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
+                for i, o in enumerate(outs)
+            ],
+            "usage": usage(prompts, outs),
+        }
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest):
         check_common(req.model, req.n)
         if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "this model has no chat template (tokenize-prep recorded none); use "
-                                "/v1/completions or re-run tokenize-prep with --chat-template", "messages")
+            raise ApiError(
+                400,
+                "this model has no chat template (tokenize-prep recorded none); use "
+                "/v1/completions or re-run tokenize-prep with --chat-template",
+                "messages",
+            )
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
-            raise ApiError(400, f"the chat template rejected the messages: {' '.join(str(e).split())}",
-                           "messages") from None
+            raise ApiError(
+                400, f"the chat template rejected the messages: {' '.join(str(e).split())}", "messages"
+            ) from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids)
@@ -230,14 +267,30 @@ def create_app(inference, served_model_name: str, max_model_len: int, generation
                 # the first chunk carries the role, as OpenAI's stream does
                 body = {"role": "assistant", "content": delta} if first[0] else {"content": delta}
                 first[0] = False
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
-                        "choices": [{"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}]}
+                return {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": served_model_name,
+                    "choices": [{"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}],
+                }
 
             return stream([ids], [params], chunk)
         out = run([ids], [params])[0]
-        return {"id": cid, "object": "chat.completion", "created": created, "model": served_model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                             "logprobs": None, "finish_reason": out["finish_reason"]}],
-                "usage": usage([ids], [out])}
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": served_model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out["text"]},
+                    "logprobs": None,
+                    "finish_reason": out["finish_reason"],
+                }
+            ],
+            "usage": usage([ids], [out]),
+        }
 
     return app

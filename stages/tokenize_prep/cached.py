@@ -15,10 +15,17 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from stages import errors
+from prestage.stages import errors
 
-CACHED_KEYS = ("all_special_ids", "all_special_tokens", "len", "is_fast", "max_token_id",
-               "max_chars_per_token", "vocab_size")
+CACHED_KEYS = (
+    "all_special_ids",
+    "all_special_tokens",
+    "len",
+    "is_fast",
+    "max_token_id",
+    "max_chars_per_token",
+    "vocab_size",
+)
 
 
 def cached_attributes(tok, vocab: dict[str, int]) -> dict:
@@ -93,7 +100,7 @@ def load_stored_tokenizer(run_dir: Path, outputs: dict):
     Its `chat_template` is the one tokenize-prep resolved (None when there is none), and its `name_or_path`
     is the tokenizer's hub id (or the path as typed), as vLLM sets it.
     """
-    from stages.tokenize_prep.store import read_template
+    from prestage.stages.tokenize_prep.store import read_template
 
     folder = Path(run_dir) / outputs["tokenizer_dir"]
     if not folder.is_dir():
@@ -103,19 +110,23 @@ def load_stored_tokenizer(run_dir: Path, outputs: dict):
             from mistral_common.protocol.instruct.validator import ValidationMode
             from transformers import MistralCommonBackend
 
-            tok = MistralCommonBackend.from_pretrained(str(folder), mode=ValidationMode.test,
-                                                       local_files_only=True)
+            tok = MistralCommonBackend.from_pretrained(str(folder), mode=ValidationMode.test, local_files_only=True)
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                trust_remote_code=bool(outputs.get("trust_remote_code")))
+            tok = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=bool(outputs.get("trust_remote_code"))
+            )
     except ImportError as e:
-        raise errors.UnsupportedError(f"{folder}: loading the stored tokenizer needs a missing package ({e}); "
-                                      "install it (mistral mode: pip install mistral-common)") from None
+        raise errors.UnsupportedError(
+            f"{folder}: loading the stored tokenizer needs a missing package ({e}); "
+            "install it (mistral mode: pip install mistral-common)"
+        ) from None
     except Exception as e:
-        raise errors.IntegrityError(f"{folder}: the stored tokenizer does not load ({type(e).__name__}: "
-                                    f"{' '.join(str(e).split())[:200]}); re-run tokenize-prep") from None
+        raise errors.IntegrityError(
+            f"{folder}: the stored tokenizer does not load ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); re-run tokenize-prep"
+        ) from None
     tok.name_or_path = outputs.get("name") or tok.name_or_path
     template = read_template(Path(run_dir), outputs)
     if outputs["mode"] != "mistral":

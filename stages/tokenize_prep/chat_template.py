@@ -17,15 +17,20 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from stages import errors
+from prestage.stages import errors
 
 # vLLM's fallback by hf_config.model_type (transformers_utils/chat_templates/registry.py).
 BUILTIN_FALLBACK = {
     "blip-2": "template_blip2.jinja",
-    "clip": "template_basic.jinja", "colpali": "template_basic.jinja", "paligemma": "template_basic.jinja",
-    "siglip": "template_basic.jinja", "siglip2": "template_basic.jinja",
-    "deepseek_ocr": "template_deepseek_ocr.jinja", "deepseek_ocr2": "template_deepseek_ocr.jinja",
-    "unlimited-ocr": "template_deepseek_ocr.jinja", "unlimited_ocr": "template_deepseek_ocr.jinja",
+    "clip": "template_basic.jinja",
+    "colpali": "template_basic.jinja",
+    "paligemma": "template_basic.jinja",
+    "siglip": "template_basic.jinja",
+    "siglip2": "template_basic.jinja",
+    "deepseek_ocr": "template_deepseek_ocr.jinja",
+    "deepseek_ocr2": "template_deepseek_ocr.jinja",
+    "unlimited-ocr": "template_deepseek_ocr.jinja",
+    "unlimited_ocr": "template_deepseek_ocr.jinja",
     "deepseek_vl_v2": "template_deepseek_vl2.jinja",
     "minicpmv": "template_minicpmv45.jinja or template_chatml.jinja",
     "minicpm_ocr": "template_minicpmv45.jinja or template_chatml.jinja",
@@ -46,13 +51,15 @@ def _read(arg: str) -> bytes | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except IsADirectoryError:
-        raise errors.UsageError(f"--chat-template {arg}: is a directory; pass a Jinja file or a literal "
-                                "template") from None
+        raise errors.UsageError(
+            f"--chat-template {arg}: is a directory; pass a Jinja file or a literal template"
+        ) from None
     except OSError as e:
         if _looks_literal(arg):  # a long literal template is no file name (ENAMETOOLONG)
             return None
-        raise errors.UsageError(f"--chat-template {arg}: cannot read the file ({e.strerror}); fix its "
-                                "permissions or pass another file") from None
+        raise errors.UsageError(
+            f"--chat-template {arg}: cannot read the file ({e.strerror}); fix its permissions or pass another file"
+        ) from None
 
 
 def template_input(arg: str | None) -> dict | None:
@@ -64,8 +71,9 @@ def template_input(arg: str | None) -> dict | None:
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
-            raise errors.UsageError(f"--chat-template {arg}: the file is not UTF-8 text; pass a Jinja "
-                                    "template file") from None
+            raise errors.UsageError(
+                f"--chat-template {arg}: the file is not UTF-8 text; pass a Jinja template file"
+            ) from None
         return {"kind": "file", "value": arg, "sha256": hashlib.sha256(data).hexdigest()}
     if _looks_literal(arg):
         return {"kind": "literal", "value": None, "sha256": hashlib.sha256(arg.encode()).hexdigest()}
@@ -73,9 +81,11 @@ def template_input(arg: str | None) -> dict | None:
 
 
 def _not_a_file(arg: str) -> errors.UsageError:
-    return errors.UsageError(f"--chat-template {arg}: looks like a file path but cannot be opened (and is not "
-                             "a template name of this tokenizer); pass an existing file or a literal Jinja "
-                             "template")
+    return errors.UsageError(
+        f"--chat-template {arg}: looks like a file path but cannot be opened (and is not "
+        "a template name of this tokenizer); pass an existing file or a literal Jinja "
+        "template"
+    )
 
 
 def resolve(tok, arg: str | None, spec: dict | None, model_type: str | None):
@@ -99,13 +109,19 @@ def resolve(tok, arg: str | None, spec: dict | None, model_type: str | None):
     if isinstance(own, dict) and own:
         if "default" in own:
             return own["default"], "tokenizer:default", []
-        warnings.append(f"the tokenizer has chat templates {sorted(own)} but none named 'default'; pass "
-                        "--chat-template NAME to pick one")
+        warnings.append(
+            f"the tokenizer has chat templates {sorted(own)} but none named 'default'; pass "
+            "--chat-template NAME to pick one"
+        )
     builtin = BUILTIN_FALLBACK.get(model_type or "")
     if builtin:
-        warnings.append(f"no chat template: vLLM would use its built-in {builtin} for model_type '{model_type}', "
-                        "which prestage does not ship; pass --chat-template FILE")
+        warnings.append(
+            f"no chat template: vLLM would use its built-in {builtin} for model_type '{model_type}', "
+            "which prestage does not ship; pass --chat-template FILE"
+        )
     else:
-        warnings.append("no chat template in the tokenizer: chat requests will fail (completions still work); "
-                        "pass --chat-template FILE to add one")
+        warnings.append(
+            "no chat template in the tokenizer: chat requests will fail (completions still work); "
+            "pass --chat-template FILE to add one"
+        )
     return None, "none", warnings

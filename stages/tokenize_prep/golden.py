@@ -8,7 +8,7 @@ prompt and encoded without adding special tokens (the template already writes th
 
 from __future__ import annotations
 
-from stages import errors
+from prestage.stages import errors
 
 STRINGS = (
     ("ascii", "Hello, world! The quick brown fox jumps over the lazy dog."),
@@ -24,25 +24,30 @@ def _ids(tok, text: str, add_special_tokens: bool) -> list[int]:
 
 
 def render_chat(tok, template: str) -> str:
-    return tok.apply_chat_template(list(CHAT_MESSAGES), chat_template=template, tokenize=False,
-                                   add_generation_prompt=True)
+    return tok.apply_chat_template(
+        list(CHAT_MESSAGES), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
 
 
 def golden(tok, template: str | None) -> tuple[list[dict], list[str]]:
     """([{name, text, ids, add_special_tokens}], warnings)."""
-    out = [{"name": name, "text": text, "ids": _ids(tok, text, True), "add_special_tokens": True}
-           for name, text in STRINGS]
+    out = [
+        {"name": name, "text": text, "ids": _ids(tok, text, True), "add_special_tokens": True} for name, text in STRINGS
+    ]
     warnings = []
     if template is not None:
         try:
             rendered = render_chat(tok, template)
         except Exception as e:
-            warnings.append(f"the chat template does not render a plain user turn ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:160]}); chat requests will fail")
+            warnings.append(
+                f"the chat template does not render a plain user turn ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:160]}); chat requests will fail"
+            )
         else:
             if isinstance(rendered, str):
-                out.append({"name": "chat", "text": rendered, "ids": _ids(tok, rendered, False),
-                            "add_special_tokens": False})
+                out.append(
+                    {"name": "chat", "text": rendered, "ids": _ids(tok, rendered, False), "add_special_tokens": False}
+                )
     return out, warnings
 
 
@@ -57,4 +62,5 @@ def check_golden(tok, outputs: dict) -> None:
             act = got[at] if at < len(got) else "end"
             raise errors.IntegrityError(
                 f"tokenizer encodes golden string '{entry['name']}' differently from tokenize-prep (position "
-                f"{at}: expected {exp}, got {act}); the tokenizer changed: re-run tokenize-prep")
+                f"{at}: expected {exp}, got {act}); the tokenizer changed: re-run tokenize-prep"
+            )

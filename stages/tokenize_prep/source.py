@@ -18,13 +18,34 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from stages import errors, hub
+from prestage.stages import errors, hub
 
 # vLLM's _WEIGHT_FILE_PATTERNS: what the non-weight snapshot leaves out.
 WEIGHT_PATTERNS = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx",
-    "*.onnx_data", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp3", "*.mp4", "*.wav", "*.flac",
-    "*.parquet", "*.arrow", "*.ipynb", "*.zip", "*.tar*",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.onnx_data",
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.gif",
+    "*.webp",
+    "*.mp3",
+    "*.mp4",
+    "*.wav",
+    "*.flac",
+    "*.parquet",
+    "*.arrow",
+    "*.ipynb",
+    "*.zip",
+    "*.tar*",
 )
 MODES = ("auto", "hf", "mistral")
 
@@ -53,11 +74,13 @@ def normalize_tokenizer_arg(tokenizer: str | None, resolve_outputs: dict) -> dic
     if p.is_dir():
         return {"kind": "local", "value": tokenizer}
     if p.exists():
-        raise errors.UsageError(f"--tokenizer {tokenizer}: is a file, not a folder; pass a tokenizer folder or a "
-                                "hub id")
+        raise errors.UsageError(
+            f"--tokenizer {tokenizer}: is a file, not a folder; pass a tokenizer folder or a hub id"
+        )
     if tokenizer.count("/") > 1 or tokenizer.startswith((".", "/", "~")):
-        raise errors.NotFoundError(f"--tokenizer {tokenizer}: no such folder, and not a hub id (org/name); "
-                                   "check the path")
+        raise errors.NotFoundError(
+            f"--tokenizer {tokenizer}: no such folder, and not a hub id (org/name); check the path"
+        )
     return {"kind": "hub", "value": tokenizer}
 
 
@@ -87,8 +110,10 @@ def _pin(repo_id: str, revision: str, s: hub.HubSettings) -> tuple[str, list[str
     if s.offline:
         commit = hub.read_ref(s.cache_dir, repo_id, revision)
         if commit is None:
-            raise errors.OfflineMissError(f"{repo_id}@{revision} (tokenizer): revision not in the cache "
-                                          f"{s.cache_dir} and offline mode is on; run once online to fetch it")
+            raise errors.OfflineMissError(
+                f"{repo_id}@{revision} (tokenizer): revision not in the cache "
+                f"{s.cache_dir} and offline mode is on; run once online to fetch it"
+            )
         return commit, None
     from huggingface_hub import HfApi
 
@@ -110,10 +135,17 @@ def _snapshot(repo_id: str, revision: str, commit: str, s: hub.HubSettings, prog
     if not progress:
         disable_progress_bars()
     try:
-        path = hub.with_retries(lambda: snapshot_download(
-            repo_id, revision=commit, cache_dir=s.cache_dir, token=s.token, local_files_only=s.offline,
-            endpoint=s.endpoint,
-            ignore_patterns=list(WEIGHT_PATTERNS)))
+        path = hub.with_retries(
+            lambda: snapshot_download(
+                repo_id,
+                revision=commit,
+                cache_dir=s.cache_dir,
+                token=s.token,
+                local_files_only=s.offline,
+                endpoint=s.endpoint,
+                ignore_patterns=list(WEIGHT_PATTERNS),
+            )
+        )
     except Exception as e:
         raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer files") from None
     finally:
@@ -133,14 +165,17 @@ def locate(run_dir: Path, params: dict, inputs: dict, resolve: dict, progress: b
     if tok["kind"] == "local":
         folder = (Path(run_dir) / tok["local_dir"]).resolve()
         if not folder.is_dir():
-            raise errors.NotFoundError(f"--tokenizer {tok['value']}: the folder is gone ({folder}); pass an "
-                                       "existing tokenizer folder")
-        return TokenizerSource(kind="local", folder=folder, name=tok["value"], local_dir=tok["local_dir"],
-                               paths=_walk(folder))
+            raise errors.NotFoundError(
+                f"--tokenizer {tok['value']}: the folder is gone ({folder}); pass an existing tokenizer folder"
+            )
+        return TokenizerSource(
+            kind="local", folder=folder, name=tok["value"], local_dir=tok["local_dir"], paths=_walk(folder)
+        )
     if tok["kind"] == "model" and resolve["source"] == "local":
         folder = hub.model_dir(run_dir, resolve, params)
-        return TokenizerSource(kind="model", folder=folder, name=resolve["model"],
-                               local_dir=resolve["local_dir"], paths=_walk(folder))
+        return TokenizerSource(
+            kind="model", folder=folder, name=resolve["model"], local_dir=resolve["local_dir"], paths=_walk(folder)
+        )
 
     repo_id = resolve["repo_id"] if tok["kind"] == "model" else tok["value"]
     same_pin = tok["kind"] == "model" and revision in (resolve.get("revision"), resolve.get("commit"))
@@ -151,6 +186,13 @@ def locate(run_dir: Path, params: dict, inputs: dict, resolve: dict, progress: b
     folder = _snapshot(repo_id, revision, commit, s, progress)
     if paths is None:  # offline, another repo: what the cached snapshot holds
         paths = _walk(folder)
-    return TokenizerSource(kind="model" if same_pin else "hub", folder=folder, name=repo_id, repo_id=repo_id,
-                           revision=revision, commit=commit, snapshot=hub.snapshot_rel(repo_id, commit),
-                           paths=paths)
+    return TokenizerSource(
+        kind="model" if same_pin else "hub",
+        folder=folder,
+        name=repo_id,
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        snapshot=hub.snapshot_rel(repo_id, commit),
+        paths=paths,
+    )

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from stages import errors
-from stages.digest import sha256_hex
+from prestage.stages import errors
+from prestage.stages.digest import sha256_hex
 
 TOKENIZER_DIR = "tokenizer"
 RESOLVED_TEMPLATE = "chat_template.resolved.jinja"
@@ -28,8 +28,7 @@ def listing(run_dir: Path) -> list[dict]:
     out = []
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            out.append({"path": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size,
-                        "sha256": sha256_hex(p)})
+            out.append({"path": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_hex(p)})
     return out
 
 
@@ -66,14 +65,15 @@ def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
         os.replace(tmp, final)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            raise errors.ResourceError(f"{run_dir}: no space left to store the tokenizer; free disk space") \
-                from None
+            raise errors.ResourceError(f"{run_dir}: no space left to store the tokenizer; free disk space") from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-    return {"chat_template_file": f"{TOKENIZER_DIR}/{template_file}" if template_file else None,
-            "tokenizer_json_sha256": tj_sha}
+    return {
+        "chat_template_file": f"{TOKENIZER_DIR}/{template_file}" if template_file else None,
+        "tokenizer_json_sha256": tj_sha,
+    }
 
 
 def check_outputs(run_dir: Path, outputs: dict) -> str | None:
@@ -96,8 +96,9 @@ def verify_files(run_dir: Path, outputs: dict) -> None:
         raise errors.IntegrityError(f"stored tokenizer: {reason}; re-run tokenize-prep")
     for f in outputs.get("files", []):
         if sha256_hex(Path(run_dir) / f["path"]) != f["sha256"]:
-            raise errors.IntegrityError(f"stored tokenizer: {f['path']} sha256 differs from the manifest (file "
-                                        "changed); re-run tokenize-prep")
+            raise errors.IntegrityError(
+                f"stored tokenizer: {f['path']} sha256 differs from the manifest (file changed); re-run tokenize-prep"
+            )
 
 
 def read_template(run_dir: Path, outputs: dict) -> str | None:
@@ -108,5 +109,6 @@ def read_template(run_dir: Path, outputs: dict) -> str | None:
     try:
         return (Path(run_dir) / ct["file"]).read_text(encoding="utf-8")
     except OSError:
-        raise errors.StaleUpstreamError(f"{ct['file']}: the stored chat template is missing; re-run "
-                                        "tokenize-prep") from None
+        raise errors.StaleUpstreamError(
+            f"{ct['file']}: the stored chat template is missing; re-run tokenize-prep"
+        ) from None

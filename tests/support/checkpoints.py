@@ -94,16 +94,27 @@ def build_checkpoint(
     ids = _special_ids(tokenizer)
     config = tiny_config(arch, config_overrides, ids)
     config.architectures = [
-        {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-         "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+        {
+            "gpt2": "GPT2LMHeadModel",
+            "qwen2": "Qwen2ForCausalLM",
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }[arch]
     ]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)  # float32 init, seeded
     model = model.to(getattr(torch, dtype)).eval()
     model.config.dtype = dtype
     model.generation_config = transformers.GenerationConfig(
-        bos_token_id=ids["bos"], eos_token_id=[ids["eos"], ids["bos"]], pad_token_id=ids["pad"],
-        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+        bos_token_id=ids["bos"],
+        eos_token_id=[ids["eos"], ids["bos"]],
+        pad_token_id=ids["pad"],
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.05,
     )
 
     if layout == "bin":
@@ -130,8 +141,13 @@ def build_checkpoint(
 def _large_shape(total_bytes: int) -> dict[str, int]:
     """Pick a Llama-like shape (bf16) whose parameter bytes come close to `total_bytes`."""
     candidates = (  # (vocab, hidden, intermediate, heads, kv_heads), largest first
-        (32000, 4096, 11008, 32, 8), (32000, 2048, 5632, 32, 4), (32000, 1024, 2816, 16, 4),
-        (32000, 512, 1408, 8, 2), (32000, 256, 704, 4, 2), (8192, 256, 704, 4, 2), (4096, 128, 352, 4, 2),
+        (32000, 4096, 11008, 32, 8),
+        (32000, 2048, 5632, 32, 4),
+        (32000, 1024, 2816, 16, 4),
+        (32000, 512, 1408, 8, 2),
+        (32000, 256, 704, 4, 2),
+        (8192, 256, 704, 4, 2),
+        (4096, 128, 352, 4, 2),
         (1024, 64, 128, 4, 2),
     )
     for vocab, hidden, inter, heads, kv in candidates:
@@ -185,11 +201,15 @@ def build_large_checkpoint(
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
         shapes += [
-            (p + "self_attn.q_proj.weight", (H, H)), (p + "self_attn.k_proj.weight", (KV, H)),
-            (p + "self_attn.v_proj.weight", (KV, H)), (p + "self_attn.o_proj.weight", (H, H)),
-            (p + "mlp.gate_proj.weight", (FF, H)), (p + "mlp.up_proj.weight", (FF, H)),
+            (p + "self_attn.q_proj.weight", (H, H)),
+            (p + "self_attn.k_proj.weight", (KV, H)),
+            (p + "self_attn.v_proj.weight", (KV, H)),
+            (p + "self_attn.o_proj.weight", (H, H)),
+            (p + "mlp.gate_proj.weight", (FF, H)),
+            (p + "mlp.up_proj.weight", (FF, H)),
             (p + "mlp.down_proj.weight", (H, FF)),
-            (p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,)),
+            (p + "input_layernorm.weight", (H,)),
+            (p + "post_attention_layernorm.weight", (H,)),
         ]
     shapes += [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
 
@@ -233,8 +253,13 @@ def build_large_checkpoint(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
     )
     cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"], num_key_value_heads=s["kv"], tie_word_embeddings=False,
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
     )
     cfg.dtype = "bfloat16"

@@ -25,7 +25,7 @@ PROMPT = "def fibonacci(n):"
 
 
 def _prestage(args: list[str], env: dict) -> None:
-    cmd = [sys.executable, "-m", "runner.cli", "--artifacts", str(WORK / "artifacts"), *args]
+    cmd = [sys.executable, "-m", "prestage", "--artifacts", str(WORK / "artifacts"), *args]
     print(f"\n$ prestage {shlex.join(args)}", flush=True)
     r = subprocess.run(cmd, env=env, cwd=ROOT)
     if r.returncode != 0:
@@ -37,7 +37,7 @@ def _check_against_transformers(model_dir: Path, launch_manifest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.manifest import read
+    from prestage.stages.manifest import read
 
     done = read(launch_manifest).outputs["completions"][0]
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -47,11 +47,14 @@ def _check_against_transformers(model_dir: Path, launch_manifest: Path) -> None:
         # greedy, with the model's generation_config.json otherwise as it is (its repetition_penalty 1.05
         # applies), which is what prestage launch does under --generation-config auto with --temperature 0
         out = model.generate(ids, max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None)
-    ref = out[0, ids.shape[1]:].tolist()
+    ref = out[0, ids.shape[1] :].tolist()
     same = ref == done["token_ids"]
-    print(f"\ndemo: transformers generate() on the same files gives {'the same' if same else 'DIFFERENT'} "
-          f"{len(ref)} token ids as prestage launch, both greedy under the model's generation_config.json (the "
-          "weights are random: the text is noise, the tokens are the check)", flush=True)
+    print(
+        f"\ndemo: transformers generate() on the same files gives {'the same' if same else 'DIFFERENT'} "
+        f"{len(ref)} token ids as prestage launch, both greedy under the model's generation_config.json (the "
+        "weights are random: the text is noise, the tokens are the check)",
+        flush=True,
+    )
     if not same:
         sys.exit(f"demo: prestage {done['token_ids']} != transformers {ref}")
 
@@ -64,9 +67,16 @@ def main() -> None:
     hub = LocalHub(WORK / "hub").start()
     try:
         hub.commit(REPO, model_dir)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": hub.url,
-               "HF_HUB_CACHE": str(WORK / "hf-cache"), "HF_HOME": str(WORK / "hf-home"),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "DISABLE_SAFETENSORS_CONVERSION": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_CACHE": str(WORK / "hf-cache"),
+            "HF_HOME": str(WORK / "hf-home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_XET": "1",
+            "DISABLE_SAFETENSORS_CONVERSION": "1",
+        }
         for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             env.pop(var, None)
         print(f"demo: local hub at {hub.url} serving {REPO}", flush=True)

@@ -190,8 +190,12 @@ class LocalHub:
             message = message or f"commit {len(repo.commits) + 1}"
             digest = hashlib.sha1(
                 json.dumps(
-                    {"repo": repo_id, "parent": parent, "message": message,
-                     "files": sorted((p, e.sha256) for p, e in tree.items())},
+                    {
+                        "repo": repo_id,
+                        "parent": parent,
+                        "message": message,
+                        "files": sorted((p, e.sha256) for p, e in tree.items()),
+                    },
                     sort_keys=True,
                 ).encode()
             ).hexdigest()
@@ -246,8 +250,10 @@ class LocalHub:
             ]
         else:
             items = list(files.items())
-        staged = [(rel, src.encode() if isinstance(src, str) and not isinstance(files, (str, os.PathLike)) else src)
-                  for rel, src in items]
+        staged = [
+            (rel, src.encode() if isinstance(src, str) and not isinstance(files, (str, os.PathLike)) else src)
+            for rel, src in items
+        ]
         # Hash big files in parallel (hashlib releases the GIL): committing GBs of shards stays quick.
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             for rel, entry in zip([r for r, _ in staged], pool.map(lambda it: self._store(*it), staged), strict=True):
@@ -311,8 +317,13 @@ class LocalHub:
                 for sha, c in d["commits"].items()
             }
             self._repos[rid] = Repo(
-                repo_id=rid, gated=d["gated"], private=d["private"], commits=commits,
-                branches=d["branches"], tags=d["tags"], tokens=set(d["tokens"]),
+                repo_id=rid,
+                gated=d["gated"],
+                private=d["private"],
+                commits=commits,
+                branches=d["branches"],
+                tags=d["tags"],
+                tokens=set(d["tokens"]),
             )
 
     # ------------------------------------------------------------------------------------------ test hooks
@@ -396,8 +407,9 @@ class LocalHub:
         server = ThreadingHTTPServer((self.host, self.port), Handler)
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="LocalHub", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="LocalHub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -447,11 +459,18 @@ def _auth_check(repo: Repo, token: str | None) -> None:
             raise HubError(404, "RepoNotFound", f"Repository {repo.repo_id} not found")
     elif repo.gated:
         if token is None:
-            raise HubError(401, "GatedRepo", f"Access to model {repo.repo_id} is restricted. You must have access "
-                                             "to it and be authenticated to access it. Please log in.")
+            raise HubError(
+                401,
+                "GatedRepo",
+                f"Access to model {repo.repo_id} is restricted. You must have access "
+                "to it and be authenticated to access it. Please log in.",
+            )
         if token not in repo.tokens:
-            raise HubError(403, "GatedRepo", f"Access to model {repo.repo_id} is restricted and you are not in "
-                                             "the authorized list.")
+            raise HubError(
+                403,
+                "GatedRepo",
+                f"Access to model {repo.repo_id} is restricted and you are not in the authorized list.",
+            )
 
 
 class _HubHandler(BaseHTTPRequestHandler):
@@ -576,13 +595,19 @@ class _HubHandler(BaseHTTPRequestHandler):
             if action == "commits" and len(rest) >= 2:
                 return self._commits(repo, self._commit(repo, unquote("/".join(rest[1:]))))
             if action == "refs":
-                return self._json({
-                    "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
-                                 for b, s in sorted(repo.branches.items())],
-                    "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s}
-                             for t, s in sorted(repo.tags.items())],
-                    "converts": [],
-                })
+                return self._json(
+                    {
+                        "branches": [
+                            {"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
+                            for b, s in sorted(repo.branches.items())
+                        ],
+                        "tags": [
+                            {"name": t, "ref": f"refs/tags/{t}", "targetCommit": s}
+                            for t, s in sorted(repo.tags.items())
+                        ],
+                        "converts": [],
+                    }
+                )
         raise HubError(404, None, f"Not found: /api/models/{'/'.join(segs)}")
 
     def _info(self, repo: Repo, commit: Commit) -> dict[str, Any]:
@@ -674,22 +699,25 @@ class _HubHandler(BaseHTTPRequestHandler):
         entries: list[dict[str, Any]] = []
         dirs: set[str] = set()
         for path, e in sorted(files.items()):
-            rel_parts = path[len(base):].split("/")
+            rel_parts = path[len(base) :].split("/")
             for depth in range(1, len(rel_parts)):
                 d = base + "/".join(rel_parts[:depth])
                 if (recursive or depth == 1) and d not in dirs:
                     dirs.add(d)
-                    entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(),
-                                    "size": 0, "path": d})
+                    entries.append(
+                        {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                    )
             if recursive or len(rel_parts) == 1:
                 entries.append(self._entry(path, e, commit, expand))
         entries.sort(key=lambda x: (x["type"] != "directory", x["path"]))
         start = int(self._query.get("cursor", "0") or 0)
-        page = entries[start:start + self.hub.tree_page_size]
+        page = entries[start : start + self.hub.tree_page_size]
         extra = {}
         if start + self.hub.tree_page_size < len(entries):
-            nxt = (f"{self.hub.url}{urlsplit(self.path).path}?recursive={str(recursive).lower()}"
-                   f"&expand={str(expand).lower()}&cursor={start + self.hub.tree_page_size}")
+            nxt = (
+                f"{self.hub.url}{urlsplit(self.path).path}?recursive={str(recursive).lower()}"
+                f"&expand={str(expand).lower()}&cursor={start + self.hub.tree_page_size}"
+            )
             extra["Link"] = f'<{nxt}>; rel="next"'
         self._json(page, extra=extra)
 
@@ -717,8 +745,15 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _commits(self, repo: Repo, commit: Commit) -> None:
         out, cur = [], commit
         while cur is not None:
-            out.append({"id": cur.sha, "title": cur.message, "message": "", "date": cur.date,
-                        "authors": [{"user": "localhub", "avatar": ""}]})
+            out.append(
+                {
+                    "id": cur.sha,
+                    "title": cur.message,
+                    "message": "",
+                    "date": cur.date,
+                    "authors": [{"user": "localhub", "avatar": ""}],
+                }
+            )
             cur = repo.commits.get(cur.parent) if cur.parent else None
         self._json(out)
 
@@ -732,7 +767,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             repo_id = unquote("/".join(segs[:i]))
             if len(segs) < i + 3:
                 raise HubError(404, None, "Not found")
-            rev, path = unquote(segs[i + 1]), unquote("/".join(segs[i + 2:]))
+            rev, path = unquote(segs[i + 1]), unquote("/".join(segs[i + 2 :]))
             repo = self._get_repo(repo_id, gate_files=True)
             commit = self._commit(repo, rev)
             e = commit.files.get(path)
@@ -740,16 +775,20 @@ class _HubHandler(BaseHTTPRequestHandler):
                 raise HubError(404, "EntryNotFound", f"{path} does not exist on {commit.sha}", commit.sha)
         common = {"X-Repo-Commit": commit.sha, "Accept-Ranges": "bytes", "Vary": "Origin, Accept"}
         if e.lfs:
-            location = (f"/_lfs/{e.sha256}?repo={quote(repo_id, safe='')}&commit={commit.sha}"
-                        f"&path={quote(path, safe='')}")
-            self._send(302, {
-                **common,
-                "Location": location,
-                "ETag": f'"{e.blob_id}"',
-                "X-Linked-Etag": f'"{e.sha256}"',
-                "X-Linked-Size": str(e.size),
-                "Content-Type": "text/plain; charset=utf-8",
-            })
+            location = (
+                f"/_lfs/{e.sha256}?repo={quote(repo_id, safe='')}&commit={commit.sha}&path={quote(path, safe='')}"
+            )
+            self._send(
+                302,
+                {
+                    **common,
+                    "Location": location,
+                    "ETag": f'"{e.blob_id}"',
+                    "X-Linked-Etag": f'"{e.sha256}"',
+                    "X-Linked-Size": str(e.size),
+                    "Content-Type": "text/plain; charset=utf-8",
+                },
+            )
             return
         self._serve_bytes(method, repo_id, path, e, {**common, "ETag": f'"{e.blob_id}"'})
 
@@ -762,8 +801,12 @@ class _HubHandler(BaseHTTPRequestHandler):
             e = commit.files.get(path) if commit else None
             if e is None or e.sha256 != sha256:
                 raise HubError(404, "EntryNotFound", f"blob {sha256} not found", commit_sha or None)
-        headers = {"X-Repo-Commit": commit_sha, "ETag": f'"{sha256}"', "Accept-Ranges": "bytes",
-                   "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"'}
+        headers = {
+            "X-Repo-Commit": commit_sha,
+            "ETag": f'"{sha256}"',
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"',
+        }
         self._serve_bytes(method, repo_id, path, e, headers)
 
     def _serve_bytes(self, method: str, repo_id: str, path: str, e: FileEntry, headers: dict[str, str]) -> None:
@@ -853,8 +896,9 @@ def seed_demo(hub: LocalHub, work_dir: str | os.PathLike | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.hub_server",
-                                     description="Serve a local Hugging Face Hub from a storage folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.hub_server", description="Serve a local Hugging Face Hub from a storage folder."
+    )
     parser.add_argument("--storage", required=True, help="folder holding state.json and blobs/")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.errors import InvalidModelError, UnsupportedError
-from stages.launch.rope import RotaryEmbedding, apply_rotary
+from prestage.stages.errors import InvalidModelError, UnsupportedError
+from prestage.stages.launch.rope import RotaryEmbedding, apply_rotary
 
 # checkpoint name piece -> (fused parameter piece, shard id)
 STACKED_PARAMS = {
@@ -80,31 +80,58 @@ class DecoderArgs:
             rope = dict(rope.get("full_attention") or next(v for v in rope.values() if isinstance(v, dict)))
         rope.setdefault("rope_theta", spec.get("rope_theta") or 10000.0)
         return cls(
-            vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
-            intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=spec.get("num_key_value_heads") or heads,
+            vocab_size=spec["vocab_size"],
+            hidden_size=spec["hidden_size"],
+            intermediate_size=spec["intermediate_size"],
+            num_hidden_layers=spec["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=spec.get("num_key_value_heads") or heads,
             head_dim=spec.get("head_dim") or spec["hidden_size"] // heads,
             rms_norm_eps=float(spec.get("rms_norm_eps") or 1e-6),
-            max_position_embeddings=int(spec.get("max_position_embeddings") or 2048), rope=rope,
-            tie_word_embeddings=bool(spec.get("tie_word_embeddings")), qkv_bias=qkv_bias, o_bias=o_bias,
+            max_position_embeddings=int(spec.get("max_position_embeddings") or 2048),
+            rope=rope,
+            tie_word_embeddings=bool(spec.get("tie_word_embeddings")),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
             mlp_bias=bool(spec.get("mlp_bias") or False),
             qk_norm=bool(spec.get("qk_norm", architecture == "Qwen3ForCausalLM")),
-            sliding_window=spec.get("sliding_window") or None, layer_types=spec.get("layer_types"),
-            hidden_act=spec.get("hidden_act") or "silu")
+            sliding_window=spec.get("sliding_window") or None,
+            layer_types=spec.get("layer_types"),
+            hidden_act=spec.get("hidden_act") or "silu",
+        )
 
     @classmethod
     def from_hf_config(cls, config) -> DecoderArgs:
         """From a transformers config object (tests; configure records the same facts in `spec`)."""
         arch = (getattr(config, "architectures", None) or [None])[0] or {
-            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}.get(config.model_type, "LlamaForCausalLM")
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }.get(config.model_type, "LlamaForCausalLM")
         rope = dict(getattr(config, "rope_parameters", None) or {})
         rope.setdefault("rope_type", "default")
         rope.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
-        spec = {k: getattr(config, k, None) for k in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
-            "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "layer_types", "hidden_act")}
+        spec = {
+            k: getattr(config, k, None)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "rms_norm_eps",
+                "max_position_embeddings",
+                "tie_word_embeddings",
+                "attention_bias",
+                "mlp_bias",
+                "sliding_window",
+                "layer_types",
+                "hidden_act",
+            )
+        }
         spec["rope"] = rope
         return cls.from_spec(spec, arch)
 
@@ -146,8 +173,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.head_dim = args.head_dim
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(args.hidden_size, q + 2 * kv, args.qkv_bias, factory,
-                               shards={"q": (0, q), "k": (q, kv), "v": (q + kv, kv)})
+        self.qkv_proj = Linear(
+            args.hidden_size, q + 2 * kv, args.qkv_bias, factory, shards={"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
+        )
         self.o_proj = Linear(q, args.hidden_size, args.o_bias, factory)
         if args.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, factory)
@@ -191,10 +219,13 @@ class MLP(nn.Module):
         super().__init__()
         inter = args.intermediate_size
         if args.hidden_act not in ("silu", "swish"):
-            raise UnsupportedError(f"hidden_act {args.hidden_act!r} is not supported by the native decoder "
-                                   "(silu only); run with the transformers backend")
-        self.gate_up_proj = Linear(args.hidden_size, 2 * inter, args.mlp_bias, factory,
-                                   shards={"gate": (0, inter), "up": (inter, inter)})
+            raise UnsupportedError(
+                f"hidden_act {args.hidden_act!r} is not supported by the native decoder "
+                "(silu only); run with the transformers backend"
+            )
+        self.gate_up_proj = Linear(
+            args.hidden_size, 2 * inter, args.mlp_bias, factory, shards={"gate": (0, inter), "up": (inter, inter)}
+        )
         self.down_proj = Linear(inter, args.hidden_size, args.mlp_bias, factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,8 +279,14 @@ class DecoderForCausalLM(nn.Module):
         self.unused_weights: list[str] = []
 
     # ---- forward -------------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-                slot0: int = 0, attend_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        slot0: int = 0,
+        attend_len: int | None = None,
+    ) -> torch.Tensor:
         """input_ids, positions [B, T]; seq_lens [B] (each row's length after this step) -> hidden [B, T, hidden].
 
         Rows use cache slots [slot0, slot0 + B); attention reads the first `attend_len` cache positions
@@ -258,7 +295,7 @@ class DecoderForCausalLM(nn.Module):
         B, T = input_ids.shape
         if attend_len is None:
             attend_len = int(positions.max()) + 1
-        kv = self.kv_cache[:, :, slot0:slot0 + B]  # [L, 2, B, Hkv, S_max, D] (a view)
+        kv = self.kv_cache[:, :, slot0 : slot0 + B]  # [L, 2, B, Hkv, S_max, D] (a view)
         batch_idx = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)  # [B, T]
         key_pos = torch.arange(attend_len, device=input_ids.device)  # [S]
         dist = positions[:, :, None] - key_pos[None, None, :]  # [B, T, S]: query pos - key pos
@@ -286,8 +323,16 @@ class DecoderForCausalLM(nn.Module):
 
     def allocate_kv_cache(self, num_slots: int, max_model_len: int, device, dtype: torch.dtype) -> None:
         a = self.args
-        self.kv_cache = torch.zeros(a.num_hidden_layers, 2, num_slots, a.num_key_value_heads, max_model_len,
-                                    a.head_dim, device=device, dtype=dtype)  # [L, 2, slots, Hkv, S_max, D]
+        self.kv_cache = torch.zeros(
+            a.num_hidden_layers,
+            2,
+            num_slots,
+            a.num_key_value_heads,
+            max_model_len,
+            a.head_dim,
+            device=device,
+            dtype=dtype,
+        )  # [L, 2, slots, Hkv, S_max, D]
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slot0: int) -> torch.Tensor:
         """input_ids [B, T] right-padded prompts, lengths [B] -> logits of each last prompt token [B, V]."""
@@ -333,8 +378,10 @@ class DecoderForCausalLM(nn.Module):
                 offset, size = module.shards[shard]
                 dest = dest.narrow(0, offset, size)  # rows of this shard
             if tuple(dest.shape) != tuple(tensor.shape):
-                raise InvalidModelError(f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects "
-                                        f"{list(dest.shape)}: the weights do not match config.json")
+                raise InvalidModelError(
+                    f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects "
+                    f"{list(dest.shape)}: the weights do not match config.json"
+                )
             dest.copy_(tensor, non_blocking=True)
             if shard is None:
                 loaded.add(target)

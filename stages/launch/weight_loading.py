@@ -29,15 +29,24 @@ from pathlib import Path
 
 import torch
 
-from stages.digest import sha256_hex
-from stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
+from prestage.stages.digest import sha256_hex
+from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
 
 _CHUNK = 16 * 1024 * 1024
 _READ_AHEAD = 2
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _REFETCH = "re-run `prestage fetch-weights RUN --force`"
 
@@ -57,12 +66,20 @@ class LoadStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"format": self.format, "files": self.files, "tensors": self.tensors, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "gb_per_s": round(self.gbps, 3), "hashed": self.hashed}
+        return {
+            "format": self.format,
+            "files": self.files,
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "gb_per_s": round(self.gbps, 3),
+            "hashed": self.hashed,
+        }
 
 
-def load_checkpoint(model, fetch_outputs: dict, base: Path | None, run_dir: Path, device,
-                    verify_hashes: bool = False) -> LoadStats:
+def load_checkpoint(
+    model, fetch_outputs: dict, base: Path | None, run_dir: Path, device, verify_hashes: bool = False
+) -> LoadStats:
     """Fill `model` from what fetch-weights recorded; `base` is the folder its `files` are relative to."""
     fmt = fetch_outputs.get("format")
     device = torch.device(device)
@@ -82,8 +99,10 @@ def load_checkpoint(model, fetch_outputs: dict, base: Path | None, run_dir: Path
         elif fmt == "npcache":
             weights = _npcache_weights(fetch_outputs, run_dir, verify_hashes, stats)
         else:
-            raise UnsupportedError(f"load format {fmt!r} recorded by fetch-weights cannot be loaded by launch; "
-                                   "re-run fetch-weights with --load-format auto|safetensors|pt|npcache|dummy")
+            raise UnsupportedError(
+                f"load format {fmt!r} recorded by fetch-weights cannot be loaded by launch; "
+                "re-run fetch-weights with --load-format auto|safetensors|pt|npcache|dummy"
+            )
         loaded = model.load_weights(weights)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -91,8 +110,10 @@ def load_checkpoint(model, fetch_outputs: dict, base: Path | None, run_dir: Path
     missing = sorted({n for n, _ in model.named_parameters()} - set(loaded))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise InvalidModelError(f"{len(missing)} parameter(s) not found in the checkpoint: {shown}; the weights do "
-                                "not match the architecture in config.json")
+        raise InvalidModelError(
+            f"{len(missing)} parameter(s) not found in the checkpoint: {shown}; the weights do "
+            "not match the architecture in config.json"
+        )
     unused = list(getattr(model, "unused_weights", []) or [])
     if unused:
         shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
@@ -109,12 +130,14 @@ def check_files(fetch_outputs: dict, base: Path | None, run_dir: Path) -> list[t
     for rec in records:
         path = Path(base) / rec["path"]
         if not path.is_file():
-            raise NotFoundError(f"weight file {rec['path']} recorded by fetch-weights is missing from {base}; "
-                                f"{_REFETCH}")
+            raise NotFoundError(
+                f"weight file {rec['path']} recorded by fetch-weights is missing from {base}; {_REFETCH}"
+            )
         size = path.stat().st_size
         if size != rec["size"]:
-            raise IntegrityError(f"weight file {rec['path']} has {size} bytes, fetch-weights recorded {rec['size']}; "
-                                 f"{_REFETCH}")
+            raise IntegrityError(
+                f"weight file {rec['path']} has {size} bytes, fetch-weights recorded {rec['size']}; {_REFETCH}"
+            )
         out.append((path, rec))
     return out
 
@@ -129,15 +152,17 @@ def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
     with open(path, "rb", buffering=0) as fh:
         pos = 0
         while pos < size:
-            n = fh.readinto(view[pos:pos + _CHUNK])
+            n = fh.readinto(view[pos : pos + _CHUNK])
             if not n:
                 raise IntegrityError(f"weight file {rec['path']} ended after {pos} of {size} bytes; {_REFETCH}")
             if digest is not None:
-                digest.update(view[pos:pos + n])
+                digest.update(view[pos : pos + n])
             pos += n
     if digest is not None and rec.get("sha256") and digest.hexdigest() != rec["sha256"]:
-        raise IntegrityError(f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
-                             f"recorded {rec['sha256'][:16]}...; {_REFETCH}")
+        raise IntegrityError(
+            f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
+            f"recorded {rec['sha256'][:16]}...; {_REFETCH}"
+        )
     return buf
 
 
@@ -145,7 +170,7 @@ def _tensors_in(buf: torch.Tensor, label: str):
     """Yield (name, tensor view) for each tensor of a safetensors file held in `buf` [size] uint8."""
     try:
         (n,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
-        header = json.loads(bytes(buf[8:8 + n].numpy()))
+        header = json.loads(bytes(buf[8 : 8 + n].numpy()))
     except (struct.error, ValueError):
         raise InvalidModelError(f"{label}: not a readable safetensors file; {_REFETCH}") from None
     header.pop("__metadata__", None)
@@ -155,7 +180,7 @@ def _tensors_in(buf: torch.Tensor, label: str):
         if dtype is None:
             raise UnsupportedError(f"{label}: tensor {name} has dtype {info['dtype']}, which launch cannot load")
         begin, end = info["data_offsets"]
-        raw = buf[data + begin:data + end]  # [nbytes] uint8
+        raw = buf[data + begin : data + end]  # [nbytes] uint8
         itemsize = torch.empty((), dtype=dtype).element_size()
         if raw.storage_offset() % itemsize:
             raw = raw.clone()  # unaligned: one copy so the dtype view is legal
@@ -186,8 +211,10 @@ def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadS
 def _hash_file(path: Path, rec: dict) -> None:
     got = sha256_hex(path)
     if rec.get("sha256") and got != rec["sha256"]:
-        raise IntegrityError(f"weight file {rec['path']} has sha256 {got[:16]}..., fetch-weights "
-                             f"recorded {rec['sha256'][:16]}...; {_REFETCH}")
+        raise IntegrityError(
+            f"weight file {rec['path']} has sha256 {got[:16]}..., fetch-weights "
+            f"recorded {rec['sha256'][:16]}...; {_REFETCH}"
+        )
 
 
 def _torch_load(path: Path, rec: dict) -> dict:
@@ -199,8 +226,10 @@ def _torch_load(path: Path, rec: dict) -> dict:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
-        raise InvalidModelError(f"weight file {rec['path']} cannot be read by torch.load(weights_only=True): "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise InvalidModelError(
+            f"weight file {rec['path']} cannot be read by torch.load(weights_only=True): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def _torch_weights(files, verify: bool, stats: LoadStats):
@@ -244,10 +273,14 @@ def _npcache_weights(fetch_outputs: dict, run_dir: Path, verify: bool, stats: Lo
 
 # ---- mistral-format names -----------------------------------------------------------------------------------
 _MISTRAL_PIECES = (
-    ("attention.wq.", "self_attn.q_proj."), ("attention.wk.", "self_attn.k_proj."),
-    ("attention.wv.", "self_attn.v_proj."), ("attention.wo.", "self_attn.o_proj."),
-    ("feed_forward.w1.", "mlp.gate_proj."), ("feed_forward.w2.", "mlp.down_proj."),
-    ("feed_forward.w3.", "mlp.up_proj."), ("attention_norm.", "input_layernorm."),
+    ("attention.wq.", "self_attn.q_proj."),
+    ("attention.wk.", "self_attn.k_proj."),
+    ("attention.wv.", "self_attn.v_proj."),
+    ("attention.wo.", "self_attn.o_proj."),
+    ("feed_forward.w1.", "mlp.gate_proj."),
+    ("feed_forward.w2.", "mlp.down_proj."),
+    ("feed_forward.w3.", "mlp.up_proj."),
+    ("attention_norm.", "input_layernorm."),
     ("ffn_norm.", "post_attention_layernorm."),
 )
 

@@ -23,9 +23,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.configure import configs
-from stages.digest import sha256_hex
-from stages.errors import (
+from prestage.stages.configure import configs
+from prestage.stages.digest import sha256_hex
+from prestage.stages.errors import (
     InvalidModelError,
     NotFoundError,
     PrestageError,
@@ -42,22 +42,31 @@ def read_json(folder: Path, name: str) -> dict:
     except FileNotFoundError:
         raise NotFoundError(f"{path}: missing (it was there at resolve); re-run resolve") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InvalidModelError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); re-download it") \
-            from None
+        raise InvalidModelError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); re-download it") from None
     try:
         data = json.loads(text)
     except ValueError as e:
         raise InvalidModelError(f"{name} is not valid JSON ({e}); fix or re-download {path}") from None
     if not isinstance(data, dict):
-        raise InvalidModelError(f"{name} holds a JSON {type(data).__name__}, not an object; fix or re-download "
-                                f"{path}")
+        raise InvalidModelError(f"{name} holds a JSON {type(data).__name__}, not an object; fix or re-download {path}")
     return data
 
 
 # Size fields that must be positive integers when present (checked before transformers divides by them).
-_COUNT_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "vocab_size",
-               "intermediate_size", "head_dim", "n_embd", "n_head", "n_layer", "n_positions",
-               "max_position_embeddings")
+_COUNT_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "vocab_size",
+    "intermediate_size",
+    "head_dim",
+    "n_embd",
+    "n_head",
+    "n_layer",
+    "n_positions",
+    "max_position_embeddings",
+)
 
 
 def check_counts(raw: dict, name: str) -> None:
@@ -113,8 +122,10 @@ def _fetch_remote_files(folder: Path, ref: str, hub_source: dict | None, params:
     """
     upstream, first = _module_file(ref)
     if upstream:
-        raise UnsupportedError(f"auto_map.AutoConfig={ref} runs code from another repo ({upstream}) that cannot be "
-                               "pinned to the commit resolve recorded; prestage does not run it")
+        raise UnsupportedError(
+            f"auto_map.AutoConfig={ref} runs code from another repo ({upstream}) that cannot be "
+            "pinned to the commit resolve recorded; prestage does not run it"
+        )
     from transformers.dynamic_module_utils import get_relative_imports
 
     wanted, done = [first], []
@@ -125,8 +136,10 @@ def _fetch_remote_files(folder: Path, ref: str, hub_source: dict | None, params:
         path = folder / name
         if not path.is_file():
             if not hub_source or not hub_source.get("repo_id"):
-                raise InvalidModelError(f"auto_map.AutoConfig={ref} needs {name}, which is not in {folder}; copy "
-                                        "the repo's code files into the model folder")
+                raise InvalidModelError(
+                    f"auto_map.AutoConfig={ref} needs {name}, which is not in {folder}; copy "
+                    "the repo's code files into the model folder"
+                )
             path = _download(hub_source, name, params)
         done.append(name)
         for rel in get_relative_imports(str(path)):
@@ -135,19 +148,24 @@ def _fetch_remote_files(folder: Path, ref: str, hub_source: dict | None, params:
 
 
 def _download(hub_source: dict, name: str, params: dict) -> Path:
-    from stages import hub
+    from prestage.stages import hub
 
     s = hub.settings(params)
     hub.prepare_env(s)
     if s.offline:
-        raise InvalidModelError(f"{hub_source['repo_id']}: remote code file {name} is not in the cache and offline "
-                                "mode is on; run configure once online")
+        raise InvalidModelError(
+            f"{hub_source['repo_id']}: remote code file {name} is not in the cache and offline "
+            "mode is on; run configure once online"
+        )
     from huggingface_hub import hf_hub_download
 
     repo, commit = hub_source["repo_id"], hub_source["commit"]
     try:
-        return Path(hub.with_retries(lambda: hf_hub_download(repo, name, revision=commit, cache_dir=s.cache_dir,
-                                                             token=s.token or False)))
+        return Path(
+            hub.with_retries(
+                lambda: hf_hub_download(repo, name, revision=commit, cache_dir=s.cache_dir, token=s.token or False)
+            )
+        )
     except Exception as e:
         raise hub.translate(e, repo_id=repo, revision=commit, s=s, what=name) from e
 
@@ -155,16 +173,26 @@ def _download(hub_source: dict, name: str, params: dict) -> Path:
 def _translate_build_error(e: Exception, name: str) -> Exception:
     msg = " ".join(str(e.args[0] if e.args else e).split())
     if "does not recognize this architecture" in msg or "Unrecognized model" in msg:
-        return UnsupportedError(f"{name}: transformers does not know this model_type and there is no "
-                                "auto_map.AutoConfig; upgrade transformers or use a supported model")
+        return UnsupportedError(
+            f"{name}: transformers does not know this model_type and there is no "
+            "auto_map.AutoConfig; upgrade transformers or use a supported model"
+        )
     if "contains custom code" in msg or "trust_remote_code" in msg:
         return UntrustedCodeError(f"{name}: the repo's own config code must run; pass --trust-remote-code")
     return InvalidModelError(f"{name}: transformers cannot build the config: {msg[:300]}")
 
 
-def build(folder: Path, raw: dict, *, config_file: str = "config.json", trust_remote_code: bool = False,
-          hf_overrides: dict | None = None, hub_source: dict | None = None, params: dict | None = None,
-          extra_warnings: list | None = None) -> Loaded:
+def build(
+    folder: Path,
+    raw: dict,
+    *,
+    config_file: str = "config.json",
+    trust_remote_code: bool = False,
+    hf_overrides: dict | None = None,
+    hub_source: dict | None = None,
+    params: dict | None = None,
+    extra_warnings: list | None = None,
+) -> Loaded:
     """Build the config object from `raw` (the parsed config file) in `folder`."""
     folder = Path(folder)
     overrides = dict(hf_overrides or {})
@@ -173,11 +201,15 @@ def build(folder: Path, raw: dict, *, config_file: str = "config.json", trust_re
     model_type = overrides.get("model_type", raw.get("model_type"))
     ref = _auto_config_ref(raw)
     if not raw.get("model_type") and not raw.get("architectures") and ref is None:
-        raise InvalidModelError(f"{name} has neither 'model_type' nor 'architectures'; it does not describe a model "
-                                "(add model_type, e.g. \"llama\")")
+        raise InvalidModelError(
+            f"{name} has neither 'model_type' nor 'architectures'; it does not describe a model "
+            '(add model_type, e.g. "llama")'
+        )
     if not model_type and ref is None and raw.get("speculators_config") is None:  # C-05
-        raise InvalidModelError(f"{name} has no 'model_type' (architectures {raw.get('architectures')}); add the "
-                                "model type (e.g. \"llama\"): transformers needs it to pick the config class")
+        raise InvalidModelError(
+            f"{name} has no 'model_type' (architectures {raw.get('architectures')}); add the "
+            'model type (e.g. "llama"): transformers needs it to pick the config class'
+        )
     if raw.get("speculators_config") is not None and not model_type:
         raise UnsupportedError(f"{name} is a speculators (draft model) config; prestage runs target models only")
 
@@ -196,14 +228,19 @@ def build(folder: Path, raw: dict, *, config_file: str = "config.json", trust_re
     if ref is not None and not known and not trust_remote_code:
         raise UntrustedCodeError(
             f"{name}: model_type {model_type!r} is not known to transformers, so the repo's own code "
-            f"auto_map.AutoConfig={ref} would have to run; pass --trust-remote-code to allow it")
+            f"auto_map.AutoConfig={ref} would have to run; pass --trust-remote-code to allow it"
+        )
     if model_type and not known and ref is None and config_file != "params.json":  # C-04
-        raise UnsupportedError(f"{name}: model_type {model_type!r} is not known to transformers "
-                               f"{transformers.__version__} and the repo has no auto_map.AutoConfig code; upgrade "
-                               "transformers or use a supported model")
+        raise UnsupportedError(
+            f"{name}: model_type {model_type!r} is not known to transformers "
+            f"{transformers.__version__} and the repo has no auto_map.AutoConfig code; upgrade "
+            "transformers or use a supported model"
+        )
     if ref is not None and known and own is None and not trust_remote_code:
-        loaded.warnings.append(f"{name} names remote code auto_map.AutoConfig={ref}, but model_type "
-                               f"{model_type!r} is built in: using transformers' own class (no code run)")
+        loaded.warnings.append(
+            f"{name} names remote code auto_map.AutoConfig={ref}, but model_type "
+            f"{model_type!r} is built in: using transformers' own class (no code run)"
+        )
 
     # vLLM applies its legacy RoPE rules after transformers built the object; transformers 5.24 already
     # rejects some legacy forms while building (Phi-3's "su" fails longrope validation before its own rename),
@@ -228,7 +265,7 @@ def build(folder: Path, raw: dict, *, config_file: str = "config.json", trust_re
         raise _translate_build_error(e, name) from None
     loaded.config = config
     cls = type(config)
-    loaded.config_class = (f"remote:{ref}" if remote else f"{cls.__module__}.{cls.__qualname__}")
+    loaded.config_class = f"remote:{ref}" if remote else f"{cls.__module__}.{cls.__qualname__}"
     _construction_patches(raw, config, loaded.patches)
     _post_parse(config, overrides, loaded)
     return loaded
@@ -243,14 +280,16 @@ def _construct_remote(folder: Path, raw: dict, ref: str, hub_source: dict | None
     auto_map = raw.get("auto_map")
     loaded.remote_code = {
         "auto_map": dict(sorted(auto_map.items())) if isinstance(auto_map, dict) else auto_map,
-        "repo_id": (hub_source or {}).get("repo_id"), "commit": (hub_source or {}).get("commit"),
-        "files": [{"path": f, "sha256": sha256_hex(folder / f)} for f in files]}
+        "repo_id": (hub_source or {}).get("repo_id"),
+        "commit": (hub_source or {}).get("commit"),
+        "files": [{"path": f, "sha256": sha256_hex(folder / f)} for f in files],
+    }
     return config
 
 
 def _rope_prepass(raw: dict, loaded: Loaded) -> tuple[dict, bool]:
     """(the dict to build from, whether a meaning-changing legacy rule applied) — see the note in build()."""
-    from stages.configure import rope
+    from prestage.stages.configure import rope
 
     key = "rope_parameters" if isinstance(raw.get("rope_parameters"), dict) else "rope_scaling"
     rp = raw.get(key)
@@ -274,34 +313,53 @@ def _rope_view(d: dict) -> dict:
 
 def _construction_patches(raw: dict, config, patches: list) -> None:
     """Record what transformers changed while building the object (what config.json says vs what we use)."""
+
     def rec(rule, fld, before, after, why):
         patches.append({"rule": rule, "field": fld, "before": before, "after": after, "why": why})
 
     if raw.get("model_type") and config.model_type != raw.get("model_type"):
-        why = ("transformers reads a mistral config with layer_types as ministral" if
-               raw.get("model_type") == "mistral" else "the config class names its own model_type")
+        why = (
+            "transformers reads a mistral config with layer_types as ministral"
+            if raw.get("model_type") == "mistral"
+            else "the config class names its own model_type"
+        )
         rec("model_type", "model_type", raw.get("model_type"), config.model_type, why)
     if "torch_dtype" in raw and "dtype" not in raw:
-        rec("torch_dtype->dtype", "dtype", raw["torch_dtype"], _dtype_name(getattr(config, "dtype", None)),
-            "transformers v5 renamed torch_dtype to dtype")
+        rec(
+            "torch_dtype->dtype",
+            "dtype",
+            raw["torch_dtype"],
+            _dtype_name(getattr(config, "dtype", None)),
+            "transformers v5 renamed torch_dtype to dtype",
+        )
     before = _rope_view(raw)
     after = copy.deepcopy(getattr(config, "rope_parameters", None))
     if (before or after) and before.get("rope_parameters", before.get("rope_scaling")) != after:
-        rec("rope_scaling->rope_parameters", "rope_parameters", before or None, after,
+        rec(
+            "rope_scaling->rope_parameters",
+            "rope_parameters",
+            before or None,
+            after,
             "transformers v5 keeps rope_scaling and rope_theta in rope_parameters (setdefault of rope_type, "
-            "rope_theta)")
+            "rope_theta)",
+        )
     text = config.get_text_config()
     raw_text = raw.get("text_config") if text is not config and isinstance(raw.get("text_config"), dict) else raw
     if "sliding_window" in raw_text and getattr(text, "sliding_window", None) != raw_text["sliding_window"]:
-        rec("sliding_window", "sliding_window", raw_text["sliding_window"], getattr(text, "sliding_window", None),
-            "the config class drops the window when use_sliding_window is false")
+        rec(
+            "sliding_window",
+            "sliding_window",
+            raw_text["sliding_window"],
+            getattr(text, "sliding_window", None),
+            "the config class drops the window when use_sliding_window is false",
+        )
 
 
 def _dtype_name(d):
     if d is None:
         return None
     s = str(d)
-    return s[len("torch."):] if s.startswith("torch.") else s
+    return s[len("torch.") :] if s.startswith("torch.") else s
 
 
 def _post_parse(config, overrides: dict, loaded: Loaded) -> None:
@@ -309,8 +367,15 @@ def _post_parse(config, overrides: dict, loaded: Loaded) -> None:
     patches = loaded.patches
     if getattr(config, "llm_config", None) is not None and getattr(config, "text_config", None) is None:
         config.text_config = config.llm_config  # C-11
-        patches.append({"rule": "llm_config->text_config", "field": "text_config", "before": None,
-                        "after": "llm_config", "why": "vLLM reads a model's llm_config as its text_config"})
+        patches.append(
+            {
+                "rule": "llm_config->text_config",
+                "field": "text_config",
+                "before": None,
+                "after": "llm_config",
+                "why": "vLLM reads a model's llm_config as its text_config",
+            }
+        )
     if not getattr(config, "architectures", None) and "architectures" not in overrides:
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
@@ -319,13 +384,21 @@ def _post_parse(config, overrides: dict, loaded: Loaded) -> None:
             base = base[0] if base else None
         if base:
             config.architectures = [base]
-            patches.append({"rule": "architectures fallback", "field": "architectures", "before": None,
-                            "after": [base], "why": "no architectures in config.json: the model type's base "
-                            "class (transformers MODEL_MAPPING_NAMES), as vLLM does"})
+            patches.append(
+                {
+                    "rule": "architectures fallback",
+                    "field": "architectures",
+                    "before": None,
+                    "after": [base],
+                    "why": "no architectures in config.json: the model type's base "
+                    "class (transformers MODEL_MAPPING_NAMES), as vLLM does",
+                }
+            )
         else:
             raise InvalidModelError(
                 f"config.json has no 'architectures' and model_type {config.model_type!r} has no default model "
-                "class; add architectures, or pass --hf-overrides '{\"architectures\": [\"...ForCausalLM\"]}'")
+                'class; add architectures, or pass --hf-overrides \'{"architectures": ["...ForCausalLM"]}\''
+            )
     for key in sorted(overrides):
         if key == "model_type":
             continue
@@ -335,8 +408,10 @@ def _post_parse(config, overrides: dict, loaded: Loaded) -> None:
             raise
         except Exception as e:  # transformers' strict config fields reject a value of the wrong type
             msg = " ".join(str(e).split())[:200]
-            raise UsageError(f"--hf-overrides {key}={json.dumps(overrides[key])[:80]}: the config rejects it "
-                             f"({type(e).__name__}: {msg}); pass a value of the field's type") from None
+            raise UsageError(
+                f"--hf-overrides {key}={json.dumps(overrides[key])[:80]}: the config rejects it "
+                f"({type(e).__name__}: {msg}); pass a value of the field's type"
+            ) from None
 
 
 def _apply_override(config, key: str, value, patches: list) -> None:
@@ -349,13 +424,21 @@ def _apply_override(config, key: str, value, patches: list) -> None:
                 sub[k] = value[k]
             else:
                 setattr(sub, k, value[k])
-            patches.append({"rule": "hf_overrides", "field": f"{key}.{k}", "before": _plainish(before),
-                            "after": value[k], "why": "--hf-overrides"})
+            patches.append(
+                {
+                    "rule": "hf_overrides",
+                    "field": f"{key}.{k}",
+                    "before": _plainish(before),
+                    "after": value[k],
+                    "why": "--hf-overrides",
+                }
+            )
     else:
         before = copy.deepcopy(getattr(config, key, None))
         config.update({key: value})
-        patches.append({"rule": "hf_overrides", "field": key, "before": _plainish(before), "after": value,
-                        "why": "--hf-overrides"})
+        patches.append(
+            {"rule": "hf_overrides", "field": key, "before": _plainish(before), "after": value, "why": "--hf-overrides"}
+        )
 
 
 def _plainish(v):

@@ -16,7 +16,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from stages import errors
+from prestage.stages import errors
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -31,8 +31,9 @@ def read_json(path: Path, what: str) -> dict | None:
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as e:
-        raise errors.InvalidModelError(f"{what}: {path.name} is not valid JSON ({_short(e, 120)}); fix or "
-                                       "re-upload the file") from None
+        raise errors.InvalidModelError(
+            f"{what}: {path.name} is not valid JSON ({_short(e, 120)}); fix or re-upload the file"
+        ) from None
     if not isinstance(data, dict):
         raise errors.InvalidModelError(f"{what}: {path.name} holds a {type(data).__name__}, not a JSON object")
     return data
@@ -63,8 +64,9 @@ def preflight(folder: Path, where: str, mode: str) -> dict | None:
         try:
             Tokenizer.from_str(tj.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise errors.InvalidModelError(f"{where}: tokenizer.json is not a valid tokenizers file "
-                                           f"({_short(e, 160)}); fix or re-upload it") from None
+            raise errors.InvalidModelError(
+                f"{where}: tokenizer.json is not a valid tokenizers file ({_short(e, 160)}); fix or re-upload it"
+            ) from None
     if mode == "hf" and config and auto_map_ref(config) is None:
         name = config.get("tokenizer_class")
         if isinstance(name, str) and name:
@@ -74,12 +76,20 @@ def preflight(folder: Path, where: str, mode: str) -> dict | None:
             if all(tokenizer_class_from_name(c) is None for c in candidates):
                 raise errors.InvalidModelError(
                     f"{where}: tokenizer_config.json names tokenizer_class '{name}', which transformers does not "
-                    "have; fix tokenizer_class, upgrade transformers, or point --tokenizer at a working tokenizer")
-    elif mode == "hf" and not tj.is_file() and not any(folder.glob("*.model")) \
-            and not (folder / "vocab.json").is_file() and not (folder / "vocab.txt").is_file() \
-            and not (folder / "tekken.json").is_file():
-        raise errors.InvalidModelError(f"{where}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                                       "vocab or sentencepiece model); pass --tokenizer with a repo that has them")
+                    "have; fix tokenizer_class, upgrade transformers, or point --tokenizer at a working tokenizer"
+                )
+    elif (
+        mode == "hf"
+        and not tj.is_file()
+        and not any(folder.glob("*.model"))
+        and not (folder / "vocab.json").is_file()
+        and not (folder / "vocab.txt").is_file()
+        and not (folder / "tekken.json").is_file()
+    ):
+        raise errors.InvalidModelError(
+            f"{where}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "vocab or sentencepiece model); pass --tokenizer with a repo that has them"
+        )
     return config
 
 
@@ -88,30 +98,34 @@ def _untrusted(where: str, config: dict | None) -> errors.UntrustedCodeError:
     module = ref.split("--")[-1].rsplit(".", 1)[0] + ".py" if "." in ref else "its own module"
     return errors.UntrustedCodeError(
         f"{where}: the tokenizer is the repo's own code ({ref}, from {module}); review it, then pass "
-        "--trust-remote-code to run it")
+        "--trust-remote-code to run it"
+    )
 
 
 def load(folder: Path, mode: str, trust_remote_code: bool, where: str, config: dict | None = None):
     """The tokenizer object for `folder` (already preflighted), or one PrestageError line."""
     if mode == "mistral":
         if importlib.util.find_spec("mistral_common") is None:
-            raise errors.UnsupportedError(f"{where}: tokenizer mode mistral needs the mistral_common package: "
-                                          "pip install mistral-common (or pass --tokenizer-mode hf)")
+            raise errors.UnsupportedError(
+                f"{where}: tokenizer mode mistral needs the mistral_common package: "
+                "pip install mistral-common (or pass --tokenizer-mode hf)"
+            )
         try:
             from mistral_common.protocol.instruct.validator import ValidationMode
             from transformers import MistralCommonBackend
 
-            return MistralCommonBackend.from_pretrained(str(folder), mode=ValidationMode.test,
-                                                        local_files_only=True)
+            return MistralCommonBackend.from_pretrained(str(folder), mode=ValidationMode.test, local_files_only=True)
         except Exception as e:
-            raise errors.InvalidModelError(f"{where}: the Mistral tokenizer failed to load "
-                                           f"({type(e).__name__}: {_short(e)})") from None
+            raise errors.InvalidModelError(
+                f"{where}: the Mistral tokenizer failed to load ({type(e).__name__}: {_short(e)})"
+            ) from None
 
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
-                                             local_files_only=True, truncation_side="left")
+        return AutoTokenizer.from_pretrained(
+            str(folder), trust_remote_code=trust_remote_code, local_files_only=True, truncation_side="left"
+        )
     except ValueError as e:
         text = str(e)
         if not trust_remote_code and ("custom code" in text or "trust_remote_code" in text):
@@ -120,10 +134,12 @@ def load(folder: Path, mode: str, trust_remote_code: bool, where: str, config: d
     except ImportError as e:
         missing = getattr(e, "name", None)
         hint = f"pip install {missing}" if missing else "install the package it names"
-        raise errors.UnsupportedError(f"{where}: loading the tokenizer needs a package that is missing "
-                                      f"({_short(e, 160)}); {hint}") from None
+        raise errors.UnsupportedError(
+            f"{where}: loading the tokenizer needs a package that is missing ({_short(e, 160)}); {hint}"
+        ) from None
     except errors.PrestageError:
         raise
     except Exception as e:
-        raise errors.InvalidModelError(f"{where}: the tokenizer failed to load ({type(e).__name__}: "
-                                       f"{_short(e)}); check its tokenizer files") from None
+        raise errors.InvalidModelError(
+            f"{where}: the tokenizer failed to load ({type(e).__name__}: {_short(e)}); check its tokenizer files"
+        ) from None

@@ -10,14 +10,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages import hub
-from stages.base import Context, StageResult
-from stages.tokenize_prep import store
-from stages.tokenize_prep.cached import cached_attributes
-from stages.tokenize_prep.chat_template import resolve as resolve_template
-from stages.tokenize_prep.golden import golden
-from stages.tokenize_prep.loader import load, preflight, read_json
-from stages.tokenize_prep.source import TokenizerSource, locate, pick_mode
+from prestage.stages import hub
+from prestage.stages.base import Context, StageResult
+from prestage.stages.tokenize_prep import store
+from prestage.stages.tokenize_prep.cached import cached_attributes
+from prestage.stages.tokenize_prep.chat_template import resolve as resolve_template
+from prestage.stages.tokenize_prep.golden import golden
+from prestage.stages.tokenize_prep.source import TokenizerSource, locate, pick_mode
+from prestage.stages.tokenize_prep.tokenizer_loading import load, preflight, read_json
 
 
 def _model_json(ctx: Context, resolve: dict, src: TokenizerSource, name: str, warnings: list) -> dict | None:
@@ -34,9 +34,17 @@ def _model_json(ctx: Context, resolve: dict, src: TokenizerSource, name: str, wa
     from huggingface_hub import hf_hub_download
 
     try:
-        got = hub.with_retries(lambda: hf_hub_download(
-            resolve["repo_id"], name, revision=resolve["commit"], cache_dir=s.cache_dir, token=s.token,
-            local_files_only=s.offline, endpoint=s.endpoint))
+        got = hub.with_retries(
+            lambda: hf_hub_download(
+                resolve["repo_id"],
+                name,
+                revision=resolve["commit"],
+                cache_dir=s.cache_dir,
+                token=s.token,
+                local_files_only=s.offline,
+                endpoint=s.endpoint,
+            )
+        )
     except Exception as e:
         err = hub.translate(e, repo_id=resolve["repo_id"], revision=resolve["commit"], s=s)
         # the class only: the full message can hold this machine's cache path, and warnings are not volatile
@@ -102,18 +110,22 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
 
     warnings: list[str] = []
     if not getattr(tok, "is_fast", True):
-        warnings.append("slow (Python) tokenizer: this might cause a significant slowdown; a repo with "
-                        "tokenizer.json gives the fast one")
+        warnings.append(
+            "slow (Python) tokenizer: this might cause a significant slowdown; a repo with "
+            "tokenizer.json gives the fast one"
+        )
     vocab = tok.get_vocab()
     attrs = cached_attributes(tok, vocab)
     model_type, model_vocab = _model_facts(ctx, resolve, src, warnings)
     gen = _model_json(ctx, resolve, src, "generation_config.json", warnings)
     eos = _eos_ids(tok, gen)
     if not eos:
-        warnings.append("no eos token id in the tokenizer or generation_config.json: generation stops only at "
-                        "max tokens")
-    template, template_source, w = resolve_template(tok, ctx.params.get("chat_template"),
-                                                    inputs["chat_template"], model_type)
+        warnings.append(
+            "no eos token id in the tokenizer or generation_config.json: generation stops only at max tokens"
+        )
+    template, template_source, w = resolve_template(
+        tok, ctx.params.get("chat_template"), inputs["chat_template"], model_type
+    )
     warnings += w
     gold, w = golden(tok, template)
     warnings += w
@@ -122,17 +134,26 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
     if model_vocab is not None:
         max_valid = max(max_valid, model_vocab - 1)  # vLLM's prompt id bound (§4.6)
         if attrs["max_token_id"] >= model_vocab:
-            warnings.append(f"the tokenizer has ids up to {attrs['max_token_id']} but the model embeds only "
-                            f"{model_vocab} (vocab_size): prompts with ids >= {model_vocab} cannot be embedded")
+            warnings.append(
+                f"the tokenizer has ids up to {attrs['max_token_id']} but the model embeds only "
+                f"{model_vocab} (vocab_size): prompts with ids >= {model_vocab} cannot be embedded"
+            )
 
     saved = store.save(ctx.run_dir, tok, src.folder, template)
     t3 = time.perf_counter()
     added = tok.get_added_vocab() if hasattr(tok, "get_added_vocab") else {}
     outputs = {
         "tokenizer_dir": store.TOKENIZER_DIR,
-        "source": src.kind, "name": src.name, "repo_id": src.repo_id, "revision": src.revision,
-        "commit": src.commit, "snapshot": src.snapshot, "local_dir": src.local_dir,
-        "mode": mode, "mode_reason": why, "class": type(tok).__name__,
+        "source": src.kind,
+        "name": src.name,
+        "repo_id": src.repo_id,
+        "revision": src.revision,
+        "commit": src.commit,
+        "snapshot": src.snapshot,
+        "local_dir": src.local_dir,
+        "mode": mode,
+        "mode_reason": why,
+        "class": type(tok).__name__,
         "trust_remote_code": inputs["trust_remote_code"],
         **attrs,
         "bos_token_id": getattr(tok, "bos_token_id", None),
@@ -140,9 +161,13 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         "generation_defaults": generation_defaults(gen),
         "pad_token_id": getattr(tok, "pad_token_id", None),
         "added_vocab": {str(k): int(v) for k, v in added.items()},
-        "chat_template": None if template is None else {
-            "source": template_source, "file": saved["chat_template_file"],
-            "sha256": store.sha256_hex(ctx.run_dir / saved["chat_template_file"])},
+        "chat_template": None
+        if template is None
+        else {
+            "source": template_source,
+            "file": saved["chat_template_file"],
+            "sha256": store.sha256_hex(ctx.run_dir / saved["chat_template_file"]),
+        },
         "tokenizer_json_sha256": saved["tokenizer_json_sha256"],
         "golden": gold,
         "model_type": model_type,
@@ -150,6 +175,10 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         "max_valid_id": max_valid,
         "files": store.listing(ctx.run_dir),
     }
-    volatile = {"tokenizer_folder": str(src.folder), "locate_s": round(t1 - t0, 4),
-                "load_s": round(t2 - t1, 4), "record_s": round(t3 - t2, 4)}
+    volatile = {
+        "tokenizer_folder": str(src.folder),
+        "locate_s": round(t1 - t0, 4),
+        "load_s": round(t2 - t1, 4),
+        "record_s": round(t3 - t2, 4),
+    }
     return StageResult(outputs=outputs, warnings=warnings, volatile=volatile)

@@ -30,7 +30,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from stages.errors import InvalidModelError, UnsupportedError, UsageError
+from prestage.stages.errors import InvalidModelError, UnsupportedError, UsageError
 
 LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "mistral", "npcache", "dummy")
 DEFAULT_IGNORE = ("original/**/*",)
@@ -123,8 +123,9 @@ def usable_formats(paths, ignore_patterns=DEFAULT_IGNORE) -> list[str]:
     return out
 
 
-def select(load_format: str, paths, *, index: dict | None = None, ignore_patterns=DEFAULT_IGNORE,
-           model: str = "the model") -> Selection:
+def select(
+    load_format: str, paths, *, index: dict | None = None, ignore_patterns=DEFAULT_IGNORE, model: str = "the model"
+) -> Selection:
     """Pick the files to load. `index` is the parsed index JSON named by `index_needed()`, if any."""
     asked = normalize_load_format(load_format)
     paths = sorted(set(paths))
@@ -145,23 +146,27 @@ def select(load_format: str, paths, *, index: dict | None = None, ignore_pattern
             needed = {str(v) for v in index["weight_map"].values()}
             missing = sorted(needed - set(matched))
             if missing:
-                raise InvalidModelError(f"{model}: weight files referenced in {name} but missing: "
-                                        f"{', '.join(missing)}; re-upload them or fix the index")
+                raise InvalidModelError(
+                    f"{model}: weight files referenced in {name} but missing: "
+                    f"{', '.join(missing)}; re-upload them or fix the index"
+                )
             skipped = [{"path": p, "why": f"not in {name}"} for p in matched if p not in needed]
             matched = [p for p in matched if p in needed]
             used_index = name
         files = sorted(matched, key=natural_key)
     else:
         used = "npcache" if fmt == "npcache" else "pt"
-        skipped = [{"path": p, "why": "not needed for inference"} for p in matched
-                   if p.endswith(_NOT_FOR_INFERENCE)]
+        skipped = [{"path": p, "why": "not needed for inference"} for p in matched if p.endswith(_NOT_FOR_INFERENCE)]
         files = sorted((p for p in matched if not p.endswith(_NOT_FOR_INFERENCE)), key=natural_key)
     if not files:
         looks = ", ".join(_PATTERNS[fmt][:1] if fmt == "pt" else _PATTERNS[fmt])
         shown = ", ".join(top[:12]) + (f", ... ({len(top)} top-level files)" if len(top) > 12 else "")
         others = [f for f in usable_formats(paths, ignore_patterns) if f != fmt]
-        hint = (f"try --load-format {others[0]}" if others
-                else "this repo has no loadable weights (.safetensors/.bin/.pt)")
-        raise UnsupportedError(f"Cannot find any model weights with load format '{asked}' in {model}: it loads "
-                               f"{looks} (top level) and the repo has {shown or 'no top-level files'}; {hint}")
+        hint = (
+            f"try --load-format {others[0]}" if others else "this repo has no loadable weights (.safetensors/.bin/.pt)"
+        )
+        raise UnsupportedError(
+            f"Cannot find any model weights with load format '{asked}' in {model}: it loads "
+            f"{looks} (top level) and the repo has {shown or 'no top-level files'}; {hint}"
+        )
     return Selection(asked, used, pattern, files, used_index, skipped)

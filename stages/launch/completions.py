@@ -1,0 +1,73 @@
+"""launch's work: load the staged model into the engine, complete the prompts, record the completions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prestage.stages.base import Context, StageResult
+from prestage.stages.errors import NotFoundError, UsageError
+
+DEFAULT_PROMPT = "Hello, my name is"
+
+
+def read_prompts(params: dict) -> list[str]:
+    prompts = list(params.get("prompt") or [])
+    file = params.get("prompts_file")
+    if file:
+        path = Path(file).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise NotFoundError(f"--prompts-file {file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts-file {file}: cannot read it as UTF-8 text ({e})") from None
+        prompts.extend(line for line in text.splitlines() if line.strip())
+    return prompts or [DEFAULT_PROMPT]
+
+
+def run_launch(ctx: Context, inputs: dict) -> StageResult:
+    from prestage.stages.launch.inference import load_for_inference
+    from prestage.stages.launch.sampling import SamplingParams
+
+    start = time.perf_counter()
+    rep = ctx.reporter
+    prompts = inputs["prompts"]
+    params = dict(ctx.params, **{k: inputs[k] for k in ("device", "gpu_memory_utilization", "seed", "verify_hashes")})
+    inf = load_for_inference(ctx.run_dir, ctx.upstream, params, max_num_seqs=min(inputs["max_num_seqs"], len(prompts)))
+    w = inf.timings["weights"]
+    rep.info(
+        f"launch: {inf.info['implementation'].get('architecture')} ({inf.info['engine']['kind']}) on "
+        f"{inf.info['device']} {inf.info['dtype']}: weights {w['bytes'] / 1e6:.1f} MB in {w['seconds']:.2f}s "
+        f"({w['gb_per_s']:.2f} GB/s), KV cache {inf.info['kv_cache_tokens']} tokens"
+    )
+    sp = SamplingParams(
+        max_tokens=inputs["max_tokens"],
+        temperature=inputs["temperature"],
+        top_p=inputs["top_p"],
+        top_k=inputs["top_k"],
+        min_p=inputs["min_p"],
+        repetition_penalty=inputs["repetition_penalty"],
+        stop=inputs["stop"],
+    )
+    prompt_ids = [list(inf.tokenizer.encode(p)) for p in prompts]
+    results = inf.engine.generate(prompt_ids, sp)
+    completions = [
+        {"prompt": p, "text": r["text"], "token_ids": r["token_ids"], "finish_reason": r["finish_reason"]}
+        for p, r in zip(prompts, results, strict=True)
+    ]
+    for c in completions:
+        rep.info(f"launch: {c['prompt']!r} -> {c['text']!r} ({len(c['token_ids'])} tokens, {c['finish_reason']})")
+    stats = inf.engine.stats
+    outputs = dict(inf.info, completions=completions)
+    volatile = {
+        "startup": {
+            **{k: round(v, 4) for k, v in inf.timings.items() if isinstance(v, float)},
+            "weights": inf.timings["weights"],
+            "first_token_s": round(stats.get("first_token_s") or 0.0, 4),
+        },
+        "generate_s": round(stats.get("generate_s", 0.0), 4),
+        "generated_tokens": stats.get("generated_tokens", 0),
+        "total_s": round(time.perf_counter() - start, 4),
+    }
+    return StageResult(outputs=outputs, warnings=list(inf.warnings), volatile=volatile)
