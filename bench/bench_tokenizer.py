@@ -128,7 +128,7 @@ def measure(label: str, tok_factory, n: int, work: Path) -> dict:
     quiet = Reporter(quiet=True)
     t0 = time.perf_counter()
     run_stage("resolve", run, {"model": str(folder)}, quiet, force=True)
-    outputs = run_stage("tokenize-prep", run, {"model": str(folder)}, quiet, force=True).manifest.outputs
+    outputs = run_stage("tokenize-prep", run, {"model": str(folder)}, quiet, force=True).manifest.record
     prep_s = time.perf_counter() - t0
 
     from transformers import AutoTokenizer
@@ -149,7 +149,7 @@ def measure(label: str, tok_factory, n: int, work: Path) -> dict:
     return {
         "label": label,
         "n_requests": n,
-        "vocab_len": outputs["len"],
+        "vocab_len": outputs.len,
         "tokenizer_json_bytes": (folder / "tokenizer.json").stat().st_size,
         "tokenize_prep_s": round(prep_s, 4),
         "cached": {

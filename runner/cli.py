@@ -266,9 +266,9 @@ def _serve_command() -> click.Command:
 
         from prestage.stages.launch.server import create_app
 
-        name = served_model_name or upstream["resolve"].outputs["model"]
+        name = served_model_name or upstream["resolve"].record.model
         app = create_app(
-            inference, name, int(upstream["configure"].outputs["max_model_len"]), generation_defaults(mode, upstream)
+            inference, name, upstream["configure"].record.max_model_len, generation_defaults(mode, upstream)
         )
         reporter.info(
             f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, {inference.info['dtype']})"

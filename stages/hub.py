@@ -8,7 +8,6 @@
   path of a stage stays fast and makes no network call.
 - `translate(e, ...)`: a huggingface_hub / transformers exception as a one-line PrestageError.
 - `with_retries(fn)`: bounded retries with backoff for transient hub failures (connection, 5xx, 429).
-- `model_dir(run_dir, resolve_outputs, params)`: the absolute folder a resolved model lives in.
 """
 
 from __future__ import annotations
@@ -93,7 +92,9 @@ def _token_from_env() -> tuple[str | None, str | None]:
 
 def settings(params: dict) -> HubSettings:
     token, source = (params.get("hf_token"), "--hf-token") if params.get("hf_token") else _token_from_env()
-    cache = Path(params["download_dir"]).expanduser() if params.get("download_dir") else default_cache_dir()
+    # cache_dir: the run's cache root as stages/paths.py decided it; else --download-dir; else the environment's
+    chosen = params.get("cache_dir") or params.get("download_dir")
+    cache = Path(chosen).expanduser() if chosen else default_cache_dir()
     offline = bool(params.get("offline")) or env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     return HubSettings(endpoint=endpoint, token=token, token_source=source, cache_dir=cache.absolute(), offline=offline)
@@ -142,13 +143,6 @@ def snapshot_rel(repo_id: str, commit: str) -> str:
 def cached_file(cache_dir: Path, repo_id: str, commit: str, path: str) -> Path | None:
     p = Path(cache_dir) / snapshot_rel(repo_id, commit) / path
     return p if p.is_file() else None
-
-
-def model_dir(run_dir: Path, resolve_outputs: dict, params: dict | None = None) -> Path:
-    """Absolute folder holding the resolved model: the local folder, or the cached snapshot."""
-    if resolve_outputs["source"] == "local":
-        return (Path(run_dir) / resolve_outputs["local_dir"]).resolve()
-    return settings(params or {}).cache_dir / resolve_outputs["snapshot"]
 
 
 # ---- errors -----------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class Manifest:
     volatile: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     fingerprint: str = ""
+    record: Any = field(default=None, compare=False, repr=False)  # the typed outputs (stages/records.py), once read
 
     def __post_init__(self):
         if not self.fingerprint:

@@ -60,11 +60,12 @@ def run_card(tmp_path, name, **params):
     folder.mkdir(parents=True)
     shutil.copy(CARDS / f"{name}.json", folder / "config.json")
     inputs = ConfigureStage().inputs(params, {})
-    out, warnings = configure(folder, "config.json", inputs)
+    record, warnings = configure(folder, "config.json", inputs)
+    out = record.to_dict()
     assert set(out) == OUTPUT_KEYS
     assert SPEC_KEYS <= set(out["spec"])
     # plain data that a manifest can hold, byte-stable across two runs
-    again, _ = configure(folder, "config.json", inputs)
+    again = configure(folder, "config.json", inputs)[0].to_dict()
     assert canonical_bytes(out) == canonical_bytes(again)
     Manifest(stage="configure", stage_version=1, inputs=inputs, upstream={}, outputs=out).to_bytes()
     assert "_name_or_path" not in out["config"] and "transformers_version" not in out["config"]

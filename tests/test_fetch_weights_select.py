@@ -3,6 +3,7 @@ parsing without torch, hashing, and the tensor-index checks against configure's 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -18,6 +19,7 @@ from prestage.stages.fetch_weights import selection as sel
 from prestage.stages.fetch_weights.safetensors_header import read_header
 from prestage.stages.fetch_weights.tensors import check_spec, merge, param_count
 from prestage.stages.fetch_weights.verify import hash_files, sha256_file
+from prestage.stages.records import ModelSpec
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 INDEX = {"metadata": {}, "weight_map": {"a": SHARDS[0], "b": SHARDS[1]}}
@@ -229,19 +231,43 @@ def _index(n_layers, vocab=16, hidden=4, head=True):
     return t
 
 
-SPEC = {"num_hidden_layers": 3, "vocab_size": 16, "hidden_size": 4, "tie_word_embeddings": False}
+SPEC = ModelSpec(
+    model_type="llama",
+    num_hidden_layers=3,
+    hidden_size=4,
+    intermediate_size=8,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=4,
+    vocab_size=16,
+    tie_word_embeddings=False,
+    sliding_window=None,
+    layer_types=None,
+    rope=None,
+    rms_norm_eps=1e-6,
+    attention_bias=False,
+    o_proj_bias=False,
+    mlp_bias=False,
+    qk_norm=False,
+    hidden_act="silu",
+    max_position_embeddings=64,
+    num_experts=None,
+    weight_dtype="float32",
+    param_count=None,
+    weight_bytes=None,
+)
 
 
 def test_spec_check_passes_and_counts():
     t = _index(3)
-    assert check_spec(t, SPEC) == []
+    assert check_spec(t, SPEC, {}) == []
     assert param_count(t) == 16 * 4 * 2 + 3 * 32
 
 
 @pytest.mark.parametrize("layers,msg", [(2, "layers 2 missing"), (4, "layers 3 not in the config")])
 def test_spec_check_layer_mismatch(layers, msg):
     with pytest.raises(InvalidModelError, match=msg):
-        check_spec(_index(layers), SPEC, where="org/m")
+        check_spec(_index(layers), SPEC, {}, where="org/m")
 
 
 def test_spec_check_mtp_layers_allowed_by_config():
@@ -250,12 +276,12 @@ def test_spec_check_mtp_layers_allowed_by_config():
 
 def test_spec_check_embed_shape():
     with pytest.raises(InvalidModelError, match=r"model.embed_tokens.weight has shape \[32, 4\]"):
-        check_spec(_index(3, vocab=32), SPEC)
+        check_spec(_index(3, vocab=32), SPEC, {})
 
 
 def test_spec_check_tied_head_warnings():
-    assert "unties" in check_spec(_index(3), {**SPEC, "tie_word_embeddings": True})[0]
-    assert "no lm_head" in check_spec(_index(3, head=False), SPEC)[0]
+    assert "unties" in check_spec(_index(3), dataclasses.replace(SPEC, tie_word_embeddings=True), {})[0]
+    assert "no lm_head" in check_spec(_index(3, head=False), SPEC, {})[0]
 
 
 def test_merge_rejects_duplicate_tensor():

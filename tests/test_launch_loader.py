@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ import torch
 from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError
 from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
 from prestage.stages.launch.weight_loading import fill_dummy, load_checkpoint
+from prestage.stages.records import Implementation, ModelSpec
+from tests.support.records import weights_record
 
 
 def record(folder: Path, rel: str, kind: str) -> dict:
@@ -57,7 +60,7 @@ def test_launch_loader_sharded_safetensors_with_hashes(checkpoint_dirs, tmp_path
     outputs = safetensors_outputs(folder)
     assert len(outputs["files"]) > 1
     model = native_for(folder)
-    stats = load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    stats = load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     assert stats.files == len(outputs["files"]) and stats.hashed
     assert stats.bytes == sum(f["size"] for f in outputs["files"]) and stats.gbps > 0
     assert stats.warnings == []
@@ -69,7 +72,7 @@ def test_launch_loader_bin_checkpoint(checkpoint_dirs, tmp_path):
     folder = checkpoint_dirs["bin"]
     outputs = {"format": "pt", "files": [record(folder, "pytorch_model.bin", "bin")]}
     model = native_for(folder)
-    stats = load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    stats = load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     assert stats.files == 1 and stats.tensors > 0
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
     assert diff < 1e-5
@@ -86,7 +89,7 @@ def test_launch_loader_npcache(checkpoint_dirs, tmp_path):
         "npcache": npcache.build(tmp_path, [(rec["path"], folder / rec["path"], rec["sha256"])]),
     }
     model = native_for(folder)
-    load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
     assert diff < 1e-5
 
@@ -97,7 +100,7 @@ def test_launch_loader_missing_file_is_not_found(checkpoint_dirs, tmp_path):
     outputs = safetensors_outputs(folder)
     (folder / outputs["files"][1]["path"]).unlink()
     with pytest.raises(NotFoundError, match=outputs["files"][1]["path"]) as e:
-        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(outputs), folder, tmp_path, "cpu")
     assert "\n" not in str(e.value)
 
 
@@ -109,12 +112,14 @@ def test_launch_loader_wrong_size_and_wrong_hash_are_integrity_errors(checkpoint
     data = bytearray(path.read_bytes())
     path.write_bytes(bytes(data[:-4]))
     with pytest.raises(IntegrityError, match="bytes, fetch-weights recorded"):
-        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(outputs), folder, tmp_path, "cpu")
     data[-1] ^= 0xFF  # same size, one bit pattern changed inside the last tensor
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="sha256"):
-        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu", verify_hashes=True)
-    load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu", verify_hashes=False)  # sizes only
+        load_checkpoint(native_for(folder), weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
+    load_checkpoint(
+        native_for(folder), weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=False
+    )  # sizes only
 
 
 def test_W15_launch_loader_missing_parameter_and_unused_tensor(checkpoint_dirs, tmp_path):
@@ -126,14 +131,14 @@ def test_W15_launch_loader_missing_parameter_and_unused_tensor(checkpoint_dirs, 
     tensors = load_file(st)
     extra = dict(tensors, **{"model.layers.0.mlp.extra_bias": torch.zeros(3)})
     save_file(extra, st)
-    stats = load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+    stats = load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     assert len(stats.warnings) == 1 and "model.layers.0.mlp.extra_bias" in stats.warnings[0]
 
     del tensors["model.layers.1.self_attn.k_proj.weight"]  # one shard of the fused qkv_proj
     del tensors["model.norm.weight"]
     save_file(tensors, st)
     with pytest.raises(InvalidModelError) as e:
-        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     msg = str(e.value)
     assert "2 parameter(s)" in msg and "model.layers.1.self_attn.qkv_proj.weight" in msg
     assert "model.norm.weight" in msg and "\n" not in msg
@@ -148,12 +153,12 @@ def test_launch_loader_shape_mismatch_is_invalid_model(checkpoint_dirs, tmp_path
     tensors["model.norm.weight"] = torch.ones(65)
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(InvalidModelError, match=r"model.norm.weight has shape \[65\]"):
-        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
 
 
 def test_W13_launch_loader_dummy_follows_vllm_rule(checkpoint_dirs, tmp_path):
     model = native_for(checkpoint_dirs["single"])
-    stats = load_checkpoint(model, {"format": "dummy", "files": []}, None, tmp_path, "cpu")
+    stats = load_checkpoint(model, weights_record({"format": "dummy", "files": []}), None, tmp_path, "cpu")
     assert stats.format == "dummy"
     for name, p in model.named_parameters():
         want = torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=torch.Generator().manual_seed(1234))
@@ -206,10 +211,15 @@ def test_W04_launch_loader_mistral_format_names(checkpoint_dirs, tmp_path):
     args.qkv_bias = False
     model = DecoderForCausalLM(args, dtype=torch.float32)
     outputs = {"format": "mistral", "files": [record(folder, "consolidated.safetensors", "safetensors")]}
-    load_checkpoint(model, outputs, folder, tmp_path, "cpu")
+    load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu")
     plain = DecoderForCausalLM(args, dtype=torch.float32)
     plain.load_weights((n, t) for n, t in hf.items() if not n.endswith("_proj.bias"))
     assert torch.equal(last_logits(model, IDS), last_logits(plain, IDS))
+
+
+QWEN2_NATIVE = Implementation(
+    architecture="Qwen2ForCausalLM", impl="native", class_ref="prestage.stages.launch.models.decoder:DecoderForCausalLM"
+)
 
 
 def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path):
@@ -224,22 +234,15 @@ def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path)
     cfg = transformers.AutoConfig.from_pretrained(folder)
     spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
     spec["tie_word_embeddings"] = True
-    conf = {
-        "implementation": {
-            "architecture": "Qwen2ForCausalLM",
-            "impl": "native",
-            "class": "prestage.stages.launch.models.decoder:DecoderForCausalLM",
-        },
-        "spec": spec,
-    }
+    conf = SimpleNamespace(implementation=QWEN2_NATIVE, spec=ModelSpec.from_dict(spec))
     tensors = {name: {} for name in load_file(folder / "model.safetensors")}
     warnings: list = []
-    model = build_model(conf, {"tensors": tensors}, torch.float32, torch.device("cpu"), None, warnings)
+    model = build_model(conf, tensors, torch.float32, torch.device("cpu"), None, warnings)
     assert model.args.tie_word_embeddings is False and "untied" in warnings[0]
-    load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
+    load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
     assert diff < 1e-5
-    tied = build_model(conf, {"tensors": {}}, torch.float32, torch.device("cpu"), None, [])
+    tied = build_model(conf, {}, torch.float32, torch.device("cpu"), None, [])
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     retie_if_identical(model, warnings)  # the tiny checkpoint's head differs from its embedding: stays untied
     assert model.lm_head.weight is not model.model.embed_tokens.weight
@@ -261,17 +264,10 @@ def test_W16_launch_reties_an_identical_head(checkpoint_dirs, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained(checkpoint_dirs["single"])
     spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
     spec["tie_word_embeddings"] = True
-    conf = {
-        "implementation": {
-            "architecture": "Qwen2ForCausalLM",
-            "impl": "native",
-            "class": "prestage.stages.launch.models.decoder:DecoderForCausalLM",
-        },
-        "spec": spec,
-    }
+    conf = SimpleNamespace(implementation=QWEN2_NATIVE, spec=ModelSpec.from_dict(spec))
     warnings: list = []
-    model = build_model(conf, {"tensors": {n: {} for n in state}}, torch.float32, torch.device("cpu"), None, warnings)
-    load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
+    model = build_model(conf, set(state), torch.float32, torch.device("cpu"), None, warnings)
+    load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     before = last_logits(model, IDS)
     retie_if_identical(model, warnings)
     assert model.lm_head.weight is model.model.embed_tokens.weight and "re-tied" in warnings[-1]

@@ -200,7 +200,13 @@ def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_e
 def test_launch_unknown_implementation_is_unsupported():
     from prestage.stages.launch.inference import build_model
 
-    conf = {"implementation": {"architecture": "FooForCausalLM", "impl": "native", "class": "foo:Bar"}}
+    from types import SimpleNamespace
+
+    from prestage.stages.records import Implementation
+
+    conf = SimpleNamespace(
+        implementation=Implementation(architecture="FooForCausalLM", impl="native", class_ref="foo:Bar")
+    )
     with pytest.raises(UnsupportedError, match="FooForCausalLM.*supported: native: .*Qwen2ForCausalLM"):
         build_model(conf, {}, torch.float32, torch.device("cpu"), None, [])
 

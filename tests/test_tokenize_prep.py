@@ -16,6 +16,7 @@ from prestage.runner.chain import run_stage
 from prestage.stages import errors
 from prestage.stages.base import Reporter
 from prestage.stages.manifest import read
+from prestage.stages.records import TokenizerRecord
 from prestage.stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
 from prestage.stages.tokenize_prep.cached import cached_attributes
 
@@ -73,15 +74,15 @@ def test_roundtrip_each_layout_stores_tokenizer_and_cached_attributes(checkpoint
     assert all((run / p).is_file() for p in stored)
     assert "vocab" not in out  # the whole vocabulary stays out of the manifest
 
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert type(tok).__name__.startswith("Cached") and isinstance(tok, type(fresh))
     assert len(tok) == 1024 and tok.max_token_id == 1023 and tok.all_special_ids == out["all_special_ids"]
     assert tok.get_vocab() is tok.get_vocab() and tok.get_vocab() == fresh.get_vocab()
     assert tok.name_or_path == str(checkpoint_dirs[layout])
     for g in out["golden"][:4]:
         assert tok.encode(g["text"]) == fresh.encode(g["text"]) == g["ids"]
-    check_golden(tok, out)
-    verify_files(run, out)
+    check_golden(tok, TokenizerRecord.from_dict(out))
+    verify_files(run, TokenizerRecord.from_dict(out))
     again = pickle.loads(pickle.dumps(tok))
     assert type(again).__name__ == type(tok).__name__ and len(again) == 1024
 
@@ -119,17 +120,17 @@ def test_verify_files_catches_same_size_change(model_copy, tmp_path):
     data[data.index(b"left")] = ord("L")  # same size, different bytes
     path.write_bytes(bytes(data))
     with pytest.raises(errors.IntegrityError, match="tokenizer_config.json sha256 differs"):
-        verify_files(run, out)
+        verify_files(run, TokenizerRecord.from_dict(out))
 
 
 def test_check_golden_names_first_changed_string(model_copy, tmp_path):
     run = tmp_path / "run"
     out = _prep(run, model_copy).outputs
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     changed = json.loads(json.dumps(out))
     changed["golden"][1]["ids"][3] += 1
     with pytest.raises(errors.IntegrityError, match=r"golden string 'code' .*position 3"):
-        check_golden(tok, changed)
+        check_golden(tok, TokenizerRecord.from_dict(changed))
 
 
 # ---- cases from the reference ----------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_T07_no_chat_template_is_none_with_warning(model_copy, tmp_path):
     assert m.outputs["chat_template"] is None
     assert [g["name"] for g in m.outputs["golden"]] == ["ascii", "code", "cjk", "emoji"]
     assert any("no chat template" in w for w in m.warnings)
-    tok = load_stored_tokenizer(tmp_path / "run", m.outputs)
+    tok = load_stored_tokenizer(tmp_path / "run", TokenizerRecord.from_dict(m.outputs))
     assert tok.chat_template is None
 
 
@@ -205,9 +206,9 @@ def test_T03_custom_tokenizer_class_needs_trust_remote_code(model_copy, tmp_path
     run = tmp_path / "trusted"
     out = _prep(run, model_copy, trust_remote_code=True).outputs
     assert out["class"] == "TinyCustomTokenizer" and out["trust_remote_code"] is True
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert type(tok).__name__ == "CachedTinyCustomTokenizer"
-    check_golden(tok, out)
+    check_golden(tok, TokenizerRecord.from_dict(out))
 
 
 def test_T03_custom_class_with_a_known_model_type_loads_the_builtin_class_untrusted(model_copy, tmp_path):
@@ -253,7 +254,7 @@ def test_chat_template_file_and_literal_override_and_change_fingerprint(model_co
     ct = first.outputs["chat_template"]
     assert ct["source"] == "cli-file" and (run / ct["file"]).read_text() == tpl.read_text()
     assert first.outputs["golden"][-1]["text"] == "[user] What is 2 + 2? Answer briefly.\n"
-    tok = load_stored_tokenizer(run, first.outputs)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(first.outputs))
     assert tok.chat_template == tpl.read_text()
 
     tpl.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
@@ -334,7 +335,7 @@ def test_T04_hub_model_tokenizer_uses_resolve_commit_and_skips_weights(hub, hf_e
     assert (snap / "tokenizer.json").is_file() and (snap / "generation_config.json").is_file()
     assert not any(p.endswith(".safetensors") for p in hub.downloads)
     assert out["eos_token_ids"] == [1023, 1021] and out["model_vocab_size"] == 1024
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert tok.name_or_path == "test-org/tiny-single"
 
     # offline, from the filled cache: same outputs, no request
@@ -343,14 +344,15 @@ def test_T04_hub_model_tokenizer_uses_resolve_commit_and_skips_weights(hub, hf_e
     assert offline == out and sum(hub.requests.values()) == 0
 
 
-def test_other_hub_tokenizer_is_pinned_and_ignores_download_dir(hub, hf_env, tmp_path):
+def test_other_hub_tokenizer_is_pinned_and_goes_where_the_model_goes(hub, hf_env, tmp_path):
     run = tmp_path / "run"
     dl = tmp_path / "dl"
     out = _prep(run, "test-org/tiny-single", tokenizer="test-org/tiny-sharded", download_dir=str(dl)).outputs
     assert out["source"] == "hub" and out["repo_id"] == "test-org/tiny-sharded"
     assert out["commit"] == hub.resolve("test-org/tiny-sharded", "main") and out["revision"] == "main"
-    assert (Path(hf_env["HF_HUB_CACHE"]) / out["snapshot"] / "tokenizer.json").is_file()
-    assert not (dl / "models--test-org--tiny-sharded").exists()
+    # one cache per run (the model's, --download-dir here), so a copied run is whole; vLLM would use HF_HUB_CACHE
+    assert (dl / out["snapshot"] / "tokenizer.json").is_file()
+    assert not (Path(hf_env["HF_HUB_CACHE"]) / "models--test-org--tiny-sharded").exists()
     assert out["eos_token_ids"] == [1023, 1021]  # generation_config from the model repo, in --download-dir
 
     with pytest.raises(errors.NotFoundError, match="revision 'nope' does not exist"):

@@ -12,6 +12,7 @@ from pathlib import Path
 from prestage.stages import errors
 from prestage.stages.configure import dtype as dtypes
 from prestage.stages.configure import maxlen
+from prestage.stages.records import ConfigureRecord
 
 GPU_CAPABILITY = (8, 0)  # the GPU launch targets: CUDA sm>=80 (A100/H100)
 
@@ -146,4 +147,4 @@ def configure(
         "trust_remote_code": trust,
         "remote_code": loaded.remote_code,
     }
-    return outputs, warnings
+    return ConfigureRecord.from_dict(outputs, "configure's outputs"), warnings

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import msgpack
 
+from prestage.stages.errors import BadManifestError
 from prestage.stages.hub import env_true
 from prestage.stages.manifest import canonical_bytes, write_atomic
+from prestage.stages.records import ConfigureRecord
 
 _SOURCES = Path(__file__).resolve().parent
 _REGISTRY = _SOURCES.parent / "launch" / "registry.py"
@@ -83,18 +85,26 @@ def _path(cache_dir: Path, k: str) -> Path:
     return Path(cache_dir) / ".prestage" / "configure" / f"{k}.msgpack"
 
 
-def load(cache_dir: Path, k: str) -> tuple[dict, list] | None:
+def load(cache_dir: Path, k: str) -> tuple[ConfigureRecord, list] | None:
+    """The stored (record, warnings) for key `k`, or None (absent, unreadable, or of another record shape)."""
     try:
         doc = msgpack.unpackb(_path(cache_dir, k).read_bytes(), raw=False, strict_map_key=False)
     except (OSError, ValueError, msgpack.UnpackException, TypeError):
         return None
     if not isinstance(doc, dict) or doc.get("key") != k or not isinstance(doc.get("outputs"), dict):
         return None
-    return doc["outputs"], list(doc.get("warnings") or [])
-
-
-def save(cache_dir: Path, k: str, outputs: dict, warnings: list) -> None:
+    warnings = doc.get("warnings")
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        return None
     try:
-        write_atomic(_path(cache_dir, k), canonical_bytes({"key": k, "outputs": outputs, "warnings": warnings}))
+        return ConfigureRecord.from_dict(doc["outputs"], "configure store entry"), warnings
+    except BadManifestError:
+        return None
+
+
+def save(cache_dir: Path, k: str, record: ConfigureRecord, warnings: list) -> None:
+    try:
+        doc = {"key": k, "outputs": record.to_dict(), "warnings": warnings}
+        write_atomic(_path(cache_dir, k), canonical_bytes(doc))
     except (OSError, TypeError):
         pass

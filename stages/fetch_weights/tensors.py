@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prestage.stages.errors import InvalidModelError
 from prestage.stages.fetch_weights.safetensors_header import read_header
+from prestage.stages.records import ConfigureRecord, ModelSpec
 
 _LAYER_RE = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.(\d+)\.")
 _EMBED = (
@@ -101,13 +102,12 @@ def param_count(tensors: dict) -> int:
     return sum(math.prod(t["shape"]) for t in tensors.values())
 
 
-def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: str = "checkpoint") -> list[str]:
+def check_spec(tensors: dict, spec: ModelSpec, config: dict, *, where: str = "checkpoint") -> list[str]:
     """Raise InvalidModelError when the tensors contradict the config; return warnings for softer doubts."""
     warnings: list[str] = []
-    config = config or {}
-    n_layers = spec.get("num_hidden_layers")
+    n_layers = spec.num_hidden_layers
     found = {int(m.group(1)) for name in tensors if (m := _LAYER_RE.match(name))}
-    if found and isinstance(n_layers, int):
+    if found:
         extra_ok = int(config.get("num_nextn_predict_layers") or config.get("mtp_num_hidden_layers") or 0)
         want = set(range(n_layers))
         missing = sorted(want - found)
@@ -123,8 +123,7 @@ def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: 
                 f"{_ranges(sorted(found))} ({'; '.join(parts)}); the checkpoint does not match "
                 "config.json: fix one of them"
             )
-    vocab, hidden = spec.get("vocab_size"), spec.get("hidden_size")
-    want_shape = [vocab, hidden] if isinstance(vocab, int) and isinstance(hidden, int) else None
+    want_shape = [spec.vocab_size, spec.hidden_size]
     embed = next((n for n in _EMBED if n in tensors), None)
     head = next((n for n in _HEAD if n in tensors), None)
     for name in (embed, head):
@@ -134,12 +133,12 @@ def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: 
                 f"vocab_size x hidden_size = {want_shape}; the checkpoint does not match "
                 "config.json: fix one of them"
             )
-    tied = spec.get("tie_word_embeddings")
-    if embed and tied is True and head:
+    tied = spec.tie_word_embeddings
+    if embed and tied and head:
         warnings.append(
             f"tie_word_embeddings is true but the checkpoint has {head}: vLLM unties the embeddings and loads it"
         )
-    if embed and tied is False and not head:
+    if embed and not tied and not head:
         warnings.append(
             "tie_word_embeddings is false but the checkpoint has no lm_head.weight: loading will "
             "leave the output projection uninitialized"
@@ -162,47 +161,38 @@ def _ranges(nums: list[int]) -> str:
     return ",".join(out)
 
 
-def dummy_tensors(configure_outputs: dict) -> tuple[dict, str]:
+def dummy_tensors(conf: ConfigureRecord) -> tuple[dict, str]:
     """({name: {file: None, dtype, shape}}, how) for the parameters launch fills under `dummy`."""
-    spec = configure_outputs.get("spec") or {}
-    dtype = _config_dtype(configure_outputs)
+    dtype = st_dtype(conf.dtype.config or conf.dtype.requested or "bfloat16")
     try:
-        shapes = _meta_model_shapes(configure_outputs)
+        shapes = _meta_model_shapes(conf)
         how = "meta-model"
     except Exception:
-        shapes = _decoder_shapes(spec)
+        shapes = _decoder_shapes(conf.spec)
         how = "spec"
     return {n: {"file": None, "dtype": dtype, "shape": s} for n, s in shapes.items()}, how
 
 
-def _config_dtype(outputs: dict) -> str:
-    d = outputs.get("dtype")
-    name = (d.get("config") or d.get("requested")) if isinstance(d, dict) else d
-    return st_dtype(name or "bfloat16")
-
-
-def _meta_model_shapes(outputs: dict) -> dict:
+def _meta_model_shapes(conf: ConfigureRecord) -> dict:
     import torch
     import transformers
 
-    cfg = dict(outputs.get("config") or {})
-    model_type = outputs.get("model_type") or cfg.get("model_type")
+    cfg = dict(conf.config)
+    model_type = conf.model_type or cfg.get("model_type")
     for k in ("model_type", "transformers_version", "architectures_", "_name_or_path"):
         cfg.pop(k, None)
     config = transformers.AutoConfig.for_model(model_type, **cfg)
-    arch = (outputs.get("architectures") or cfg.get("architectures") or [None])[0]
+    arch = (conf.architectures or cfg.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"):
         model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
     return {name: list(p.shape) for name, p in model.named_parameters()}  # tied params appear once
 
 
-def _decoder_shapes(spec: dict) -> dict:
+def _decoder_shapes(spec: ModelSpec) -> dict:
     """A Llama-style decoder's parameters from the spec (used when transformers cannot build the model)."""
-    v, h, i, n = spec["vocab_size"], spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
-    nh = spec["num_attention_heads"]
-    nkv = spec.get("num_key_value_heads") or nh
-    hd = spec.get("head_dim") or h // nh
+    v, h, i, n = spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers
+    nh, nkv, hd = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
     out = {"model.embed_tokens.weight": [v, h]}
     for L in range(n):
         p = f"model.layers.{L}."
@@ -220,6 +210,6 @@ def _decoder_shapes(spec: dict) -> dict:
             }
         )
     out["model.norm.weight"] = [h]
-    if not spec.get("tie_word_embeddings"):
+    if not spec.tie_word_embeddings:
         out["lm_head.weight"] = [v, h]
     return out

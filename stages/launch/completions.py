@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prestage.stages.base import Context, StageResult
 from prestage.stages.errors import NotFoundError, UsageError
+from prestage.stages.records import LaunchRecord
 
 DEFAULT_PROMPT = "Hello, my name is"
 
@@ -59,7 +60,7 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
     for c in completions:
         rep.info(f"launch: {c['prompt']!r} -> {c['text']!r} ({len(c['token_ids'])} tokens, {c['finish_reason']})")
     stats = inf.engine.stats
-    outputs = dict(inf.info, completions=completions)
+    record = LaunchRecord.from_dict(dict(inf.info, completions=completions), "launch's outputs")
     volatile = {
         "startup": {
             **{k: round(v, 4) for k, v in inf.timings.items() if isinstance(v, float)},
@@ -70,4 +71,4 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         "generated_tokens": stats.get("generated_tokens", 0),
         "total_s": round(time.perf_counter() - start, 4),
     }
-    return StageResult(outputs=outputs, warnings=list(inf.warnings), volatile=volatile)
+    return StageResult(outputs=record, warnings=list(inf.warnings), volatile=volatile)

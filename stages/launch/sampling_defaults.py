@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prestage.stages.errors import UsageError
 from prestage.stages.manifest import Manifest
+from prestage.stages.records import record_of
 
 
 def given(params: dict, key: str, default):
@@ -28,4 +29,4 @@ def generation_defaults(mode: str, upstream: dict[str, Manifest]) -> dict:
     """The sampling defaults tokenize-prep recorded from generation_config.json, or {} under `vllm`."""
     if mode != "auto" or "tokenize-prep" not in upstream:
         return {}
-    return upstream["tokenize-prep"].outputs.get("generation_defaults") or {}
+    return record_of(upstream["tokenize-prep"]).generation_defaults.given()

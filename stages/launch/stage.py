@@ -116,7 +116,7 @@ class LaunchStage(Stage):
     """Generate completions for the prompts with the staged model, tokenizer and weights."""
 
     name = "launch"
-    version = 1
+    version = 2  # 2: typed record
     requires = ("resolve", "configure", "tokenize-prep", "fetch-weights")
     options = OPTIONS
     always_run = True

@@ -1,6 +1,6 @@
 """The weight loader: reads exactly the files fetch-weights recorded and fills the model's parameters.
 
-    load_checkpoint(model, fetch_outputs, base, run_dir, device, verify_hashes) -> LoadStats
+    load_checkpoint(model, weights_record, base, run_dir, device, verify_hashes) -> LoadStats
 
 Formats (fetch-weights `format`):
   safetensors / mistral  each shard is read whole by a thread pool (two files ahead) into one buffer, pinned
@@ -31,6 +31,8 @@ import torch
 
 from prestage.stages.digest import sha256_hex
 from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
+from prestage.stages.paths import inside
+from prestage.stages.records import StoredFile, WeightFile, WeightsRecord
 
 _CHUNK = 16 * 1024 * 1024
 _READ_AHEAD = 2
@@ -78,10 +80,10 @@ class LoadStats:
 
 
 def load_checkpoint(
-    model, fetch_outputs: dict, base: Path | None, run_dir: Path, device, verify_hashes: bool = False
+    model, fetched: WeightsRecord, base: Path | None, run_dir: Path, device, verify_hashes: bool = False
 ) -> LoadStats:
     """Fill `model` from what fetch-weights recorded; `base` is the folder its `files` are relative to."""
-    fmt = fetch_outputs.get("format")
+    fmt = fetched.format
     device = torch.device(device)
     stats = LoadStats(format=fmt, hashed=verify_hashes and fmt != "dummy")
     start = time.perf_counter()
@@ -89,7 +91,7 @@ def load_checkpoint(
         loaded = fill_dummy(model)
         stats.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
-        files = check_files(fetch_outputs, base, run_dir)
+        files = check_files(fetched, base, run_dir)
         if fmt in ("safetensors", "mistral"):
             weights = _safetensors_weights(files, device, verify_hashes, stats)
             if fmt == "mistral":
@@ -97,7 +99,7 @@ def load_checkpoint(
         elif fmt == "pt":
             weights = _torch_weights(files, verify_hashes, stats)
         elif fmt == "npcache":
-            weights = _npcache_weights(fetch_outputs, run_dir, verify_hashes, stats)
+            weights = _npcache_weights(fetched, run_dir, verify_hashes, stats)
         else:
             raise UnsupportedError(
                 f"load format {fmt!r} recorded by fetch-weights cannot be loaded by launch; "
@@ -121,22 +123,20 @@ def load_checkpoint(
     return stats
 
 
-def check_files(fetch_outputs: dict, base: Path | None, run_dir: Path) -> list[tuple[Path, dict]]:
+def check_files(weights: WeightsRecord, base: Path | None, run_dir: Path) -> list[tuple[Path, WeightFile]]:
     """(absolute path, record) per recorded file, after checking that each exists with its recorded size."""
     out = []
-    records = list(fetch_outputs.get("files") or [])
-    if fetch_outputs.get("format") == "npcache":
-        records, base = list((fetch_outputs.get("npcache") or {}).get("files") or []), Path(run_dir)
+    records = list(weights.files)
+    if weights.format == "npcache" and weights.npcache is not None:
+        records, base = list(weights.npcache.files), Path(run_dir)
     for rec in records:
-        path = Path(base) / rec["path"]
+        path = inside(Path(base), rec.path, "fetch-weights file")
         if not path.is_file():
-            raise NotFoundError(
-                f"weight file {rec['path']} recorded by fetch-weights is missing from {base}; {_REFETCH}"
-            )
+            raise NotFoundError(f"weight file {rec.path} recorded by fetch-weights is missing from {base}; {_REFETCH}")
         size = path.stat().st_size
-        if size != rec["size"]:
+        if size != rec.size:
             raise IntegrityError(
-                f"weight file {rec['path']} has {size} bytes, fetch-weights recorded {rec['size']}; {_REFETCH}"
+                f"weight file {rec.path} has {size} bytes, fetch-weights recorded {rec.size}; {_REFETCH}"
             )
         out.append((path, rec))
     return out
@@ -145,7 +145,7 @@ def check_files(fetch_outputs: dict, base: Path | None, run_dir: Path) -> list[t
 # ---- safetensors --------------------------------------------------------------------------------------------
 def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
     """The file's bytes in one uint8 tensor (pinned if asked), sha256-checked while reading if `verify`."""
-    size = rec["size"]
+    size = rec.size
     buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)  # [size]
     view = memoryview(buf.numpy()) if size else memoryview(b"")
     digest = hashlib.sha256() if verify else None
@@ -154,14 +154,14 @@ def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
         while pos < size:
             n = fh.readinto(view[pos : pos + _CHUNK])
             if not n:
-                raise IntegrityError(f"weight file {rec['path']} ended after {pos} of {size} bytes; {_REFETCH}")
+                raise IntegrityError(f"weight file {rec.path} ended after {pos} of {size} bytes; {_REFETCH}")
             if digest is not None:
                 digest.update(view[pos : pos + n])
             pos += n
-    if digest is not None and rec.get("sha256") and digest.hexdigest() != rec["sha256"]:
+    if digest is not None and rec.sha256 and digest.hexdigest() != rec.sha256:
         raise IntegrityError(
-            f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
-            f"recorded {rec['sha256'][:16]}...; {_REFETCH}"
+            f"weight file {rec.path} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
+            f"recorded {rec.sha256[:16]}...; {_REFETCH}"
         )
     return buf
 
@@ -196,24 +196,23 @@ def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadS
             if i + _READ_AHEAD < len(files):
                 nxt_path, nxt_rec = files[i + _READ_AHEAD]
                 pending.append(pool.submit(_read_whole, nxt_path, nxt_rec, pin, verify))
-            for name, tensor in _tensors_in(buf, rec["path"]):
+            for name, tensor in _tensors_in(buf, rec.path):
                 stats.tensors += 1
                 yield name, tensor
             if pin:
                 torch.cuda.current_stream(device).synchronize()  # copies out of `buf` are done: free it
             stats.files += 1
-            stats.bytes += rec["size"]
+            stats.bytes += rec.size
             pending[i] = None
             del buf
 
 
 # ---- torch .bin / .pt ---------------------------------------------------------------------------------------
-def _hash_file(path: Path, rec: dict) -> None:
+def _hash_file(path: Path, rec: WeightFile | StoredFile) -> None:
     got = sha256_hex(path)
-    if rec.get("sha256") and got != rec["sha256"]:
+    if rec.sha256 and got != rec.sha256:
         raise IntegrityError(
-            f"weight file {rec['path']} has sha256 {got[:16]}..., fetch-weights "
-            f"recorded {rec['sha256'][:16]}...; {_REFETCH}"
+            f"weight file {rec.path} has sha256 {got[:16]}..., fetch-weights recorded {rec.sha256[:16]}...; {_REFETCH}"
         )
 
 
@@ -227,7 +226,7 @@ def _torch_load(path: Path, rec: dict) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
         raise InvalidModelError(
-            f"weight file {rec['path']} cannot be read by torch.load(weights_only=True): "
+            f"weight file {rec.path} cannot be read by torch.load(weights_only=True): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
 
@@ -244,20 +243,20 @@ def _torch_weights(files, verify: bool, stats: LoadStats):
                 stats.tensors += 1
                 yield name, tensor
         stats.files += 1
-        stats.bytes += rec["size"]
+        stats.bytes += rec.size
         del state
 
 
 # ---- npcache ------------------------------------------------------------------------------------------------
-def _npcache_weights(fetch_outputs: dict, run_dir: Path, verify: bool, stats: LoadStats):
+def _npcache_weights(weights: WeightsRecord, run_dir: Path, verify: bool, stats: LoadStats):
     import numpy as np
 
-    record = fetch_outputs.get("npcache") or {}
-    by_path = {f["path"]: f for f in record.get("files") or []}
-    doc = json.loads((Path(run_dir) / record["names_file"]).read_text())
+    record = weights.npcache
+    by_path = {f.path: f for f in record.files}
+    doc = json.loads(inside(Path(run_dir), record.names_file, "npcache names file").read_text())
     for name in doc["names"]:
         info = doc["tensors"][name]
-        rel = f"{record['dir']}/{info['file']}"
+        rel = f"{record.dir}/{info['file']}"
         path = Path(run_dir) / rel
         if verify and rel in by_path:
             _hash_file(path, by_path[rel])

@@ -15,10 +15,11 @@ import os
 import re
 from pathlib import Path
 
-from prestage.stages import errors, hub
+from prestage.stages import errors, hub, paths
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.digest import sha256_hex
 from prestage.stages.manifest import Manifest, write_atomic
+from prestage.stages.records import RepoFile, ResolveRecord, record_of
 
 # huggingface_hub's repo-id rule: "name" or "namespace/name", no "--" or "..", not ending in ".git".
 _REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}$")
@@ -71,7 +72,7 @@ def _listing_path(cache_dir: Path, repo_id: str, commit: str) -> Path:
 
 class ResolveStage(Stage):
     name = "resolve"
-    version = 1
+    version = 2  # 2: typed record; `listing` replaces `listing_source`; no cache path, endpoint or token input
     options = OPTIONS
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
@@ -92,18 +93,14 @@ class ResolveStage(Stage):
                 "local_dir": os.path.relpath(path, run_dir),
                 "config_format": fmt,
             }
-        s = hub.settings(params)
-        ddir = params.get("download_dir")
+        # Where the cache is, the endpoint and the token decide nothing once the revision is pinned, so none
+        # of them is an input: a run moved to another machine (another cache, no endpoint) stays fresh.
         return {
             "model": model,
             "source": "hub",
             "repo_id": model,
             "revision": params.get("revision") or "main",
-            "endpoint": s.endpoint,
-            "token": s.token_state,
             "config_format": fmt,
-            # later stages inherit it (prestage.runner.chain.stage_params), so it is an input, kept absolute
-            "download_dir": str(Path(ddir).expanduser().absolute()) if ddir else None,
         }
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
@@ -120,21 +117,21 @@ class ResolveStage(Stage):
             if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
                 files.append({"path": rel, "size": p.stat().st_size, "sha256": None, "lfs": False})
         fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in files}, inputs["model"])
-        outputs = {
-            "source": "local",
-            "model": inputs["model"],
-            "repo_id": None,
-            "revision": None,
-            "commit": None,
-            "local_dir": inputs["local_dir"],
-            "snapshot": None,
-            "config_format": fmt,
-            "config_file": cfg,
-            "config_sha256": sha256_hex(folder / cfg),
-            "files": files,
-            "listing_source": "local",
-        }
-        return StageResult(outputs=outputs, volatile={"model_dir": str(folder)})
+        record = ResolveRecord(
+            source="local",
+            model=inputs["model"],
+            repo_id=None,
+            revision=None,
+            commit=None,
+            local_dir=inputs["local_dir"],
+            snapshot=None,
+            config_format=fmt,
+            config_file=cfg,
+            config_sha256=sha256_hex(folder / cfg),
+            listing="local",
+            files=[RepoFile(**f) for f in files],
+        )
+        return StageResult(outputs=record, volatile={"model_dir": str(folder)})
 
     # ---- hub id ----------------------------------------------------------------------------------
     def _run_hub(self, ctx: Context, inputs: dict) -> StageResult:
@@ -148,7 +145,8 @@ class ResolveStage(Stage):
         warnings: list[str] = []
         commit = hub.read_ref(s.cache_dir, repo, rev)
         listing = self._cached_listing(s.cache_dir, repo, commit) if commit else None
-        source = "cache"
+        source = "full"  # prestage's stored copy of the hub's listing: the same content as asking again
+        fetched = False
         if listing is None and s.offline:
             if commit is None:
                 raise errors.OfflineMissError(
@@ -163,7 +161,7 @@ class ResolveStage(Stage):
             )
         if listing is None:
             commit, listing = self._hub_listing(s, repo, rev)
-            source = "hub"
+            fetched = True
         fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in listing}, where)
         path = hub.cached_file(s.cache_dir, repo, commit, cfg)
         if path is None:
@@ -174,26 +172,35 @@ class ResolveStage(Stage):
                 )
             path = self._download(s, repo, rev, commit, cfg)
         hub.write_ref(s.cache_dir, repo, rev, commit)
-        if source == "hub":
+        if fetched:
             lp = _listing_path(s.cache_dir, repo, commit)
             write_atomic(lp, json.dumps(listing, sort_keys=True).encode())
-        outputs = {
-            "source": "hub",
-            "model": inputs["model"],
-            "repo_id": repo,
-            "revision": rev,
-            "commit": commit,
-            "local_dir": None,
-            "snapshot": hub.snapshot_rel(repo, commit),
-            "config_format": fmt,
-            "config_file": cfg,
-            "config_sha256": sha256_hex(path),
-            "files": listing,
-            "listing_source": source,
-        }
-        return StageResult(
-            outputs=outputs, warnings=warnings, volatile={"cache_dir": str(s.cache_dir), "offline": s.offline}
+        record = ResolveRecord(
+            source="hub",
+            model=inputs["model"],
+            repo_id=repo,
+            revision=rev,
+            commit=commit,
+            local_dir=None,
+            snapshot=hub.snapshot_rel(repo, commit),
+            config_format=fmt,
+            config_file=cfg,
+            config_sha256=sha256_hex(path),
+            listing=source,
+            files=[
+                RepoFile(path=f["path"], size=f.get("size"), sha256=f.get("sha256"), lfs=bool(f.get("lfs")))
+                for f in listing
+            ],
         )
+        # cache_dir: the cache root used, a host path (stages/paths.py takes it as a hint, never a decision)
+        volatile = {
+            "cache_dir": str(s.cache_dir),
+            "offline": s.offline,
+            "endpoint": s.endpoint,
+            "token": s.token_state,
+            "listing_from": "hub" if fetched else "cache",
+        }
+        return StageResult(outputs=record, warnings=warnings, volatile=volatile)
 
     @staticmethod
     def _cached_listing(cache_dir: Path, repo: str, commit: str) -> list | None:
@@ -266,15 +273,14 @@ class ResolveStage(Stage):
         except Exception as e:
             raise hub.translate(e, repo_id=repo, revision=rev, s=s, what=filename) from e
 
-    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
-        out = manifest.outputs
-        if out["source"] == "local":
-            path = Path(run_dir) / out["local_dir"] / out["config_file"]
+    def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
+        rec = record_of(manifest)
+        if rec.source == "local":
+            path = Path(run_dir) / rec.local_dir / rec.config_file
             if not path.is_file():
-                return f"{out['config_file']} is gone from {out['local_dir']}"
-            return None if sha256_hex(path) == out["config_sha256"] else f"{out['config_file']} changed"
-        # The cache root this manifest was written against (volatile: it is a host path).
-        cache = Path(manifest.volatile.get("cache_dir") or hub.default_cache_dir())
-        if hub.cached_file(cache, out["repo_id"], out["commit"], out["config_file"]) is None:
-            return f"{out['config_file']} of {out['repo_id']}@{out['commit'][:12]} is no longer in the cache {cache}"
+                return f"{rec.config_file} is gone from {rec.local_dir}"
+            return None if sha256_hex(path) == rec.config_sha256 else f"{rec.config_file} changed"
+        cache = paths.cache_root(params, manifest)
+        if hub.cached_file(cache, rec.repo_id, rec.commit, rec.config_file) is None:
+            return f"{rec.config_file} of {rec.repo_id}@{rec.commit[:12]} is no longer in the cache {cache}"
         return None

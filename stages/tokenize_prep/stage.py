@@ -24,6 +24,7 @@ from pathlib import Path
 from prestage.stages import errors
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.manifest import Manifest
+from prestage.stages.records import record_of
 from prestage.stages.tokenize_prep import store
 from prestage.stages.tokenize_prep.chat_template import template_input
 from prestage.stages.tokenize_prep.source import MODES, normalize_tokenizer_arg
@@ -31,7 +32,7 @@ from prestage.stages.tokenize_prep.source import MODES, normalize_tokenizer_arg
 
 class TokenizePrepStage(Stage):
     name = "tokenize-prep"
-    version = 1
+    version = 2  # 2: typed record; generation_defaults always present
     requires = ("resolve",)
     optional = ("configure",)
     options = (
@@ -71,7 +72,7 @@ class TokenizePrepStage(Stage):
     )
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
-        resolve = upstream["resolve"].outputs
+        resolve = upstream["resolve"].record
         mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
         if mode not in MODES:
             raise errors.UsageError(
@@ -95,5 +96,5 @@ class TokenizePrepStage(Stage):
 
         return prepare(ctx, inputs)
 
-    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
-        return store.check_outputs(run_dir, manifest.outputs)
+    def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
+        return store.check_outputs(run_dir, record_of(manifest))

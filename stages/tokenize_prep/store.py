@@ -17,18 +17,20 @@ from pathlib import Path
 
 from prestage.stages import errors
 from prestage.stages.digest import sha256_hex
+from prestage.stages.paths import in_run
+from prestage.stages.records import StoredFile, TokenizerRecord
 
 TOKENIZER_DIR = "tokenizer"
 RESOLVED_TEMPLATE = "chat_template.resolved.jinja"
 
 
-def listing(run_dir: Path) -> list[dict]:
+def listing(run_dir: Path) -> list[StoredFile]:
     """[{path, size, sha256}] for every file under tokenizer/, paths relative to the run folder, sorted."""
     root = Path(run_dir) / TOKENIZER_DIR
     out = []
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            out.append({"path": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_hex(p)})
+            out.append(StoredFile(path=p.relative_to(run_dir).as_posix(), size=p.stat().st_size, sha256=sha256_hex(p)))
     return out
 
 
@@ -76,39 +78,39 @@ def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
     }
 
 
-def check_outputs(run_dir: Path, outputs: dict) -> str | None:
+def check_outputs(run_dir: Path, record: TokenizerRecord) -> str | None:
     """None when every recorded file is present with its recorded size, else the reason."""
-    for f in outputs.get("files", []):
-        p = Path(run_dir) / f["path"]
+    for f in record.files:
+        p = in_run(run_dir, f.path, "stored tokenizer file")
         try:
             size = p.stat().st_size
         except OSError:
-            return f"{f['path']} is missing"
-        if size != f["size"]:
-            return f"{f['path']} is {size} bytes, recorded {f['size']}"
+            return f"{f.path} is missing"
+        if size != f.size:
+            return f"{f.path} is {size} bytes, recorded {f.size}"
     return None
 
 
-def verify_files(run_dir: Path, outputs: dict) -> None:
+def verify_files(run_dir: Path, record: TokenizerRecord) -> None:
     """Raise IntegrityError on the first stored tokenizer file whose bytes differ from the manifest."""
-    reason = check_outputs(run_dir, outputs)
+    reason = check_outputs(run_dir, record)
     if reason:
         raise errors.IntegrityError(f"stored tokenizer: {reason}; re-run tokenize-prep")
-    for f in outputs.get("files", []):
-        if sha256_hex(Path(run_dir) / f["path"]) != f["sha256"]:
+    for f in record.files:
+        if sha256_hex(in_run(run_dir, f.path, "stored tokenizer file")) != f.sha256:
             raise errors.IntegrityError(
-                f"stored tokenizer: {f['path']} sha256 differs from the manifest (file changed); re-run tokenize-prep"
+                f"stored tokenizer: {f.path} sha256 differs from the manifest (file changed); re-run tokenize-prep"
             )
 
 
-def read_template(run_dir: Path, outputs: dict) -> str | None:
+def read_template(run_dir: Path, record: TokenizerRecord) -> str | None:
     """The resolved chat template text tokenize-prep recorded, or None."""
-    ct = outputs.get("chat_template")
-    if not ct:
+    ct = record.chat_template
+    if ct is None:
         return None
     try:
-        return (Path(run_dir) / ct["file"]).read_text(encoding="utf-8")
+        return in_run(run_dir, ct.file, "stored chat template").read_text(encoding="utf-8")
     except OSError:
         raise errors.StaleUpstreamError(
-            f"{ct['file']}: the stored chat template is missing; re-run tokenize-prep"
+            f"{ct.file}: the stored chat template is missing; re-run tokenize-prep"
         ) from None
