@@ -198,10 +198,9 @@ def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_e
 
 
 def test_launch_unknown_implementation_is_unsupported():
-    from prestage.stages.launch.inference import build_model
-
     from types import SimpleNamespace
 
+    from prestage.stages.launch.inference import build_model
     from prestage.stages.records import Implementation
 
     conf = SimpleNamespace(
