@@ -344,7 +344,9 @@ class LocalHub:
         with self._lock:
             (self._corrupt.add if enabled else self._corrupt.discard)((repo_id, path))
 
-    def fail_next(self, n: int = 1, status: int = 503, match: str | None = None, retry_after: str | None = None) -> None:
+    def fail_next(
+        self, n: int = 1, status: int = 503, match: str | None = None, retry_after: str | None = None
+    ) -> None:
         """Answer the next `n` requests (whose URL path contains `match`, if given) with `status`, and a
         `Retry-After: <retry_after>` header when given (seconds or an HTTP date)."""
         with self._lock:
