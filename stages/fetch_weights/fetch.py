@@ -83,7 +83,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
                 index_rel,
                 label,
                 resolve,
-                lambda rel: dl.download_one(s, repo_id, commit, rel),
+                lambda rel: dl.download_one(s, repo_id, commit, rel, rep),
             )
             files = [listing[p] for p in selection.files]
             missing = dl.missing_files(s, repo_id, commit, files)
@@ -110,6 +110,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
                 max_workers=int(ctx.params.get("max_workers") or 8),
                 progress=rep.progress and not _bars_off(),
                 need_bytes=need,
+                reporter=rep,
             )
             volatile.update(
                 downloaded_files=len(missing), downloaded_bytes=need, fetch_seconds=round(time.perf_counter() - t1, 3)

@@ -159,8 +159,9 @@ class ResolveStage(Stage):
                 "offline: the file listing was read off the cached snapshot (no sizes or sha256 "
                 "for files not downloaded yet); resolve online once for the full listing"
             )
+        client = None if s.offline else hub.HubClient(s, ctx.reporter)
         if listing is None:
-            commit, listing = self._hub_listing(s, repo, rev)
+            commit, listing = self._hub_listing(client, repo, rev)
             fetched = True
         fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in listing}, where)
         path = hub.cached_file(s.cache_dir, repo, commit, cfg)
@@ -170,7 +171,7 @@ class ResolveStage(Stage):
                     f"{where}: {cfg} is not in the cache {s.cache_dir} and offline "
                     "mode is on; run once online to fetch it"
                 )
-            path = self._download(s, repo, rev, commit, cfg)
+            path = client.download(repo, cfg, commit, revision=rev)
         hub.write_ref(s.cache_dir, repo, rev, commit)
         if fetched:
             lp = _listing_path(s.cache_dir, repo, commit)
@@ -230,15 +231,8 @@ class ResolveStage(Stage):
         return files
 
     @staticmethod
-    def _hub_listing(s: hub.HubSettings, repo: str, rev: str) -> tuple[str, list]:
-        hub.prepare_env(s)
-        from huggingface_hub import HfApi
-
-        api = HfApi(endpoint=s.endpoint, token=s.token or False)
-        try:
-            info = hub.with_retries(lambda: api.model_info(repo, revision=rev, files_metadata=True))
-        except Exception as e:
-            raise hub.translate(e, repo_id=repo, revision=rev, s=s) from e
+    def _hub_listing(client: hub.HubClient, repo: str, rev: str) -> tuple[str, list]:
+        info = client.repo_info(repo, rev, files_metadata=True)
         files = []
         for sib in info.siblings or []:
             lfs = getattr(sib, "lfs", None)
@@ -256,22 +250,6 @@ class ResolveStage(Stage):
                 f"{repo}@{rev}: the hub did not give a commit for this revision; check HF_ENDPOINT"
             )
         return info.sha, files
-
-    @staticmethod
-    def _download(s: hub.HubSettings, repo: str, rev: str, commit: str, filename: str) -> Path:
-        hub.prepare_env(s)
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Path(
-                hub.with_retries(
-                    lambda: hf_hub_download(
-                        repo, filename, revision=commit, cache_dir=s.cache_dir, token=s.token or False
-                    )
-                )
-            )
-        except Exception as e:
-            raise hub.translate(e, repo_id=repo, revision=rev, s=s, what=filename) from e
 
     def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
         rec = record_of(manifest)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prestage.stages import hub, paths
+from prestage.stages import errors, hub, paths
 from prestage.stages.base import Context, StageResult
 from prestage.stages.records import ChatTemplate, GenerationDefaults, GoldenEncoding, TokenizerRecord
 from prestage.stages.tokenize_prep import store
@@ -32,23 +32,11 @@ def _model_json(ctx: Context, src: TokenizerSource, name: str, warnings: list) -
     if name not in {f.path for f in resolve.files}:
         return None
     s = hub.settings(ctx.params)  # the model's own cache (resolve's), --download-dir included
-    hub.prepare_env(s)
-    from huggingface_hub import hf_hub_download
-
     try:
-        got = hub.with_retries(
-            lambda: hf_hub_download(
-                resolve.repo_id,
-                name,
-                revision=resolve.commit,
-                cache_dir=s.cache_dir,
-                token=s.token,
-                local_files_only=s.offline,
-                endpoint=s.endpoint,
-            )
-        )
-    except Exception as e:
-        err = hub.translate(e, repo_id=resolve.repo_id, revision=resolve.commit, s=s)
+        if s.offline:
+            raise errors.OfflineMissError(f"{resolve.repo_id}: {name} is not in the cache")
+        got = hub.HubClient(s, ctx.reporter).download(resolve.repo_id, name, resolve.commit)
+    except errors.PrestageError as err:
         # the class only: the full message can hold this machine's cache path, and warnings are not volatile
         warnings.append(f"could not read the model's {name} ({err.kind}); going on without it")
         return None
@@ -98,7 +86,7 @@ def _model_facts(ctx: Context, src: TokenizerSource, warnings: list) -> tuple[st
 
 def prepare(ctx: Context, inputs: dict) -> StageResult:
     t0 = time.perf_counter()
-    src = locate(ctx.run_dir, ctx.params, inputs, ctx.upstream["resolve"], progress=ctx.reporter.progress)
+    src = locate(ctx.run_dir, ctx.params, inputs, ctx.upstream["resolve"], reporter=ctx.reporter)
     mode, why = pick_mode(inputs["tokenizer_mode"], src.paths)
     where = src.where()
     ctx.reporter.detail(f"tokenize-prep: {where} in mode {mode} ({why})")

@@ -107,8 +107,9 @@ def _walk(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def _pin(repo_id: str, revision: str, s: hub.HubSettings) -> tuple[str, list[str] | None]:
+def _pin(client: hub.HubClient, repo_id: str, revision: str) -> tuple[str, list[str] | None]:
     """(commit, listing or None) for repo@revision: the cached ref offline, the hub's answer online."""
+    s = client.s
     if s.offline:
         commit = hub.read_ref(s.cache_dir, repo_id, revision)
         if commit is None:
@@ -117,52 +118,26 @@ def _pin(repo_id: str, revision: str, s: hub.HubSettings) -> tuple[str, list[str
                 f"{s.cache_dir} and offline mode is on; run once online to fetch it"
             )
         return commit, None
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=s.endpoint, token=s.token)
-    try:
-        info = hub.with_retries(lambda: api.model_info(repo_id, revision=revision))
-    except Exception as e:
-        raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer") from None
+    info = client.repo_info(repo_id, revision, what="tokenizer")
     hub.write_ref(s.cache_dir, repo_id, revision, info.sha)
     return info.sha, sorted(x.rfilename for x in (info.siblings or []))
 
 
-def _snapshot(repo_id: str, revision: str, commit: str, s: hub.HubSettings, progress: bool) -> Path:
+def _snapshot(client: hub.HubClient, repo_id: str, commit: str, paths: list[str] | None) -> Path:
     """Download the non-weight files of repo@commit into the cache; the snapshot folder."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not progress:
-        disable_progress_bars()
-    try:
-        path = hub.with_retries(
-            lambda: snapshot_download(
-                repo_id,
-                revision=commit,
-                cache_dir=s.cache_dir,
-                token=s.token,
-                local_files_only=s.offline,
-                endpoint=s.endpoint,
-                ignore_patterns=list(WEIGHT_PATTERNS),
-            )
-        )
-    except Exception as e:
-        raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer files") from None
-    finally:
-        if not progress and not was_disabled:
-            enable_progress_bars()
-    return Path(path)
+    if paths is None:  # offline: what the cache holds
+        return client.snapshot(repo_id, commit, [], what="tokenizer files")
+    return client.snapshot(repo_id, commit, paths, ignore_patterns=WEIGHT_PATTERNS, what="tokenizer files")
 
 
-def locate(run_dir: Path, params: dict, inputs: dict, resolve_manifest, progress: bool = False) -> TokenizerSource:
+def locate(run_dir: Path, params: dict, inputs: dict, resolve_manifest, reporter=None) -> TokenizerSource:
     """Find, pin and (for hub repos) download the tokenizer's files; see the module docstring."""
     # The tokenizer goes where the model's files go: the run's cache root (stages/paths.py). vLLM puts it in
     # HF_HUB_CACHE even under --download-dir; prestage keeps one cache per run so a copied run is whole.
     resolve = resolve_manifest.record
     s = hub.settings(params)
     hub.prepare_env(s)
+    client = hub.HubClient(s, reporter)
     tok = inputs["tokenizer"]
     revision = inputs["tokenizer_revision"] or resolve.revision or "main"
 
@@ -186,8 +161,8 @@ def locate(run_dir: Path, params: dict, inputs: dict, resolve_manifest, progress
     if same_pin:
         commit, paths = resolve.commit, [f.path for f in resolve.files]
     else:
-        commit, paths = _pin(repo_id, revision, s)
-    folder = _snapshot(repo_id, revision, commit, s, progress)
+        commit, paths = _pin(client, repo_id, revision)
+    folder = _snapshot(client, repo_id, commit, paths)
     if paths is None:  # offline, another repo: what the cached snapshot holds
         paths = _walk(folder)
     return TokenizerSource(
