@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,28 +129,30 @@ def header_length(first8: bytes, file_size: int, label: str, fix: str = REDOWNLO
     return n
 
 
-def read_header_bytes(path: Path, *, label: str | None = None, fix: str = REDOWNLOAD) -> bytes:
-    """The raw header JSON of the file at `path` (length checked, not parsed)."""
-    path = Path(path)
-    label = label or path.name
+def _read(path: Path, label: str, fix: str) -> tuple[bytes, int]:
+    """(raw header JSON, file size) of the file at `path`, from one open file."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             n = header_length(fh.read(8), size, label, fix)
             raw = fh.read(n)
     except OSError as e:
         _fail(label, f"cannot read the file ({e.strerror or type(e).__name__})", fix)
     if len(raw) != n:
         _fail(label, f"the file ended inside its {n}-byte header (it changed while being read?)", fix)
-    return raw
+    return raw, size
+
+
+def read_header_bytes(path: Path, *, label: str | None = None, fix: str = REDOWNLOAD) -> bytes:
+    """The raw header JSON of the file at `path` (length checked, not parsed)."""
+    return _read(Path(path), label or Path(path).name, fix)[0]
 
 
 def read_header(path: Path, *, label: str | None = None, fix: str = REDOWNLOAD) -> Header:
     """Parse and check the safetensors file at `path` (`label` names it in errors; default its name)."""
-    path = Path(path)
-    label = label or path.name
-    raw = read_header_bytes(path, label=label, fix=fix)
-    return parse_header(raw, path.stat().st_size, label, fix)
+    label = label or Path(path).name
+    raw, size = _read(Path(path), label, fix)
+    return parse_header(raw, size, label, fix)
 
 
 def header_from_buffer(buf, *, label: str, fix: str = REDOWNLOAD) -> Header:
