@@ -233,9 +233,14 @@ def test_D06_gemma2_fp32_on_volta_stays_fp32():
 
 
 def _write_safetensors(path, dtypes):
-    header = {f"t{i}": {"dtype": d, "shape": [1], "data_offsets": [0, 0]} for i, d in enumerate(dtypes)}
+    """A valid file holding one zero element of each dtype (the header parser checks the layout)."""
+    header, pos = {}, 0
+    for i, d in enumerate(dtypes):
+        size = {"F16": 2, "BF16": 2, "F32": 4}[d]
+        header[f"t{i}"] = {"dtype": d, "shape": [1], "data_offsets": [pos, pos + size]}
+        pos += size
     blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * pos)
 
 
 def test_D07_dtype_from_safetensors_headers(tmp_path):

@@ -314,6 +314,16 @@ def test_local_embed_shape_checked_against_config(tmp_path, checkpoint_dirs):
         _local(tmp_path)(folder)
 
 
+def test_local_zero_tensor_shard_is_invalid_model(tmp_path, checkpoint_dirs):
+    """A safetensors file holding no tensor (only metadata) is refused, naming the file."""
+    from safetensors.torch import save_file
+
+    folder = copy_variant(checkpoint_dirs["single"], tmp_path / "m")
+    save_file({}, str(folder / "model-extra.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(errors.InvalidModelError, match=r"model-extra.safetensors: holds no tensors"):
+        _local(tmp_path)(folder)
+
+
 def test_local_changed_file_is_an_integrity_error(tmp_path, checkpoint_dirs):
     folder = copy_variant(checkpoint_dirs["single"], tmp_path / "m")
     p = prepare(tmp_path / "run", folder)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError
+from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
 from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
 from prestage.stages.launch.weight_loading import fill_dummy, load_checkpoint
 from prestage.stages.records import Implementation, ModelSpec
@@ -142,6 +142,40 @@ def test_W15_launch_loader_missing_parameter_and_unused_tensor(checkpoint_dirs, 
     msg = str(e.value)
     assert "2 parameter(s)" in msg and "model.layers.1.self_attn.qkv_proj.weight" in msg
     assert "model.norm.weight" in msg and "\n" not in msg
+
+
+def test_launch_loader_checks_headers_with_the_one_parser(checkpoint_dirs, tmp_path):
+    """A header defect the size check cannot see (two tensors sharing bytes) is an InvalidModelError naming the
+    file and the re-fetch; a dtype torch cannot view (packed F4) is an UnsupportedError."""
+    import json
+
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint_dirs["single"], folder)
+    st = folder / "model.safetensors"
+    blob = st.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    first, second = next(
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if (header[a]["dtype"], header[a]["shape"]) == (header[b]["dtype"], header[b]["shape"])
+    )
+    header[second]["data_offsets"] = header[first]["data_offsets"]  # same dtype and shape: its size still agrees
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(raw) == n
+    st.write_bytes(blob[:8] + raw + blob[8 + n :])
+    with pytest.raises(
+        InvalidModelError, match=rf"model.safetensors: tensor '{second}' .* overlaps .*fetch-weights RUN"
+    ):
+        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+
+    header = {"q": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}
+    raw = json.dumps(header).encode()
+    st.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0")
+    with pytest.raises(UnsupportedError, match=r"model.safetensors: tensor q has dtype F4, which launch cannot load"):
+        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
 
 
 def test_launch_loader_shape_mismatch_is_invalid_model(checkpoint_dirs, tmp_path):
@@ -272,3 +306,24 @@ def test_W16_launch_reties_an_identical_head(checkpoint_dirs, tmp_path):
     retie_if_identical(model, warnings)
     assert model.lm_head.weight is model.model.embed_tokens.weight and "re-tied" in warnings[-1]
     assert torch.equal(last_logits(model, IDS), before)
+
+
+def test_npcache_round_trips_dtypes_numpy_lacks(tmp_path):
+    """bfloat16 and float8 have no numpy dtype: npcache stores their bits, the loader views them back."""
+    from prestage.stages.fetch_weights import npcache
+    from prestage.stages.launch.weight_loading import LoadStats, _npcache_weights
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "bf16": torch.randn(3, 4, generator=gen).to(torch.bfloat16),
+        "fp8": torch.randn(5, generator=gen).to(torch.float8_e4m3fn),
+        "f32": torch.randn(2, generator=gen),
+    }
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    sha = hashlib.sha256((tmp_path / "pytorch_model.bin").read_bytes()).hexdigest()
+    record = npcache.build(tmp_path / "run", [("pytorch_model.bin", tmp_path / "pytorch_model.bin", sha)])
+    stats = LoadStats(format="npcache")
+    got = dict(_npcache_weights({"npcache": record}, tmp_path / "run", True, stats))
+    assert set(got) == set(state) and stats.tensors == 3
+    for name, t in state.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8))

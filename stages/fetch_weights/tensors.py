@@ -16,8 +16,8 @@ import math
 import re
 from pathlib import Path
 
+from prestage.stages import safetensors
 from prestage.stages.errors import InvalidModelError
-from prestage.stages.fetch_weights.safetensors_header import read_header
 from prestage.stages.records import ConfigureRecord, ModelSpec
 
 _LAYER_RE = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.(\d+)\.")
@@ -28,37 +28,12 @@ _EMBED = (
     "language_model.model.embed_tokens.weight",
 )
 _HEAD = ("lm_head.weight", "output.weight", "language_model.lm_head.weight")
-_TORCH_TO_ST = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "int16": "I16",
-    "int32": "I32",
-    "int64": "I64",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float32": "F32",
-    "float64": "F64",
-    "uint16": "U16",
-    "uint32": "U32",
-    "uint64": "U64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e8m0fnu": "F8_E8M0",
-    "complex64": "C64",
-}
-
-
-def st_dtype(torch_dtype) -> str:
-    """A torch dtype (or its name) as the safetensors dtype name."""
-    name = str(torch_dtype).replace("torch.", "")
-    return _TORCH_TO_ST.get(name, name.upper())
 
 
 def index_file(path: Path, rel: str, kind: str) -> dict:
     """{name: {file, dtype, shape}} for one weight file."""
     if kind == "safetensors":
-        tensors, _, _ = read_header(path, label=rel)
+        tensors = safetensors.read_header(path, label=rel).tensors
         return {n: {"file": rel, "dtype": t["dtype"], "shape": t["shape"]} for n, t in tensors.items()}
     import torch  # .bin/.pt only: shapes need the pickle
 
@@ -79,7 +54,7 @@ def index_file(path: Path, rel: str, kind: str) -> dict:
     out = {}
     for name, t in sd.items():
         if isinstance(t, torch.Tensor):
-            out[str(name)] = {"file": rel, "dtype": st_dtype(t.dtype), "shape": list(t.shape)}
+            out[str(name)] = {"file": rel, "dtype": safetensors.from_torch(t.dtype), "shape": list(t.shape)}
     del sd
     return out
 
@@ -147,7 +122,9 @@ def check_spec(tensors: dict, spec: ModelSpec, config: dict, *, where: str = "ch
 
 
 def _is_float(dtype: str) -> bool:
-    return dtype.startswith(("F", "BF")) and not dtype.startswith("F8") and dtype != "F4"
+    """A float of 16 bits or more: its shape is the logical one whatever the quantization scheme."""
+    d = safetensors.DTYPES.get(dtype)
+    return d is not None and d.checkpoint_float and d.bits >= 16
 
 
 def _ranges(nums: list[int]) -> str:
@@ -163,7 +140,7 @@ def _ranges(nums: list[int]) -> str:
 
 def dummy_tensors(conf: ConfigureRecord) -> tuple[dict, str]:
     """({name: {file: None, dtype, shape}}, how) for the parameters launch fills under `dummy`."""
-    dtype = st_dtype(conf.dtype.config or conf.dtype.requested or "bfloat16")
+    dtype = safetensors.from_torch(conf.dtype.config or conf.dtype.requested or "bfloat16")
     try:
         shapes = _meta_model_shapes(conf)
         how = "meta-model"

@@ -5,9 +5,10 @@
 Formats (fetch-weights `format`):
   safetensors / mistral  each shard is read whole by a thread pool (two files ahead) into one buffer, pinned
                          when the target is CUDA, hashed as the bytes stream in when `verify_hashes`; its
-                         tensors are views into that buffer (the header is parsed here so the views need no
-                         copy), handed to `model.load_weights`, and copied to the device asynchronously while
-                         the next shard is being read. `mistral` names are mapped to Hugging Face names.
+                         tensors are views into that buffer (stages/safetensors.py parses and checks the header
+                         from it, so the views need no copy), handed to `model.load_weights`, and copied to the
+                         device asynchronously while the next shard is being read. `mistral` names are mapped to
+                         Hugging Face names.
   pt                     `torch.load(weights_only=True, mmap=True)` per file, in the recorded order.
   npcache                the `.npy` files fetch-weights converted into the run folder.
   dummy                  no file: every floating parameter is filled uniform(-1e-3, 1e-3) with a generator
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from prestage.stages import safetensors
 from prestage.stages.digest import sha256_hex
 from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
 from prestage.stages.paths import inside
@@ -36,20 +37,6 @@ from prestage.stages.records import StoredFile, WeightFile, WeightsRecord
 
 _CHUNK = 16 * 1024 * 1024
 _READ_AHEAD = 2
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 _REFETCH = "re-run `prestage fetch-weights RUN --force`"
 
 
@@ -168,23 +155,26 @@ def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
 
 def _tensors_in(buf: torch.Tensor, label: str):
     """Yield (name, tensor view) for each tensor of a safetensors file held in `buf` [size] uint8."""
-    try:
-        (n,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
-        header = json.loads(bytes(buf[8 : 8 + n].numpy()))
-    except (struct.error, ValueError):
-        raise InvalidModelError(f"{label}: not a readable safetensors file; {_REFETCH}") from None
-    header.pop("__metadata__", None)
-    data = 8 + n
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = _ST_DTYPES.get(info["dtype"])
+    header = safetensors.header_from_buffer(buf.numpy(), label=label, fix=_REFETCH)
+    data = header.data_start
+    for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1]["offsets"]):
+        dtype = _torch_dtype(info["dtype"])
         if dtype is None:
-            raise UnsupportedError(f"{label}: tensor {name} has dtype {info['dtype']}, which launch cannot load")
-        begin, end = info["data_offsets"]
+            raise UnsupportedError(
+                f"{label}: tensor {name} has dtype {info['dtype']}, which launch cannot load (a packed dtype, "
+                f"or one torch {torch.__version__} lacks); convert the checkpoint to BF16, F16 or F32"
+            )
+        begin, end = info["offsets"]
         raw = buf[data + begin : data + end]  # [nbytes] uint8
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if raw.storage_offset() % itemsize:
+        if raw.storage_offset() % safetensors.DTYPES[info["dtype"]].itemsize:
             raw = raw.clone()  # unaligned: one copy so the dtype view is legal
         yield name, raw.view(dtype).view(info["shape"])
+
+
+def _torch_dtype(st_name: str):
+    """The torch dtype of a safetensors dtype name, or None (packed dtypes, or one this torch lacks)."""
+    d = safetensors.DTYPES.get(st_name)
+    return getattr(torch, d.torch, None) if d is not None and d.torch and d.itemsize else None
 
 
 def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadStats):
@@ -262,8 +252,9 @@ def _npcache_weights(weights: WeightsRecord, run_dir: Path, verify: bool, stats:
             _hash_file(path, by_path[rel])
         arr = np.load(path, allow_pickle=False)
         tensor = torch.from_numpy(np.ascontiguousarray(arr))
-        if info.get("dtype") == "BF16":
-            tensor = tensor.view(torch.bfloat16)
+        st = safetensors.DTYPES.get(info.get("dtype"))
+        if st is not None and st.numpy is None and st.torch:  # stored as same-width unsigned ints
+            tensor = tensor.view(getattr(torch, st.torch))
         stats.tensors += 1
         stats.bytes += path.stat().st_size
         yield name, tensor
