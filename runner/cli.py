@@ -200,8 +200,9 @@ def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
 @click.command("status")
 @click.argument("run")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
+@click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
 @click.pass_obj
-def status_cmd(state: _State, run: str, json_out: bool):
+def status_cmd(state: _State, run: str, json_out: bool, download_dir):
     """Say fresh, stale (and why) or missing for every stage of RUN."""
     from prestage.runner.chain import stage_status
     from prestage.runner.show import dumps, status_text
@@ -209,7 +210,7 @@ def status_cmd(state: _State, run: str, json_out: bool):
     run_dir = state.run_dir(run)
     if not run_dir.is_dir():
         raise errors.NotFoundError(f"{run}: no such run (looked in {run_dir}); start one with `prestage run MODEL`")
-    rows = stage_status(run_dir)
+    rows = stage_status(run_dir, {"download_dir": download_dir})
     click.echo(dumps({"run": run_dir.name, "stages": rows}) if json_out else status_text(run_dir.name, rows))
 
 

@@ -169,13 +169,13 @@ def test_launch_loader_checks_headers_with_the_one_parser(checkpoint_dirs, tmp_p
     with pytest.raises(
         InvalidModelError, match=rf"model.safetensors: tensor '{second}' .* overlaps .*fetch-weights RUN"
     ):
-        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
 
     header = {"q": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}
     raw = json.dumps(header).encode()
     st.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0")
     with pytest.raises(UnsupportedError, match=r"model.safetensors: tensor q has dtype F4, which launch cannot load"):
-        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
 
 
 def test_launch_loader_shape_mismatch_is_invalid_model(checkpoint_dirs, tmp_path):
@@ -323,7 +323,7 @@ def test_npcache_round_trips_dtypes_numpy_lacks(tmp_path):
     sha = hashlib.sha256((tmp_path / "pytorch_model.bin").read_bytes()).hexdigest()
     record = npcache.build(tmp_path / "run", [("pytorch_model.bin", tmp_path / "pytorch_model.bin", sha)])
     stats = LoadStats(format="npcache")
-    got = dict(_npcache_weights({"npcache": record}, tmp_path / "run", True, stats))
+    got = dict(_npcache_weights(weights_record({"npcache": record}), tmp_path / "run", True, stats))
     assert set(got) == set(state) and stats.tensors == 3
     for name, t in state.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8))
