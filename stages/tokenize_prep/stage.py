@@ -29,6 +29,15 @@ from prestage.stages.tokenize_prep.chat_template import template_input
 from prestage.stages.tokenize_prep.source import MODES, normalize_tokenizer_arg
 
 
+def _mode(params: dict) -> str:
+    mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
+    if mode not in MODES:
+        raise errors.UsageError(
+            f"--tokenizer-mode {params.get('tokenizer_mode')!r}: not supported; use one of {', '.join(MODES)}"
+        )
+    return mode
+
+
 class TokenizePrepStage(Stage):
     name = "tokenize-prep"
     version = 1
@@ -69,13 +78,13 @@ class TokenizePrepStage(Stage):
         ),
     )
 
+    def check_params(self, params: dict) -> None:
+        _mode(params)
+        template_input(params.get("chat_template"))
+
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         resolve = upstream["resolve"].outputs
-        mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
-        if mode not in MODES:
-            raise errors.UsageError(
-                f"--tokenizer-mode {params.get('tokenizer_mode')}: not supported; use one of {', '.join(MODES)}"
-            )
+        mode = _mode(params)
         tok = normalize_tokenizer_arg(params.get("tokenizer"), resolve)
         if tok["kind"] == "local":
             run_dir = Path(params.get("run_dir") or ".").resolve()
