@@ -315,9 +315,12 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
     if not ok:
         bad = [r for r in report if not r.get("ok")]
         stage = bad[0].get("stage") or "fetch-weights"
+        reason = str(bad[0].get("reason"))
+        if reason.startswith(("sha256 ", "size ")):  # the listing above has the values
+            reason = reason.split(" ", 1)[0] + " differs"
         raise errors.IntegrityError(
             f"{len(bad)} of {len(report)} files of run {run_dir.name} fail verification "
-            f"(first: {bad[0].get('path')}: {bad[0].get('reason')}); re-run "
+            f"(first: {bad[0].get('path')}: {reason}); re-run "
             f"`prestage {stage} {run_dir.name} --force`"
         )
 

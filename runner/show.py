@@ -131,8 +131,11 @@ def _summarize_list(key: str, items: list) -> list[str]:
             lines.append(f"  - {what}: {_short(x.get('why') or x.get('reason'), 80)}")
         return lines
     sizes = [x["size"] for x in dicts if isinstance(x.get("size"), int)]
-    noun = "files" if sizes and all("path" in x for x in dicts) else "items"
-    return [f"{key}: {len(items)} {noun}" + (f", {_mb(sum(sizes))}" if sizes else "")]
+    files = bool(sizes) and all(isinstance(x.get("path"), str) for x in dicts)
+    line = f"{key}: {len(items)} {'files' if files else 'items'}" + (f", {_mb(sum(sizes))}" if sizes else "")
+    if files and len(dicts) <= _INLINE_ITEMS:  # a few files: their names too
+        line += " (" + ", ".join(x["path"] for x in dicts) + ")"
+    return [line]
 
 
 def summarize(value: dict, indent: int = 0, depth: int = 0) -> list[str]:
