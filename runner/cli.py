@@ -341,14 +341,18 @@ def _serve_command() -> click.Command:
     def callback(run, host, port, served_model_name, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
-        from prestage.runner.chain import load_upstream, stage_params
+        from prestage.runner.chain import load_upstream, name_the_run, stage_params
         from prestage.stages.launch import generation_config_mode, generation_defaults
         from prestage.stages.launch.inference import load_for_inference
 
         mode = generation_config_mode(params)  # checked before the model loads
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
-        inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
+        try:
+            inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
+        except errors.PrestageError as e:
+            name_the_run(e, run_dir.name)  # a hint's `prestage CMD RUN` names this run
+            raise
         for w in inference.warnings:
             reporter.warn(w)
         import uvicorn

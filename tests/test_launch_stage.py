@@ -157,6 +157,7 @@ def test_launch_cli_error_one_liners(prestage, checkpoint_dirs, artifacts_dir, o
     shard.unlink()
     rc, msg = launch()
     assert rc == 3 and shard.name in msg and "missing" in msg
+    assert "`prestage fetch-weights r --force`" in msg  # the hint names the run
     shard.write_bytes(data[:-10])
     rc, msg = launch()
     assert rc == 10 and f"{len(data) - 10} bytes" in msg
