@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import platform
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from prestage.stages import ORDER, errors, get_stage, paths
 from prestage.stages.base import Context, Reporter
-from prestage.stages.manifest import Manifest, fingerprint, manifest_path, read, write
+from prestage.stages.manifest import Manifest, fingerprint, manifest_path, read, remove_stale_temps, write
 from prestage.stages.records import Record, record_of
 
 _LIBS = ("prestage", "torch", "transformers", "huggingface_hub", "safetensors", "tokenizers", "msgpack", "click")
@@ -41,7 +42,11 @@ def load_upstream(stage, run_dir: Path) -> dict[str, Manifest]:
         path = manifest_path(run_dir, name)
         if not path.exists():
             if name in stage.requires:
-                hint = "prestage resolve MODEL" if name == "resolve" else f"prestage {name} {run_dir.name}"
+                hint = (
+                    f"prestage --run {run_dir.name} resolve MODEL"
+                    if name == "resolve"
+                    else f"prestage {name} {run_dir.name}"
+                )
                 raise errors.StaleUpstreamError(
                     f"{stage.name} needs the {name} manifest, and {path} does not "
                     f"exist; run `{hint}` first (or `prestage run`)"
@@ -89,6 +94,24 @@ def stage_params(params: dict, run_dir: Path, upstream: dict[str, Manifest]) -> 
     return out
 
 
+def check_params(names, params: dict) -> None:
+    """Every flag of every stage in `names` checked (UsageError) before the first of them runs."""
+    for name in names:
+        get_stage(name).check_params(params)
+
+
+_RUN_PLACEHOLDER = re.compile(r"(`prestage [\w-]+ )RUN\b")
+
+
+def name_the_run(exc: errors.PrestageError, run: str) -> errors.PrestageError:
+    """The same error with a hint's `prestage CMD RUN` naming the run (stages deep down do not know it)."""
+    msg = str(exc)
+    fixed = _RUN_PLACEHOLDER.sub(lambda m: m.group(1) + run, msg)
+    if fixed != msg:
+        exc.args = (fixed,)
+    return exc
+
+
 @dataclass
 class Outcome:
     stage: str
@@ -129,6 +152,7 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
             reporter.info(f"{name}: re-running: {reason}")
         elif old is not None:
             reporter.detail(f"{name}: inputs changed, re-running")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -136,10 +160,21 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
             f"run folder {run_dir}: cannot create it ({e.strerror}); pass a writable "
             "--artifacts DIR or another --run NAME"
         ) from None
+    remove_stale_temps(run_dir, path.name)  # a killed run of this stage left its temporary manifest
     reporter.info(f"{name}: running")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    result = stage.run(Context(run_dir=run_dir, params=params, upstream=upstream, reporter=reporter), inputs)
+    try:
+        result = stage.run(Context(run_dir=run_dir, params=params, upstream=upstream, reporter=reporter), inputs)
+    except BaseException as e:
+        if created:  # a failed first stage leaves no empty run folder behind
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, errors.PrestageError):
+            name_the_run(e, run_dir.name)
+        raise
     if not isinstance(result.outputs, Record) or result.outputs.stage != stage.name:
         raise TypeError(f"{name}: run() must return its stage's record, got {type(result.outputs).__name__}")
     volatile = {
@@ -195,6 +230,15 @@ def stage_status(run_dir: Path, params: dict | None = None) -> list[dict]:
     return rows
 
 
+def _weights_changed(run_dir: Path, m: Manifest, params: dict) -> str | None:
+    from prestage.stages.fetch_weights.file_state import changed_since_fetched
+
+    rec = record_of(m)
+    if rec.format == "dummy":
+        return None
+    return changed_since_fetched(paths.weights_dir(run_dir, m, params=params), rec, m.volatile)
+
+
 def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str], params: dict) -> dict:
     try:
         m = read(path)
@@ -224,4 +268,11 @@ def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str], para
         reason = str(e)
     if reason:
         return {"state": "stale", "reason": reason}
+    if name == "fetch-weights":
+        changed = _weights_changed(run_dir, m, params)
+        if changed:
+            return {
+                "state": "stale",
+                "reason": f"{changed} changed since fetched: run `prestage verify {run_dir.name}`",
+            }
     return {"state": "fresh", "reason": None, "fingerprint": m.fingerprint}

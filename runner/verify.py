@@ -47,7 +47,7 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
     if not any(manifest_path(run_dir, n).exists() for n in ("fetch-weights", "tokenize-prep")):
         raise errors.NotFoundError(
             f"run {run_dir} has no fetch-weights or tokenize-prep manifest: nothing to "
-            "verify; run `prestage fetch-weights RUN` first"
+            f"verify; run `prestage fetch-weights {run_dir.name}` first"
         )
     rows = _rows(run_dir, params or {})
     present = [p for _, _, p, _ in rows if p.is_file()]
@@ -68,8 +68,6 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
             else:
                 row.update(ok=True, reason=None)
         report.append(row)
-        if not row["ok"]:
-            reporter.warn(f"verify: {stage} {f.path}: {row['reason']}")
     ok = all(r["ok"] for r in report)
     reporter.info(f"verify: {sum(r['ok'] for r in report)}/{len(report)} file(s) ok")
     return ok, report

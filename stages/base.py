@@ -4,6 +4,8 @@ A stage is a class with:
     name, version          identity; `version` is bumped when the stage's outputs would change
     requires / optional    upstream stages whose manifests it reads (optional: read when present)
     options                its flags, declared as `Option`s (click kwargs, so stages never import click)
+    check_params(params)   refuse a bad flag value (UsageError naming the flag, the value and what is
+                           accepted) before any stage of the command runs; upstream manifests are not needed
     inputs(params, up)     the normalized inputs recorded in the manifest: plain data, never a secret
     run(ctx, inputs)       does the work, returns a `StageResult` whose outputs are the stage's typed record
                            (stages/records.py)
@@ -93,6 +95,11 @@ class Stage(ABC):
     optional: ClassVar[tuple] = ()
     options: ClassVar[tuple] = ()
     always_run: ClassVar[bool] = False  # launch: its output is a fresh generation, never cached
+
+    def check_params(self, params: dict) -> None:
+        """Raise UsageError for a flag value this stage would refuse; called for every stage a command will run
+        before the first one starts, so a misspelt flag value never costs a download. Default: nothing to check."""
+        return None
 
     @abstractmethod
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prestage.stages.configure import ConfigureStage, configure
-from prestage.stages.errors import InvalidModelError
+from prestage.stages.errors import InvalidModelError, UsageError
 from prestage.stages.launch import registry
 from prestage.stages.manifest import Manifest, canonical_bytes
 
@@ -156,7 +156,7 @@ def test_card_qwen2_5_7b_yarn(tmp_path):
     )
     assert out["config"]["rope_parameters"]["type"] == "yarn"  # the legacy key is kept (L-01 style)
     assert out["spec"]["param_count"] == 7_615_616_512
-    with pytest.raises(InvalidModelError, match="128000"):  # a longer context than derived is refused (L-18)
+    with pytest.raises(UsageError, match="128000"):  # a longer context than derived is refused (L-18)
         run_card(tmp_path / "x", "qwen2.5-7b-yarn", max_model_len="128k")
 
 

@@ -380,7 +380,7 @@ def test_cli_configure_tiny_checkpoint(checkpoint_dirs, prestage, artifacts_dir)
         (json.dumps(CUSTOM), [], 8),
         (json.dumps(dict(LLAMA, architectures=["FooForCausalLM"])), [], 7),
         (json.dumps(LLAMA), ["--dtype", "fp8"], 2),
-        (json.dumps(LLAMA), ["--max-model-len", "8192"], 9),
+        (json.dumps(LLAMA), ["--max-model-len", "8192"], 2),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code(tmp_path, prestage, artifacts_dir, config, flags, code):

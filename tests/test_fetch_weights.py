@@ -342,7 +342,7 @@ def test_W19_unknown_load_format_is_usage_error(hub, hf_env, tmp_path):
     prepare(arts / "m", "test-org/tiny-single")
     r = cli(["--artifacts", arts, "fetch-weights", "m", "--load-format", "foo"], hf_env)
     assert r.returncode == errors.CODE["usage"], r.stderr
-    assert "Load format 'foo' is not supported; use one of auto, hf, safetensors" in error_line(r)
+    assert "--load-format 'foo': not a load format; use one of auto, hf, safetensors" in error_line(r)
 
 
 def test_W18_offline_uses_cache_only_or_names_missing_files(hub, hf_env, tmp_path):

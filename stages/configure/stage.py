@@ -73,7 +73,7 @@ def _model_impl(value: str | None) -> str:
     from prestage.stages.launch.registry import MODEL_IMPLS
 
     if v not in MODEL_IMPLS:
-        raise errors.UsageError(f"--model-impl {value!r}: use one of {', '.join(MODEL_IMPLS)}")
+        raise errors.UsageError(f"--model-impl {value!r}: not an implementation; use one of {', '.join(MODEL_IMPLS)}")
     return v
 
 
@@ -85,9 +85,12 @@ def _hf_overrides(value) -> dict:
     try:
         data = json.loads(value)
     except ValueError as e:
-        raise errors.UsageError(f"--hf-overrides is not valid JSON ({e}); pass a JSON object") from None
+        raise errors.UsageError(f"--hf-overrides {value!r}: not valid JSON ({e}); pass a JSON object") from None
     if not isinstance(data, dict):
-        raise errors.UsageError(f"--hf-overrides must be a JSON object, got a {type(data).__name__}")
+        raise errors.UsageError(
+            f"--hf-overrides {value!r}: must be a JSON object such as '{{\"max_position_embeddings\": 8192}}', "
+            f"got a {type(data).__name__}"
+        )
     return data
 
 
@@ -96,6 +99,12 @@ class ConfigureStage(Stage):
     version = 2  # 2: typed record (spec fields all present)
     requires = ("resolve",)
     options = OPTIONS
+
+    def check_params(self, params: dict) -> None:
+        dtypes.normalize_requested(params.get("dtype"))
+        maxlen.parse_max_model_len(params.get("max_model_len"))
+        _model_impl(params.get("model_impl"))
+        _hf_overrides(params.get("hf_overrides"))
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         return {

@@ -18,6 +18,7 @@ from prestage.stages.digest import sha256_file
 from prestage.stages.fetch_weights import download as dl
 from prestage.stages.fetch_weights import selection as sel
 from prestage.stages.fetch_weights import tensors as tx
+from prestage.stages.fetch_weights.file_state import mtimes
 from prestage.stages.records import WeightsRecord
 
 
@@ -152,7 +153,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
             ctx.run_dir, [(p, base / p, results[p]["sha256"]) for p in selection.files], rep
         )
     secs = time.perf_counter() - t0
-    volatile.update(seconds=round(secs, 3), folder_abs=str(base))
+    volatile.update(seconds=round(secs, 3), folder_abs=str(base), mtime_ns=mtimes(base, selection.files))
     rep.info(
         f"fetch-weights: {selection.format}, {len(recorded)} file(s), {outputs['total_bytes'] / 1e6:.1f} MB, "
         f"{len(tensors)} tensors, {outputs['param_count']:,} parameters, verified in {secs:.1f}s"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prestage.stages import paths
 from prestage.stages.base import Context, Stage, StageResult, opt
+from prestage.stages.errors import UsageError
 from prestage.stages.fetch_weights import selection as sel
 from prestage.stages.manifest import Manifest
 from prestage.stages.records import record_of
@@ -50,6 +51,12 @@ class FetchWeightsStage(Stage):
         ),
         opt("--max-workers", type=int, default=8, show_default=True, help="Files downloaded and hashed at once"),
     )
+
+    def check_params(self, params: dict) -> None:
+        sel.normalize_load_format(params.get("load_format"))
+        workers = params.get("max_workers")
+        if workers is not None and int(workers) < 1:
+            raise UsageError(f"--max-workers {workers}: must be at least 1")
 
     def inputs(self, params: dict, upstream: dict) -> dict:
         patterns = params.get("ignore_patterns")

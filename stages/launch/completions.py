@@ -1,4 +1,6 @@
-"""launch's work: load the staged model into the engine, complete the prompts, record the completions."""
+"""launch's work: load the staged model into the engine, complete the prompts, record the completions.
+
+The completions are recorded in the manifest; the command line prints their text on stdout."""
 
 from __future__ import annotations
 
@@ -57,8 +59,8 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         {"prompt": p, "text": r["text"], "token_ids": r["token_ids"], "finish_reason": r["finish_reason"]}
         for p, r in zip(prompts, results, strict=True)
     ]
-    for c in completions:
-        rep.info(f"launch: {c['prompt']!r} -> {c['text']!r} ({len(c['token_ids'])} tokens, {c['finish_reason']})")
+    for i, c in enumerate(completions, 1):  # the text itself goes to stdout (the CLI prints it)
+        rep.detail(f"launch: completion {i} of {len(completions)}: {len(c['token_ids'])} tokens, {c['finish_reason']}")
     stats = inf.engine.stats
     record = LaunchRecord.from_dict(dict(inf.info, completions=completions), "launch's outputs")
     volatile = {

@@ -116,8 +116,11 @@ def load_stored_tokenizer(run_dir: Path, record: TokenizerRecord):
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=record.trust_remote_code
+            tok = AutoTokenizer.from_pretrained(  # left truncation as vLLM; the stored folder keeps the original's
+                str(folder),
+                local_files_only=True,
+                trust_remote_code=record.trust_remote_code,
+                truncation_side="left",
             )
     except ImportError as e:
         raise errors.UnsupportedError(

@@ -1,8 +1,8 @@
 """The body of the tokenize-prep stage: `prepare(ctx, inputs)` -> StageResult (see the package docstring).
 
-Also reads two model files the tokenizer does not own: generation_config.json (its eos_token_id, an int or
-a list, is merged into the eos ids, as vLLM stops on both) and the model config (model_type for the chat
-template fallback, vocab_size for the embedding bound) when configure has not run.
+Also reads generation_config.json, a model file the tokenizer does not own (its eos_token_id, an int or a
+list, is merged into the eos ids, as vLLM stops on both), and takes the model_type (for the chat template
+fallback) and the vocab_size (for the embedding bound) from configure's manifest.
 """
 
 from __future__ import annotations
@@ -74,14 +74,10 @@ def generation_defaults(gen: dict | None) -> dict:
     return out
 
 
-def _model_facts(ctx: Context, src: TokenizerSource, warnings: list) -> tuple[str | None, int | None]:
-    """(model_type, model vocab_size): from configure when it ran, else the model's config file."""
-    configure = ctx.upstream.get("configure")
-    if configure is not None:
-        return configure.record.model_type, configure.record.spec.vocab_size
-    cfg = _model_json(ctx, src, ctx.upstream["resolve"].record.config_file, warnings) or {}
-    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-    return cfg.get("model_type"), vocab if isinstance(vocab, int) else None
+def _model_facts(ctx: Context) -> tuple[str | None, int | None]:
+    """(model_type, model vocab_size) as configure recorded them."""
+    conf = ctx.upstream["configure"].record
+    return conf.model_type, conf.spec.vocab_size
 
 
 def prepare(ctx: Context, inputs: dict) -> StageResult:
@@ -104,7 +100,7 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         )
     vocab = tok.get_vocab()
     attrs = cached_attributes(tok, vocab)
-    model_type, model_vocab = _model_facts(ctx, src, warnings)
+    model_type, model_vocab = _model_facts(ctx)
     gen = _model_json(ctx, src, "generation_config.json", warnings)
     eos = _eos_ids(tok, gen)
     if not eos:

@@ -1,6 +1,6 @@
 """The tokenize-prep stage: load the model's tokenizer as vLLM does, store it, and record what launch needs.
 
-Reads resolve's manifest (and configure's when present). Steps, following reference §4:
+Reads resolve's and configure's manifests (configure first, as for every later stage). Steps, following reference §4:
   1. source.locate: the model's own tokenizer at resolve's pinned commit, or --tokenizer (hub id, pinned
      to a commit here, or a local folder); hub files come as a non-weight snapshot into HF_HUB_CACHE.
   2. source.pick_mode: --tokenizer-mode auto -> mistral (consolidated*.safetensors + tekken.json /
@@ -30,11 +30,19 @@ from prestage.stages.tokenize_prep.chat_template import template_input
 from prestage.stages.tokenize_prep.source import MODES, normalize_tokenizer_arg
 
 
+def _mode(params: dict) -> str:
+    mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
+    if mode not in MODES:
+        raise errors.UsageError(
+            f"--tokenizer-mode {params.get('tokenizer_mode')!r}: not supported; use one of {', '.join(MODES)}"
+        )
+    return mode
+
+
 class TokenizePrepStage(Stage):
     name = "tokenize-prep"
-    version = 2  # 2: typed record; generation_defaults always present
-    requires = ("resolve",)
-    optional = ("configure",)
+    version = 2  # 2: typed record; generation_defaults always present; configure required
+    requires = ("resolve", "configure")
     options = (
         opt(
             "--tokenizer",
@@ -71,13 +79,13 @@ class TokenizePrepStage(Stage):
         ),
     )
 
+    def check_params(self, params: dict) -> None:
+        _mode(params)
+        template_input(params.get("chat_template"))
+
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         resolve = upstream["resolve"].record
-        mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
-        if mode not in MODES:
-            raise errors.UsageError(
-                f"--tokenizer-mode {params.get('tokenizer_mode')}: not supported; use one of {', '.join(MODES)}"
-            )
+        mode = _mode(params)
         tok = normalize_tokenizer_arg(params.get("tokenizer"), resolve)
         if tok["kind"] == "local":
             run_dir = Path(params.get("run_dir") or ".").resolve()

@@ -4,24 +4,35 @@
 (a crash leaves the old folder or the new one): `save_pretrained` output, the repo's original
 tokenizer.json bytes under `original/` when `save_pretrained` re-serialized them differently, and the
 resolved chat template as `chat_template.resolved.jinja` unless `save_pretrained`'s own chat_template.jinja
-holds the same text. `check_outputs` compares sizes (cheap: run on every cache decision); `verify_files`
+holds the same text. `tokenizer_config.json` keeps the original's behaviour: the keys the loader passed to
+`from_pretrained` (vLLM's left truncation side, the offline flags) that `save_pretrained` writes back are
+dropped, or set back to the original's values, so plain transformers loads the folder as it loads the
+original. Temporary folders a killed run left (`.tokenizer.tmp-PID`, `.tokenizer.old-PID`) are removed when
+their process is gone. `check_outputs` compares sizes (cheap: run on every cache decision); `verify_files`
 compares sha256 (launch and verify).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from prestage.stages import errors
 from prestage.stages.digest import sha256_hex
+from prestage.stages.manifest import pid_alive
 from prestage.stages.paths import in_run
 from prestage.stages.records import StoredFile, TokenizerRecord
 
 TOKENIZER_DIR = "tokenizer"
 RESOLVED_TEMPLATE = "chat_template.resolved.jinja"
+# from_pretrained arguments that save_pretrained records in tokenizer_config.json although the original
+# did not set them: left there, they would change how plain transformers loads the stored folder.
+LOADER_KEYS = ("truncation_side", "local_files_only", "is_local", "trust_remote_code", "cache_dir", "revision")
+_TEMP_RE = re.compile(rf"^\.{TOKENIZER_DIR}\.(?:tmp|old)-(\d+)$")
 
 
 def listing(run_dir: Path) -> list[StoredFile]:
@@ -34,6 +45,38 @@ def listing(run_dir: Path) -> list[StoredFile]:
     return out
 
 
+def remove_stale_temps(run_dir: Path) -> None:
+    """Remove `.tokenizer.tmp-PID` / `.tokenizer.old-PID` folders whose process is gone (a killed run's)."""
+    for p in Path(run_dir).glob(f".{TOKENIZER_DIR}.*-*"):
+        m = _TEMP_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def restore_config(saved_dir: Path, source_folder: Path) -> None:
+    """Give the saved tokenizer_config.json the original's values for LOADER_KEYS (dropped when it had none)."""
+    saved_path = Path(saved_dir) / "tokenizer_config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    try:
+        original = json.loads((Path(source_folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        original = {}
+    if not isinstance(original, dict):
+        original = {}
+    changed = False
+    for key in LOADER_KEYS:
+        if key in original and saved.get(key) != original[key]:
+            saved[key] = original[key]
+            changed = True
+        elif key not in original and key in saved:
+            del saved[key]
+            changed = True
+    if changed:
+        saved_path.write_text(json.dumps(saved, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
     """Write tokenizer/ and return {chat_template_file, tokenizer_json_sha256}."""
     run_dir = Path(run_dir)
@@ -41,9 +84,11 @@ def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
     final = run_dir / TOKENIZER_DIR
     tmp = run_dir / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
     old = run_dir / f".{TOKENIZER_DIR}.old-{os.getpid()}"
+    remove_stale_temps(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok.save_pretrained(str(tmp))
+        restore_config(tmp, source_folder)
         original = source_folder / "tokenizer.json"
         tj_sha = None
         if original.is_file():
