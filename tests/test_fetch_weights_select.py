@@ -107,7 +107,7 @@ def test_W14_npcache_takes_bin_then_pt():
 
 
 def test_W19_unknown_load_format():
-    with pytest.raises(UsageError, match="Load format 'foo' is not supported; use one of auto, hf"):
+    with pytest.raises(UsageError, match="--load-format 'foo': not a load format; use one of auto, hf"):
         sel.normalize_load_format("foo")
     assert sel.normalize_load_format("SafeTensors") == "safetensors"
 
