@@ -196,7 +196,7 @@ def test_artifacts_that_is_a_file_is_a_usage_error(tmp_path, local_model):
 def test_local_folder_without_config(tmp_path):
     d = tmp_path / "empty-model"
     d.mkdir()
-    (d / "params.json").write_text("{}")  # params.json alone is not a Mistral model
+    (d / "params.json").write_text("{}")  # params.json alone is not a Mistral model (docs/vllm-rules.md, R-04)
     r = cli("--artifacts", str(tmp_path / "a"), "resolve", str(d))
     assert r.returncode == CODE["not-found"] and "no config.json" in r.stderr
     r = cli("--artifacts", str(tmp_path / "a"), "resolve", str(tmp_path / "does" / "not" / "exist"))

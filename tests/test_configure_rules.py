@@ -1,5 +1,6 @@
 """Configure's pure rules, without transformers: --max-model-len parsing and derivation (L-*), dtype (D-*),
-the architecture registry (M-*) and the legacy RoPE rules (L-08, L-09, L-12). Reference IDs are in the names."""
+the architecture registry (M-*) and the legacy RoPE rules (L-08, L-09, L-12). The case labels in the names are
+defined in docs/vllm-rules.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fetch-weights stage end to end (reference §8.7): hub repos on the local test hub, local folders,
+"""The fetch-weights stage end to end (docs/vllm-rules.md, W-01..W-19): hub repos on the local test hub, local folders,
 integrity, offline, resume after SIGKILL, concurrent fetches, and `prestage verify`.
 
 Most cases run the stages in-process (prestage.runner.chain.run_stage, transformers imported once); the cases
@@ -298,11 +298,11 @@ def test_W07_local_shards_without_index_natural_order(tmp_path, checkpoint_dirs)
 
 
 @pytest.mark.parametrize(
-    "case,layout,fmt", [("W09", "bin", "pt"), ("W10", "bin", "safetensors"), ("W11", "single", "auto")]
+    "case,layout,fmt", [("W-09", "bin", "pt"), ("W-10", "bin", "safetensors"), ("W-11", "single", "auto")]
 )
 def test_W09_W10_W11_local_no_weights_for_format(tmp_path, checkpoint_dirs, case, layout, fmt):
     folder = copy_variant(checkpoint_dirs[layout], tmp_path / "m")
-    if case == "W11":
+    if case == "W-11":
         (folder / "model.safetensors").rename(folder / "model.pth")
     with pytest.raises(errors.UnsupportedError, match=f"Cannot find any model weights with load format '{fmt}'"):
         _local(tmp_path, load_format=fmt)(folder)

@@ -1,4 +1,4 @@
-"""fetch-weights' pure parts: file selection (reference §8.7 W-cases on listings), safetensors header
+"""fetch-weights' pure parts: file selection (docs/vllm-rules.md, weight cases on listings), safetensors header
 parsing without torch, hashing, and the tensor-index checks against configure's spec."""
 
 from __future__ import annotations

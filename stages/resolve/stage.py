@@ -1,4 +1,4 @@
-"""The resolve stage: find the model, pin its revision, record its file listing (vLLM seed step 1).
+"""The resolve stage: find the model, pin its revision, record its file listing (vLLM's first step).
 
 An existing local folder is used as it is: it must hold config.json, or a Mistral params.json beside
 consolidated*.safetensors. A hub id is looked up in the Hugging Face cache at `--revision` first; only

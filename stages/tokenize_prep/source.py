@@ -2,7 +2,7 @@
 
 `locate(run_dir, params, inputs, resolve_outputs)` returns a `TokenizerSource`: the folder holding the
 tokenizer files, the hub id and pinned commit (hub only), and the repo listing used to pick the tokenizer
-mode. As vLLM does (reference §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole repo
+mode. As vLLM does (docs/vllm-rules.md, §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole repo
 (config, tokenizer, chat-template, processor and *.py files) into the Hugging Face cache, HF_HUB_CACHE, not
 `--download-dir`. The model's own tokenizer uses resolve's pinned commit; another repo or revision is
 pinned here (HfApi.model_info online, the cached ref offline).
