@@ -46,7 +46,7 @@ def _stages_run(lines: list[str]) -> list[str]:
     found = []
     for line in lines:
         m = re.search(
-            r"runner\.cli --artifacts arts (?:--run tiny )?(resolve|configure|tokenize-prep|fetch-weights)", line
+            r"-m prestage --artifacts arts (?:--run tiny )?(resolve|configure|tokenize-prep|fetch-weights)", line
         )
         if m:
             found.append(m.group(1))
