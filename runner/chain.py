@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import errno
 import platform
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from prestage.stages import ORDER, errors, get_stage
+from prestage.stages import ORDER, errors, get_stage, paths
 from prestage.stages.base import Context, Reporter
-from prestage.stages.manifest import Manifest, fingerprint, manifest_path, read, write
+from prestage.stages.manifest import Manifest, fingerprint, manifest_path, read, remove_stale_temps, write
+from prestage.stages.records import Record, record_of
 
 _LIBS = ("prestage", "torch", "transformers", "huggingface_hub", "safetensors", "tokenizers", "msgpack", "click")
 
@@ -40,13 +42,19 @@ def load_upstream(stage, run_dir: Path) -> dict[str, Manifest]:
         path = manifest_path(run_dir, name)
         if not path.exists():
             if name in stage.requires:
-                hint = "prestage resolve MODEL" if name == "resolve" else f"prestage {name} {run_dir.name}"
+                hint = (
+                    f"prestage --run {run_dir.name} resolve MODEL"
+                    if name == "resolve"
+                    else f"prestage {name} {run_dir.name}"
+                )
                 raise errors.StaleUpstreamError(
                     f"{stage.name} needs the {name} manifest, and {path} does not "
                     f"exist; run `{hint}` first (or `prestage run`)"
                 )
             continue
         found[name] = read(path)
+        if found[name].stage == name:
+            record_of(found[name], str(path))  # strict: a missing or mistyped output field is bad-manifest here
         if found[name].stage != name:
             raise errors.BadManifestError(
                 f"{path}: holds a '{found[name].stage}' manifest, not {name}; delete it and re-run `prestage {name}`"
@@ -76,14 +84,32 @@ def upstream_drift(run_dir: Path, m: Manifest) -> str | None:
 
 
 def stage_params(params: dict, run_dir: Path, upstream: dict[str, Manifest]) -> dict:
-    """The parameters a stage sees: the CLI's, the run folder, and the cache root resolve was given.
+    """The parameters a stage sees: the CLI's, the run folder, and the run's cache root (stages/paths.py).
 
-    `prestage resolve M --download-dir D` then `prestage fetch-weights RUN` must find the model in D without
-    repeating the flag, so a stage given no --download-dir takes the one resolve recorded."""
+    `prestage resolve M --download-dir D` then `prestage fetch-weights RUN` finds the model in D without
+    repeating the flag, and a run moved with its cache finds it where HF_HUB_CACHE now points."""
     out = {**params, "run_dir": str(run_dir)}
-    if not out.get("download_dir") and "resolve" in upstream:
-        out["download_dir"] = upstream["resolve"].inputs.get("download_dir")
+    if "resolve" in upstream:
+        out["cache_dir"] = str(paths.cache_root(params, upstream["resolve"]))
     return out
+
+
+def check_params(names, params: dict) -> None:
+    """Every flag of every stage in `names` checked (UsageError) before the first of them runs."""
+    for name in names:
+        get_stage(name).check_params(params)
+
+
+_RUN_PLACEHOLDER = re.compile(r"(`prestage [\w-]+ )RUN\b")
+
+
+def name_the_run(exc: errors.PrestageError, run: str) -> errors.PrestageError:
+    """The same error with a hint's `prestage CMD RUN` naming the run (stages deep down do not know it)."""
+    msg = str(exc)
+    fixed = _RUN_PLACEHOLDER.sub(lambda m: m.group(1) + run, msg)
+    if fixed != msg:
+        exc.args = (fixed,)
+    return exc
 
 
 @dataclass
@@ -116,13 +142,17 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
             reporter.warn(f"{e}; re-running {name}")
             old = None
         if old is not None and old.fingerprint == fp:
-            reason = stage.check_outputs(run_dir, old)
+            try:
+                reason = stage.check_outputs(run_dir, old, params)
+            except errors.BadManifestError as e:
+                reason = str(e)
             if reason is None:
                 reporter.info(f"{name}: cached, inputs unchanged ({path})")
                 return Outcome(name, "cached", old, path)
             reporter.info(f"{name}: re-running: {reason}")
         elif old is not None:
             reporter.detail(f"{name}: inputs changed, re-running")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -130,10 +160,23 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
             f"run folder {run_dir}: cannot create it ({e.strerror}); pass a writable "
             "--artifacts DIR or another --run NAME"
         ) from None
+    remove_stale_temps(run_dir, path.name)  # a killed run of this stage left its temporary manifest
     reporter.info(f"{name}: running")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    result = stage.run(Context(run_dir=run_dir, params=params, upstream=upstream, reporter=reporter), inputs)
+    try:
+        result = stage.run(Context(run_dir=run_dir, params=params, upstream=upstream, reporter=reporter), inputs)
+    except BaseException as e:
+        if created:  # a failed first stage leaves no empty run folder behind
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, errors.PrestageError):
+            name_the_run(e, run_dir.name)
+        raise
+    if not isinstance(result.outputs, Record) or result.outputs.stage != stage.name:
+        raise TypeError(f"{name}: run() must return its stage's record, got {type(result.outputs).__name__}")
     volatile = {
         "started_at": started,
         "duration_s": round(time.perf_counter() - t0, 4),
@@ -147,7 +190,7 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
         stage_version=stage.version,
         inputs=inputs,
         upstream=up_digests,
-        outputs=result.outputs,
+        outputs=result.outputs.to_dict(),
         warnings=list(result.warnings),
         volatile=volatile,
     )
@@ -161,11 +204,18 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     for w in m.warnings:  # the one place stage warnings are printed
         reporter.warn(f"{name}: {w}")
     reporter.info(f"{name}: done in {volatile['duration_s']:.2f}s -> {path}")
+    m.record = result.outputs
     return Outcome(name, "ran", m, path)
 
 
-def stage_status(run_dir: Path) -> list[dict]:
+def stage_status(run_dir: Path, params: dict | None = None) -> list[dict]:
     """fresh / stale (with the reason) / missing for every stage, without running anything heavy."""
+    params = dict(params or {})
+    try:
+        resolve = read(manifest_path(run_dir, "resolve"))
+        params["cache_dir"] = str(paths.cache_root(params, resolve))
+    except errors.BadManifestError:
+        pass
     rows: list[dict] = []
     state: dict[str, str] = {}
     for name in ORDER:
@@ -174,13 +224,22 @@ def stage_status(run_dir: Path) -> list[dict]:
         if not path.exists():
             row.update(state="missing", reason=None)
         else:
-            row.update(_freshness(name, run_dir, path, state))
+            row.update(_freshness(name, run_dir, path, state, params))
         state[name] = row["state"]
         rows.append(row)
     return rows
 
 
-def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str]) -> dict:
+def _weights_changed(run_dir: Path, m: Manifest, params: dict) -> str | None:
+    from prestage.stages.fetch_weights.file_state import changed_since_fetched
+
+    rec = record_of(m)
+    if rec.format == "dummy":
+        return None
+    return changed_since_fetched(paths.weights_dir(run_dir, m, params=params), rec, m.volatile)
+
+
+def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str], params: dict) -> dict:
     try:
         m = read(path)
     except errors.BadManifestError as e:
@@ -202,7 +261,18 @@ def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str]) -> d
     for up in m.upstream:
         if state.get(up) == "stale":
             return {"state": "stale", "reason": f"upstream {up} is stale"}
-    reason = stage.check_outputs(run_dir, m)
+    try:
+        record_of(m, str(path))
+        reason = stage.check_outputs(run_dir, m, params)
+    except errors.BadManifestError as e:
+        reason = str(e)
     if reason:
         return {"state": "stale", "reason": reason}
+    if name == "fetch-weights":
+        changed = _weights_changed(run_dir, m, params)
+        if changed:
+            return {
+                "state": "stale",
+                "reason": f"{changed} changed since fetched: run `prestage verify {run_dir.name}`",
+            }
     return {"state": "fresh", "reason": None, "fingerprint": m.fingerprint}

@@ -5,6 +5,11 @@
     prestage inspect FILE|RUN       prestage status RUN          prestage verify RUN
     prestage serve RUN              (the OpenAI API over the launch engine)
 
+Global options (--artifacts, --run, -v, -q) go before or after the subcommand. Every flag of every stage a
+command will run is checked before the first stage starts. `launch` and `run --prompt` print the
+completions on stdout, one per prompt (`--json`: the whole result, completions under `completions`);
+everything else people read goes to stderr.
+
 Stage commands are built from each stage's declared options, lazily: `--help`, `inspect` and `status`
 import neither torch nor transformers nor huggingface_hub. Every failure prints one line and exits with the
 code of its class (see the table in `prestage --help`); `-v` adds the traceback.
@@ -12,6 +17,7 @@ code of its class (see the table in `prestage --help`); `-v` adds the traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
@@ -19,8 +25,10 @@ from pathlib import Path
 
 import click
 
+from prestage.runner.arguments import check_model, check_run_name
 from prestage.stages import ORDER, STAGES, errors, get_stage
 from prestage.stages.base import Reporter
+from prestage.stages.records import record_of
 
 _EPILOG = "\b\nExit codes:\n" + errors.exit_code_table()
 
@@ -32,14 +40,61 @@ class _State:
         self.verbose = verbose
         self.quiet = quiet
 
+    def merge(self, artifacts: str | None, run: str | None, verbose: int, quiet: bool) -> None:
+        """Global options given after the subcommand: they win over the same ones given before it."""
+        if artifacts is not None:
+            self.artifacts = Path(artifacts)
+        if run is not None:
+            self.run = run
+        self.verbose += verbose or 0
+        self.quiet = self.quiet or bool(quiet)
+
     def reporter(self, json_out: bool = False) -> Reporter:
         return Reporter(verbosity=self.verbose, quiet=self.quiet, json=json_out)
 
     def run_dir(self, run: str) -> Path:
+        """The folder of an existing run: a path (holding a '/' or manifests), else a name under --artifacts."""
         p = Path(run)
         if os.sep in run or (p.is_dir() and any(p.glob("*.msgpack"))):
             return p
-        return self.artifacts / run
+        return self.artifacts / check_run_name(run, "RUN")
+
+    def new_run_dir(self, model: str) -> Path:
+        """The run folder for MODEL: --run NAME (checked to be one folder name), else a name from the model."""
+        if self.run is not None:
+            return self.artifacts / check_run_name(self.run)
+        return self.artifacts / check_run_name(default_run_name(model), "the run name derived from MODEL")
+
+
+def _global_options() -> list[click.Option]:
+    """The group's options, repeated on every subcommand (default None: 'not given here')."""
+    return [
+        click.Option(
+            ["--artifacts"], default=None, metavar="DIR", help="Folder holding one folder per run [default: artifacts]."
+        ),
+        click.Option(
+            ["--run", "run_name"], default=None, metavar="NAME", help="Run name (default: derived from the model id)."
+        ),
+        click.Option(["-v", "--verbose"], count=True, help="More detail; tracebacks on errors."),
+        click.Option(["-q", "--quiet"], is_flag=True, help="Only errors and warnings on stderr; no progress bars."),
+    ]
+
+
+def _with_globals(cmd: click.Command) -> click.Command:
+    """`cmd` accepting the global options after the subcommand too (merged into the group's state)."""
+    if getattr(cmd, "_prestage_globals", False):
+        return cmd
+    inner = cmd.callback
+
+    @functools.wraps(inner)
+    def callback(*args, artifacts=None, run_name=None, verbose=0, quiet=False, **kwargs):
+        click.get_current_context().find_object(_State).merge(artifacts, run_name, verbose, quiet)
+        return inner(*args, **kwargs)
+
+    cmd.params.extend(_global_options())
+    cmd.callback = callback
+    cmd._prestage_globals = True
+    return cmd
 
 
 def default_run_name(model: str) -> str:
@@ -68,40 +123,66 @@ def _emit(reporter: Reporter, payload) -> None:
         click.echo(dumps(payload))
 
 
+def _completions(manifest) -> list[dict]:
+    """launch's completions as plain maps ({prompt, text, token_ids, finish_reason}), from its record."""
+    return [c.to_dict() for c in record_of(manifest).completions]
+
+
+def _print_completions(completions: list[dict]) -> None:
+    """The completions on stdout, plain text, one per prompt, each followed by a newline."""
+    for c in completions:
+        click.echo(c["text"])
+
+
+_JSON_HELP = "Print the result as JSON on stdout."
+_LAUNCH_JSON_HELP = (
+    "Print the result as JSON on stdout; the completions are at its top-level `completions` key "
+    "(a list of {prompt, text, token_ids, finish_reason})."
+)
+
+
 def _stage_command(name: str) -> click.Command:
     def callback(run, json_out, force, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter(json_out)
-        from prestage.runner.chain import run_stage
+        from prestage.runner.chain import check_params, run_stage
 
         if name == "resolve":
+            check_model(run)
             params["model"] = run
-            run_dir = state.artifacts / (state.run or default_run_name(run))
+            run_dir = state.new_run_dir(run)
         else:
             run_dir = state.run_dir(run)
+        check_params([name], params)
         outcome = run_stage(name, run_dir, params, reporter, force=force)
-        _emit(
-            reporter,
-            {"stage": name, "status": outcome.status, "manifest": str(outcome.path), **outcome.manifest.to_dict()},
-        )
+        completions = _completions(outcome.manifest) if name == "launch" else None
+        if completions is not None and not reporter.json:
+            _print_completions(completions)
+        head = {"stage": name, "status": outcome.status, "manifest": str(outcome.path)}
+        if completions is not None:
+            head["completions"] = completions
+        _emit(reporter, {**head, **outcome.manifest.to_dict()})
 
     arg = click.Argument(["run"], metavar="MODEL" if name == "resolve" else "RUN")
     params = [
         arg,
-        click.Option(["--json", "json_out"], is_flag=True, help="Print the manifest as JSON on stdout."),
+        click.Option(
+            ["--json", "json_out"],
+            is_flag=True,
+            help=_LAUNCH_JSON_HELP if name == "launch" else "Print the manifest as JSON on stdout.",
+        ),
         click.Option(["--force"], is_flag=True, help="Re-run even if the manifest is fresh."),
     ]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options([name])]
-    stage = get_stage(name)
-    doc = (type(stage).__doc__ or sys.modules[type(stage).__module__].__doc__ or "").strip()
-    summary = doc.splitlines()[0] if doc else f"Run the {name} stage."
+    summary = _SHORT[name]
     what = "MODEL (a hub id or a local folder)" if name == "resolve" else "the run RUN"
+    more = " The completions go to stdout, one per prompt; logs to stderr." if name == "launch" else ""
     return click.Command(
         name,
         callback=callback,
         params=params,
         short_help=summary,
-        help=f"{summary}\n\nRuns {name} for {what} and writes {name}.msgpack in the run folder.",
+        help=f"{summary}\n\nRuns {name} for {what} and writes {name}.msgpack in the run folder.{more}",
     )
 
 
@@ -109,9 +190,8 @@ def _run_command() -> click.Command:
     def callback(model, to, from_, force, json_out, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter(json_out)
-        from prestage.runner.chain import run_stage
+        from prestage.runner.chain import check_params, run_stage
 
-        run_dir = state.artifacts / (state.run or default_run_name(model))
         params["model"] = model
         wants_launch = bool(params.get("prompt") or params.get("prompts_file"))
         last = to or ("launch" if wants_launch else "fetch-weights")
@@ -120,8 +200,13 @@ def _run_command() -> click.Command:
             raise errors.UsageError(
                 f"--from {first} comes after --to {last}; pick a range in pipeline order ({' -> '.join(ORDER)})"
             )
+        names = ORDER[ORDER.index(first) : ORDER.index(last) + 1]
+        if first == ORDER[0]:
+            check_model(model)
+        run_dir = state.new_run_dir(model)
+        check_params(names, params)  # every flag of every stage, before the first one runs
         results = []
-        for name in ORDER[ORDER.index(first) : ORDER.index(last) + 1]:
+        for name in names:
             outcome = run_stage(name, run_dir, params, reporter, force=force or (from_ is not None))
             results.append({"stage": name, "status": outcome.status, "manifest": str(outcome.path)})
         if last != "launch" and not wants_launch:
@@ -129,10 +214,14 @@ def _run_command() -> click.Command:
         payload = {"run": run_dir.name, "run_dir": str(run_dir), "stages": results}
         if last == "launch":
             vol = outcome.manifest.volatile
+            completions = _completions(outcome.manifest)
+            payload["completions"] = completions
             payload["launch"] = {
                 **outcome.manifest.outputs,
                 "timings": {k: vol.get(k) for k in ("startup", "generate_s", "generated_tokens", "total_s")},
             }
+            if not reporter.json:
+                _print_completions(completions)
         _emit(reporter, payload)
 
     choice = click.Choice(ORDER)
@@ -151,7 +240,7 @@ def _run_command() -> click.Command:
             help="Re-run from this stage on (earlier manifests must exist).",
         ),
         click.Option(["--force"], is_flag=True, help="Re-run every stage in the range."),
-        click.Option(["--json", "json_out"], is_flag=True, help="Print the result as JSON on stdout."),
+        click.Option(["--json", "json_out"], is_flag=True, help=_LAUNCH_JSON_HELP),
     ]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(ORDER)]
     return click.Command(
@@ -161,18 +250,20 @@ def _run_command() -> click.Command:
         short_help="Chain the stages for MODEL, skipping the fresh ones.",
         help="Chain resolve -> configure -> tokenize-prep -> fetch-weights -> launch for MODEL. "
         "A stage whose manifest is fresh (same fingerprint, outputs intact) is reported as "
-        "cached and left untouched; a changed input re-runs it and everything after it.",
+        "cached and left untouched; a changed input re-runs it and everything after it. Every flag is "
+        "checked before the first stage runs. With --prompt the completions go to stdout, one per prompt.",
     )
 
 
 @click.command("inspect")
 @click.argument("target")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
-@click.option("--full", is_flag=True, help="Do not shorten long lists.")
+@click.option("--full", is_flag=True, help="Show every field (each token id, tensor and file) instead of the summary.")
 @click.pass_obj
 def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
-    """Show a manifest FILE, or every manifest of a RUN."""
-    from prestage.runner.show import dumps, manifest_text
+    """Show a manifest FILE, or every manifest of a RUN: a summary (decisions and their reasons, file counts
+    and bytes, warnings), or everything with --full."""
+    from prestage.runner.show import dumps, manifest_summary, manifest_text
     from prestage.stages.manifest import manifest_path, read
 
     p = Path(target)
@@ -194,14 +285,16 @@ def inspect_cmd(state: _State, target: str, json_out: bool, full: bool):
     if json_out:
         click.echo(dumps(next(iter(docs.values())) if p.is_file() else {d["stage"]: d for d in docs.values()}))
     else:
-        click.echo("\n\n".join(manifest_text(d, path, full) for path, d in docs.items()))
+        text = [manifest_text(d, path, True) if full else manifest_summary(d, path) for path, d in docs.items()]
+        click.echo("\n\n".join(text))
 
 
 @click.command("status")
 @click.argument("run")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
+@click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
 @click.pass_obj
-def status_cmd(state: _State, run: str, json_out: bool):
+def status_cmd(state: _State, run: str, json_out: bool, download_dir):
     """Say fresh, stale (and why) or missing for every stage of RUN."""
     from prestage.runner.chain import stage_status
     from prestage.runner.show import dumps, status_text
@@ -209,7 +302,7 @@ def status_cmd(state: _State, run: str, json_out: bool):
     run_dir = state.run_dir(run)
     if not run_dir.is_dir():
         raise errors.NotFoundError(f"{run}: no such run (looked in {run_dir}); start one with `prestage run MODEL`")
-    rows = stage_status(run_dir)
+    rows = stage_status(run_dir, {"download_dir": download_dir})
     click.echo(dumps({"run": run_dir.name, "stages": rows}) if json_out else status_text(run_dir.name, rows))
 
 
@@ -220,19 +313,22 @@ def status_cmd(state: _State, run: str, json_out: bool):
 @click.pass_obj
 def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
     """Re-hash every weight and tokenizer file of RUN and report each one."""
-    from prestage.runner.show import dumps
+    from prestage.runner.show import dumps, verify_text
     from prestage.runner.verify import verify_run
 
     run_dir = state.run_dir(run)
     ok, report = verify_run(run_dir, {"download_dir": download_dir}, state.reporter(json_out))
-    if json_out:
-        click.echo(dumps({"run": run_dir.name, "ok": ok, "files": report}))
+    click.echo(dumps({"run": run_dir.name, "ok": ok, "files": report}) if json_out else verify_text(report))
     if not ok:
         bad = [r for r in report if not r.get("ok")]
+        stage = bad[0].get("stage") or "fetch-weights"
+        reason = str(bad[0].get("reason"))
+        if reason.startswith(("sha256 ", "size ")):  # the listing above has the values
+            reason = reason.split(" ", 1)[0] + " differs"
         raise errors.IntegrityError(
             f"{len(bad)} of {len(report)} files of run {run_dir.name} fail verification "
-            f"(first: {bad[0].get('path')}: {bad[0].get('reason')}); re-run "
-            "`prestage fetch-weights --force`"
+            f"(first: {bad[0].get('path')}: {reason}); re-run "
+            f"`prestage {stage} {run_dir.name} --force`"
         )
 
 
@@ -252,23 +348,27 @@ def _serve_command() -> click.Command:
     def callback(run, host, port, served_model_name, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
-        from prestage.runner.chain import load_upstream, stage_params
+        from prestage.runner.chain import load_upstream, name_the_run, stage_params
         from prestage.stages.launch import generation_config_mode, generation_defaults
         from prestage.stages.launch.inference import load_for_inference
 
         mode = generation_config_mode(params)  # checked before the model loads
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
-        inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
+        try:
+            inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
+        except errors.PrestageError as e:
+            name_the_run(e, run_dir.name)  # a hint's `prestage CMD RUN` names this run
+            raise
         for w in inference.warnings:
             reporter.warn(w)
         import uvicorn
 
         from prestage.stages.launch.server import create_app
 
-        name = served_model_name or upstream["resolve"].outputs["model"]
+        name = served_model_name or upstream["resolve"].record.model
         app = create_app(
-            inference, name, int(upstream["configure"].outputs["max_model_len"]), generation_defaults(mode, upstream)
+            inference, name, upstream["configure"].record.max_model_len, generation_defaults(mode, upstream)
         )
         reporter.info(
             f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
@@ -332,9 +432,9 @@ class _Group(click.Group):
 
     def get_command(self, ctx, name):
         if name in STAGES:
-            return _stage_command(name)
+            return _with_globals(_stage_command(name))
         if name in _BUILTIN:
-            return _BUILTIN[name]()
+            return _with_globals(_BUILTIN[name]())
         return None
 
     def format_commands(self, ctx, formatter):
@@ -360,6 +460,7 @@ def cli(ctx, artifacts, run_name, verbose, quiet):
     \b
       resolve -> configure -> tokenize-prep -> fetch-weights -> launch
     Each stage reads the manifest its predecessor wrote (artifacts/RUN/STAGE.msgpack) and writes its own.
+    The options below may also be given after the subcommand.
     """
     ctx.obj = _State(artifacts, run_name, verbose, quiet)
 

@@ -10,37 +10,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prestage.stages import errors
-from prestage.stages.fetch_weights.stage import FetchWeightsStage
+from prestage.stages import errors, paths
 from prestage.stages.manifest import manifest_path, read
+from prestage.stages.records import record_of
 
 
-def _rows(run_dir: Path, params: dict) -> list[dict]:
-    """(stage, recorded entry, absolute path) for every recorded file, without reading any of them."""
+def _rows(run_dir: Path, params: dict) -> list[tuple]:
+    """(stage, recorded entry, absolute path, where) for every recorded file, without reading any of them."""
     rows = []
     fw_path = manifest_path(run_dir, "fetch-weights")
     if fw_path.exists():
         m = read(fw_path)
-        out = m.outputs
-        base = FetchWeightsStage.folder(run_dir, m)
-        if params.get("download_dir") and out.get("root") == "cache" and out.get("folder"):
-            base = Path(params["download_dir"]).expanduser().absolute() / out["folder"]  # --download-dir wins
-        recorded = list(out.get("files") or [])
-        if out.get("index"):
-            recorded.append(out["index"])
-        for f in recorded:
-            rows.append(("fetch-weights", f, base / f["path"], str(base)))
-        for f in (out.get("npcache") or {}).get("files") or []:
-            rows.append(("fetch-weights", f, run_dir / f["path"], "run"))
+        rec = record_of(m, str(fw_path))
+        resolve_path = manifest_path(run_dir, "resolve")
+        resolve = read(resolve_path) if resolve_path.exists() else None
+        if rec.format != "dummy":
+            base = paths.weights_dir(run_dir, m, resolve, params)
+            recorded = list(rec.files) + ([rec.index] if rec.index else [])
+            for f in recorded:
+                rows.append(("fetch-weights", f, paths.inside(base, f.path, "fetch-weights file"), str(base)))
+        for f in rec.npcache.files if rec.npcache else []:
+            rows.append(("fetch-weights", f, paths.in_run(run_dir, f.path, "npcache file"), "run"))
     tp_path = manifest_path(run_dir, "tokenize-prep")
     if tp_path.exists():
-        out = read(tp_path).outputs
-        tok_dir = out.get("tokenizer_dir") or "tokenizer"
-        for f in out.get("files") or []:
-            p = run_dir / f["path"]
-            if not p.exists() and (run_dir / tok_dir / f["path"]).exists():
-                p = run_dir / tok_dir / f["path"]
-            rows.append(("tokenize-prep", f, p, "run"))
+        rec = record_of(read(tp_path), str(tp_path))
+        for f in rec.files:
+            rows.append(("tokenize-prep", f, paths.in_run(run_dir, f.path, "stored tokenizer file"), "run"))
     return rows
 
 
@@ -52,7 +47,7 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
     if not any(manifest_path(run_dir, n).exists() for n in ("fetch-weights", "tokenize-prep")):
         raise errors.NotFoundError(
             f"run {run_dir} has no fetch-weights or tokenize-prep manifest: nothing to "
-            "verify; run `prestage fetch-weights RUN` first"
+            f"verify; run `prestage fetch-weights {run_dir.name}` first"
         )
     rows = _rows(run_dir, params or {})
     present = [p for _, _, p, _ in rows if p.is_file()]
@@ -61,20 +56,18 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
     hashed = hash_files(present, workers=8)
     report = []
     for stage, f, p, where in rows:
-        row = {"stage": stage, "path": f["path"], "where": where, "size": f.get("size"), "sha256": f.get("sha256")}
+        row = {"stage": stage, "path": f.path, "where": where, "size": f.size, "sha256": f.sha256}
         if p not in hashed:
             row.update(ok=False, reason="missing")
         else:
             size, sha = hashed[p]
-            if f.get("size") is not None and size != f["size"]:
-                row.update(ok=False, reason=f"size {size} != recorded {f['size']}")
-            elif f.get("sha256") and sha != f["sha256"]:
-                row.update(ok=False, reason=f"sha256 {sha} != recorded {f['sha256']}")
+            if size != f.size:
+                row.update(ok=False, reason=f"size {size} != recorded {f.size}")
+            elif sha != f.sha256:
+                row.update(ok=False, reason=f"sha256 {sha} != recorded {f.sha256}")
             else:
                 row.update(ok=True, reason=None)
         report.append(row)
-        if not row["ok"]:
-            reporter.warn(f"verify: {stage} {f['path']}: {row['reason']}")
     ok = all(r["ok"] for r in report)
     reporter.info(f"verify: {sum(r['ok'] for r in report)}/{len(report)} file(s) ok")
     return ok, report

@@ -4,9 +4,13 @@ A stage is a class with:
     name, version          identity; `version` is bumped when the stage's outputs would change
     requires / optional    upstream stages whose manifests it reads (optional: read when present)
     options                its flags, declared as `Option`s (click kwargs, so stages never import click)
+    check_params(params)   refuse a bad flag value (UsageError naming the flag, the value and what is
+                           accepted) before any stage of the command runs; upstream manifests are not needed
     inputs(params, up)     the normalized inputs recorded in the manifest: plain data, never a secret
-    run(ctx, inputs)       does the work, returns a `StageResult`
-    check_outputs(ctx, m)  None when what the manifest `m` describes is still there, else the reason
+    run(ctx, inputs)       does the work, returns a `StageResult` whose outputs are the stage's typed record
+                           (stages/records.py)
+    check_outputs(run_dir, m, params)
+                           None when what the manifest `m` describes is still there, else the reason
 
 Stage modules keep torch, transformers and huggingface_hub imports inside functions, so that
 `--help`, `inspect` and `status` stay fast.
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from prestage.stages.manifest import Manifest
+from prestage.stages.records import Record
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,13 @@ class Reporter:
 class Context:
     run_dir: Path
     params: dict  # raw CLI parameters, secrets included: never written anywhere
-    upstream: dict  # stage name -> Manifest
+    upstream: dict  # stage name -> Manifest, each with its typed `.record`
     reporter: Reporter = field(default_factory=Reporter)
 
 
 @dataclass
 class StageResult:
-    outputs: dict
+    outputs: Record
     warnings: list = field(default_factory=list)
     volatile: dict = field(default_factory=dict)
 
@@ -91,6 +96,11 @@ class Stage(ABC):
     options: ClassVar[tuple] = ()
     always_run: ClassVar[bool] = False  # launch: its output is a fresh generation, never cached
 
+    def check_params(self, params: dict) -> None:
+        """Raise UsageError for a flag value this stage would refuse; called for every stage a command will run
+        before the first one starts, so a misspelt flag value never costs a download. Default: nothing to check."""
+        return None
+
     @abstractmethod
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         """The normalized inputs: everything that decides the outputs, and no secret."""
@@ -99,5 +109,7 @@ class Stage(ABC):
     def run(self, ctx: Context, inputs: dict) -> StageResult:
         """Do the work; heavy imports live in here."""
 
-    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
+    def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
+        """Why the outputs `manifest` records are no longer there (None: still there). `params`: the current
+        flags, for where the cache is (stages/paths.py)."""
         return None

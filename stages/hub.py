@@ -7,16 +7,25 @@
 - Cache reads by the documented layout (refs/, snapshots/), with no import of huggingface_hub: the cached
   path of a stage stays fast and makes no network call.
 - `translate(e, ...)`: a huggingface_hub / transformers exception as a one-line PrestageError.
-- `with_retries(fn)`: bounded retries with backoff for transient hub failures (connection, 5xx, 429).
-- `model_dir(run_dir, resolve_outputs, params)`: the absolute folder a resolved model lives in.
+- `HubClient(s)`: every network call prestage makes (repo info, one file into the cache at a commit,
+  resumable and stoppable, the non-weight snapshot), each with connect/read timeouts, bounded retries that
+  honour Retry-After, the token given or none (never the library's own lookup), huggingface_hub's log
+  chatter folded into one reporter line per retry, and errors translated. See `STALL_BOUND_S`.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import logging
 import os
 import re
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from prestage.stages import errors
@@ -93,7 +102,9 @@ def _token_from_env() -> tuple[str | None, str | None]:
 
 def settings(params: dict) -> HubSettings:
     token, source = (params.get("hf_token"), "--hf-token") if params.get("hf_token") else _token_from_env()
-    cache = Path(params["download_dir"]).expanduser() if params.get("download_dir") else default_cache_dir()
+    # cache_dir: the run's cache root as stages/paths.py decided it; else --download-dir; else the environment's
+    chosen = params.get("cache_dir") or params.get("download_dir")
+    cache = Path(chosen).expanduser() if chosen else default_cache_dir()
     offline = bool(params.get("offline")) or env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     return HubSettings(endpoint=endpoint, token=token, token_source=source, cache_dir=cache.absolute(), offline=offline)
@@ -142,13 +153,6 @@ def snapshot_rel(repo_id: str, commit: str) -> str:
 def cached_file(cache_dir: Path, repo_id: str, commit: str, path: str) -> Path | None:
     p = Path(cache_dir) / snapshot_rel(repo_id, commit) / path
     return p if p.is_file() else None
-
-
-def model_dir(run_dir: Path, resolve_outputs: dict, params: dict | None = None) -> Path:
-    """Absolute folder holding the resolved model: the local folder, or the cached snapshot."""
-    if resolve_outputs["source"] == "local":
-        return (Path(run_dir) / resolve_outputs["local_dir"]).resolve()
-    return settings(params or {}).cache_dir / resolve_outputs["snapshot"]
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -253,12 +257,335 @@ def _is_transient(e: BaseException) -> bool:
     return _is_connection_error(e)
 
 
-def with_retries(fn, *, attempts: int = 3, base_delay: float = 0.5):
-    """Call fn(); retry transient failures with exponential backoff, then let the last one propagate."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            if i == attempts - 1 or not _is_transient(e):
+# ---- the one hub client -----------------------------------------------------------------------------
+
+CONNECT_TIMEOUT_S = 10.0  # to open a connection to the hub
+READ_TIMEOUT_S = 30.0  # for each read of an answer (a status line, a header block, a chunk of a body)
+ATTEMPTS = 3  # tries per hub call for a transient failure (connection, timeout, 429, 5xx)
+BACKOFF_S = (0.5, 1.0)  # the wait before the 2nd and the 3rd try when the hub gave no Retry-After
+RETRY_AFTER_CAP_S = 30.0  # the longest Retry-After honoured; a hub asking more ends the call at once
+TIMEOUT_ENV = "PRESTAGE_HUB_TIMEOUT"  # "SECONDS" (connect and read) or "CONNECT,READ"
+
+
+def call_bound(connect: float, read: float) -> float:
+    """Seconds after which a hub call that gets no answer has ended in a NetworkError (every try waits at
+    most connect + read, then the backoff); Retry-After waits the hub asked for come on top."""
+    return ATTEMPTS * (connect + read) + sum(BACKOFF_S)
+
+
+# A stalled hub (accepts the connection, never answers) ends in `network` (exit 6) within this many
+# seconds per hub call with the default timeouts: 3 x (10 + 30) + 0.5 + 1 = 121.5.
+STALL_BOUND_S = call_bound(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+
+
+def timeouts_from_env() -> tuple[float, float]:
+    """(connect, read) seconds: PRESTAGE_HUB_TIMEOUT when set, else the defaults."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+    parts = [p.strip() for p in raw.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 < v <= 3600 for v in values):
+        raise errors.UsageError(
+            f"{TIMEOUT_ENV}={raw!r}: not a number of seconds (0 < s <= 3600); use e.g. 30 or 10,30 "
+            "(connect,read), or unset it"
+        )
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+class HubStopped(Exception):
+    """A transfer ended on purpose (Ctrl-C): the partial file stays for the next run to resume."""
+
+
+class _Stderr:
+    def info(self, msg: str) -> None:
+        print(f"prestage: {msg}", file=sys.stderr, flush=True)
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_DEPTH = 0
+_QUIET_SAVED: int | None = None
+
+
+@contextmanager
+def _library_quiet():
+    """huggingface_hub's logger says nothing below ERROR while a call runs (prestage reports one line per
+    retry itself); the level is put back when the last concurrent call ends."""
+    global _QUIET_DEPTH, _QUIET_SAVED
+    log = logging.getLogger("huggingface_hub")
+    with _QUIET_LOCK:
+        if _QUIET_DEPTH == 0:
+            _QUIET_SAVED = log.level
+            log.setLevel(logging.ERROR)
+        _QUIET_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET_DEPTH -= 1
+            if _QUIET_DEPTH == 0:
+                log.setLevel(_QUIET_SAVED or logging.NOTSET)
+
+
+def retry_after_seconds(headers, now: float | None = None) -> float | None:
+    """The wait a `Retry-After` header asks for: delay-seconds or an HTTP date; None when absent or bad."""
+    value = None
+    for key, v in (headers or {}).items():
+        if str(key).lower() == "retry-after":
+            value = str(v).strip()
+    if not value:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _status(e: BaseException) -> int | None:
+    return getattr(getattr(e, "response", None), "status_code", None)
+
+
+def _is_transient(e: BaseException) -> bool:
+    from huggingface_hub import errors as hf
+
+    if isinstance(e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError)):
+        return False
+    if isinstance(e, hf.HfHubHTTPError):
+        return _status(e) in (408, 429, 500, 502, 503, 504)
+    return _is_connection_error(e)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TimeoutException", "ReadTimeout", "ConnectTimeout", "WriteTimeout", "PoolTimeout"})
+
+
+class HubClient:
+    """Every hub call prestage makes, built from HubSettings (see the module docstring).
+
+    `reporter` gets one `info` line per retry; `stop` (a threading.Event) ends running transfers between
+    chunks with HubStopped. Thread-safe: fetch-weights shares one client between its workers.
+    """
+
+    def __init__(self, s: HubSettings, reporter=None, stop: threading.Event | None = None):
+        self.s = s
+        self.reporter = reporter if reporter is not None else _Stderr()
+        self.stop = stop if stop is not None else threading.Event()
+        self.connect_s, self.read_s = timeouts_from_env()
+        self.bound_s = call_bound(self.connect_s, self.read_s)
+        # The token given to prestage, or False: huggingface_hub must never look one up on its own.
+        self.token: str | bool = s.token or False
+        self._local = threading.local()
+        prepare_env(s)
+
+    # ---- the retry loop ------------------------------------------------------------------------
+    def _timeout(self):
+        """Connect/read timeouts for the next request, never past the running call's deadline."""
+        import httpx2
+
+        left = getattr(self._local, "deadline", None)
+        left = None if left is None else max(0.05, left - time.monotonic())
+        c = self.connect_s if left is None else min(self.connect_s, left)
+        r = self.read_s if left is None else min(self.read_s, left)
+        return httpx2.Timeout(connect=c, read=r, write=r, pool=c)
+
+    def _progress(self) -> None:
+        """A transfer received bytes: the running call starts over its tries and its deadline."""
+        self._local.progressed = True
+
+    def call(self, fn, *, repo_id: str, revision: str | None, what: str = ""):
+        """fn() with the retry policy; a failure comes out as a PrestageError (HubStopped passes through)."""
+        where = f"{repo_id}@{revision or 'main'}" + (f" ({what})" if what else "")
+        deadline = time.monotonic() + self.bound_s
+        attempt = 0
+        while True:
+            attempt += 1
+            self._local.deadline, self._local.progressed = deadline, False
+            try:
+                with _library_quiet():
+                    return fn()
+            except (HubStopped, errors.PrestageError):
                 raise
-            time.sleep(base_delay * (2**i))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise errors.ResourceError(
+                        f"{where}: the disk holding {self.s.cache_dir} is full; free space or pass "
+                        "--download-dir on a larger disk, then re-run to resume"
+                    ) from None
+                if not _is_connection_error(e) and not hasattr(e, "response"):
+                    raise
+                last = e
+            except Exception as e:
+                last = e
+            finally:
+                self._local.deadline = None
+            if self._local.progressed:  # bytes arrived before the failure: a fresh set of tries
+                attempt, deadline = 1, time.monotonic() + self.bound_s
+            if not _is_transient(last):
+                raise translate(last, repo_id=repo_id, revision=revision, s=self.s, what=what) from last
+            asked = retry_after_seconds(getattr(getattr(last, "response", None), "headers", None))
+            if asked is not None and asked > RETRY_AFTER_CAP_S:
+                raise errors.NetworkError(
+                    f"{where}: hub {self.s.endpoint} answered HTTP {_status(last)} and asks to retry after "
+                    f"{asked:.0f} s, more than the {RETRY_AFTER_CAP_S:.0f} s prestage waits; retry later"
+                ) from last
+            wait = asked if asked is not None else BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1]
+            if attempt >= ATTEMPTS or (asked is None and time.monotonic() + wait > deadline):
+                raise self._give_up(last, where, attempt, repo_id, revision, what) from last
+            if asked is not None:
+                deadline += wait  # a wait the hub asked for does not eat the stall budget
+            why = f"HTTP {_status(last)}" if _status(last) else type(last).__name__
+            self.reporter.info(
+                f"hub: {why} from {self.s.endpoint} for {where}; retrying in {wait:.1f} s "
+                f"(try {attempt + 1} of {ATTEMPTS})"
+            )
+            if self.stop.wait(wait):
+                raise HubStopped(where)
+
+    def _give_up(self, e, where, attempts, repo_id, revision, what) -> errors.PrestageError:
+        if _is_timeout(e):
+            return errors.NetworkError(
+                f"{where}: hub {self.s.endpoint} gave no answer within {self.read_s:g} s "
+                f"({attempts} tries, {type(e).__name__}); check the network or HF_ENDPOINT, or raise "
+                f"{TIMEOUT_ENV} (connect,read seconds)"
+            )
+        return translate(e, repo_id=repo_id, revision=revision, s=self.s, what=what)
+
+    # ---- the calls -----------------------------------------------------------------------------
+    def repo_info(self, repo_id: str, revision: str, *, files_metadata: bool = False, what: str = ""):
+        """huggingface_hub's ModelInfo of repo@revision (sha, siblings; sizes and LFS sha256 on request)."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.s.endpoint, token=self.token)
+        return self.call(
+            lambda: api.model_info(
+                repo_id, revision=revision, files_metadata=files_metadata, timeout=self._timeout(), token=self.token
+            ),
+            repo_id=repo_id,
+            revision=revision,
+            what=what,
+        )
+
+    def file_metadata(self, repo_id: str, path: str, commit: str, revision: str | None = None):
+        """huggingface_hub's HfFileMetadata (etag, size, location) of one file at a commit."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(repo_id, path, revision=commit, endpoint=self.s.endpoint)
+        meta = self.call(
+            lambda: get_hf_file_metadata(url, token=self.token, timeout=self._timeout(), endpoint=self.s.endpoint),
+            repo_id=repo_id,
+            revision=revision or commit,
+            what=path,
+        )
+        if not meta.etag:
+            raise errors.NetworkError(
+                f"{repo_id}@{commit[:12]} ({path}): the hub sent no ETag for the file; "
+                "check HF_ENDPOINT points at a Hugging Face hub"
+            )
+        return url, meta
+
+    def download(self, repo_id: str, path: str, commit: str, *, revision: str | None = None, progress=None) -> Path:
+        """One file of repo@commit into the cache (blobs/<etag> + snapshots/<commit>/<path> symlink, the
+        library's layout); the snapshot path. Resumable: the partial file stays as blobs/<etag>.incomplete
+        (also after a kill or a Ctrl-C) and the next try or run asks only for the rest (Range).
+        `progress(n)` gets every chunk's byte count (negative when a hub ignored the Range); `revision` is
+        the name messages use for the commit (the branch or tag asked for)."""
+        from urllib.parse import urljoin, urlsplit
+
+        from huggingface_hub.utils import build_hf_headers
+
+        url, meta = self.file_metadata(repo_id, path, commit, revision)
+        location = urljoin(url, meta.location)
+        blobs = repo_folder(self.s.cache_dir, repo_id) / "blobs"
+        blob = blobs / meta.etag
+        with _ETAG_GUARD:
+            guard = _ETAG_LOCKS.setdefault(str(blob), threading.Lock())
+        with guard:
+            if not blob.exists():
+                blobs.mkdir(parents=True, exist_ok=True)
+                partial = blobs / (meta.etag + ".incomplete")
+                headers = build_hf_headers(token=self.token)
+                if urlsplit(location).netloc != urlsplit(url).netloc:
+                    headers.pop("authorization", None)  # never send the token to another host
+                headers["Accept-Encoding"] = "identity"
+                with open(partial, "ab") as fh:
+                    if meta.size is not None and fh.tell() > meta.size:
+                        fh.truncate(0)
+                    self.call(
+                        lambda: self._transfer(location, fh, meta.size, headers, progress),
+                        repo_id=repo_id,
+                        revision=revision or commit,
+                        what=path,
+                    )
+                os.chmod(partial, 0o644)
+                os.replace(partial, blob)
+        link = Path(self.s.cache_dir) / snapshot_rel(repo_id, commit) / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.link")
+        os.symlink(os.path.relpath(blob, link.parent), tmp)
+        os.replace(tmp, link)
+        return link
+
+    def _transfer(self, url: str, fh, size: int | None, headers: dict, progress) -> None:
+        """GET the rest of a file (Range from what `fh` holds) onto its end, chunk by chunk."""
+        from huggingface_hub import get_session
+        from huggingface_hub.utils import hf_raise_for_status
+
+        start = fh.tell()
+        if size is not None and start == size:
+            return
+        h = dict(headers)
+        if start:
+            h["Range"] = f"bytes={start}-"
+        with get_session().stream("GET", url, headers=h, timeout=self._timeout(), follow_redirects=True) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            if start and r.status_code == 200:  # the hub ignored the Range: start over
+                fh.seek(0)
+                fh.truncate(0)
+                if progress is not None:
+                    progress(-start)
+            for chunk in r.iter_bytes():
+                if self.stop.is_set():
+                    raise HubStopped(url)
+                if chunk:
+                    fh.write(chunk)
+                    self._progress()
+                    if progress is not None:
+                        progress(len(chunk))
+        fh.flush()
+        if size is not None and fh.tell() != size:
+            raise ConnectionError(f"the transfer ended at {fh.tell()} of {size} bytes")  # transient: resumed
+
+    def snapshot(self, repo_id: str, commit: str, paths, *, ignore_patterns=(), what: str = "") -> Path:
+        """The files of `paths` (the repo listing) not matching `ignore_patterns` (huggingface_hub's rule:
+        fnmatch on the repo path, a trailing "/" means everything under it) into the cache; the snapshot
+        folder. Offline: the cached snapshot folder, or OfflineMissError."""
+        snap = Path(self.s.cache_dir) / snapshot_rel(repo_id, commit)
+        if self.s.offline:
+            if not snap.is_dir():
+                raise errors.OfflineMissError(
+                    f"{repo_id}@{commit[:12]}" + (f" ({what})" if what else "") + f": not in the cache "
+                    f"{self.s.cache_dir} and offline mode is on; run once online to fetch it"
+                )
+            return snap
+        pats = [p + "*" if p.endswith("/") else p for p in ignore_patterns]
+        for rel in paths:
+            if any(fnmatch.fnmatchcase(rel, p) for p in pats) or (snap / rel).is_file():
+                continue
+            self.download(repo_id, rel, commit)
+        snap.mkdir(parents=True, exist_ok=True)
+        return snap
+
+
+_ETAG_LOCKS: dict = {}
+_ETAG_GUARD = threading.Lock()

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,7 @@ class Manifest:
     volatile: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     fingerprint: str = ""
+    record: Any = field(default=None, compare=False, repr=False)  # the typed outputs (stages/records.py), once read
 
     def __post_init__(self):
         if not self.fingerprint:
@@ -128,12 +131,83 @@ def manifest_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / f"{stage}{SUFFIX}"
 
 
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+_OLD_TMP_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # written before temporaries carried the pid
+_STARTED = time.time()  # this process's start, near enough: older pid-less temporaries are a dead run's
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask sets it as it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie or another user's process counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporary files `write_atomic` left in `folder` when its process was killed.
+
+    A temporary file is `.<name>.<pid>.<random>.tmp`; it is removed only when that pid is no longer alive
+    (a live writer keeps its file). One without a pid (`.<name>.<random>.tmp`, older prestage) is removed
+    when it is older than this process. With `name`, only the temporaries of that target file. Returns what
+    went.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP_RE.match(p.name)
+        if m:
+            if int(m.group("pid")) == os.getpid() or pid_alive(int(m.group("pid"))):
+                continue
+        else:
+            m = _OLD_TMP_RE.match(p.name)
+            try:
+                if not m or p.stat().st_mtime >= _STARTED:
+                    continue
+            except OSError:
+                continue
+        if name is not None and m.group("name") != name:
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that a crash leaves either the old file or the new one, never half of one."""
+    """Write bytes so that a crash leaves either the old file or the new one, never half of one.
+
+    The file gets mode 0666 less the umask (0644 under the usual 022), as `open()` would give it; temporary
+    files a killed writer left beside it are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

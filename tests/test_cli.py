@@ -103,12 +103,35 @@ def test_status_and_inspect_of_a_full_run_import_no_heavy_library(tmp_path, chec
     result = json.loads(r.stdout)  # stdout is the one JSON object; the human lines went to stderr
     done = result["launch"]["completions"][0]
     assert done["prompt"] == "hi" and len(done["token_ids"]) <= 2 and "text" in done
+    assert result["completions"] == result["launch"]["completions"]  # the documented top-level place
     assert result["launch"]["timings"]["startup"]["weights"]["bytes"] > 0
     st = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)
     assert [x["state"] for x in st["stages"]] == ["fresh"] * 5
     commands = [["--artifacts", arts, "status", "tiny"], ["--artifacts", arts, "inspect", "tiny"]]
     for args, heavy in zip(commands, _imports_of(commands, tmp_path), strict=True):
         assert heavy == set(), args
+
+    # inspect: a summary by default (decisions with their reasons, file counts and bytes), --full for everything
+    summary = cli("--artifacts", arts, "inspect", "tiny").stdout
+    full = cli("--artifacts", arts, "inspect", "tiny", "--full").stdout
+    assert "model.layers.0.mlp.down_proj.weight" in full and "model.layers.0.mlp.down_proj.weight" not in summary
+    assert "tensors: 27 entries" in summary and "files: 1 files, 0.8 MB" in summary
+    assert "note: checkpoint dtype float32" in summary and "warnings: none" in summary
+    assert len(summary.splitlines()) < 150 < len(full.splitlines())
+
+    # status sees a weight file replaced by another of the same size; verify lists each file with its result
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    st = cli("--artifacts", arts, "status", "tiny")
+    assert "model.safetensors changed since fetched: run `prestage verify tiny`" in st.stdout, st.stdout
+    r = cli("--artifacts", arts, "verify", "tiny")
+    assert r.returncode == CODE["integrity"]
+    lines = r.stdout.splitlines()
+    assert any(x.startswith("FAIL") and "model.safetensors" in x and "sha256" in x for x in lines), r.stdout
+    assert any(x.startswith("ok") and "tokenizer/tokenizer.json" in x for x in lines), r.stdout
+    assert "`prestage fetch-weights tiny --force`" in r.stderr
 
 
 def test_second_resolve_is_cached_and_untouched(tmp_path, local_model):
@@ -201,4 +224,108 @@ def test_local_folder_without_config(tmp_path):
     r = cli("--artifacts", str(tmp_path / "a"), "resolve", str(d))
     assert r.returncode == CODE["not-found"] and "no config.json" in r.stderr
     r = cli("--artifacts", str(tmp_path / "a"), "resolve", str(tmp_path / "does" / "not" / "exist"))
-    assert r.returncode == CODE["not-found"] and "not a local folder" in r.stderr
+    assert r.returncode == CODE["not-found"] and "no such model folder" in r.stderr
+    assert not (tmp_path / "a" / "empty-model").exists()  # the failed first stage left no run folder
+
+
+# ---- the command line a vLLM / hf user expects -------------------------------------------------------------
+
+
+def _main(args, capsys) -> tuple[int, str, str]:
+    """`prestage ARGS` in this process: (exit code, stdout, stderr)."""
+    from prestage.runner.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_global_options_before_or_after_the_subcommand(tmp_path, local_model, capsys):
+    arts = tmp_path / "arts"
+    code, out, err = _main(["resolve", local_model, "--artifacts", arts, "--run", "x", "-q"], capsys)
+    assert code == 0 and (arts / "x" / "resolve.msgpack").is_file() and err == ""
+    code, _, err = _main(["--artifacts", arts, "run", local_model, "--run", "y", "--to", "resolve"], capsys)
+    assert code == 0 and (arts / "y" / "resolve.msgpack").is_file(), err
+    code, _, err = _main(["--run", "before", "resolve", local_model, "--run", "after", "--artifacts", arts], capsys)
+    assert code == 0 and (arts / "after").is_dir() and not (arts / "before").exists()  # after the subcommand wins
+    code, out, _ = _main(["status", "x", "--artifacts", arts, "--json"], capsys)
+    assert code == 0 and json.loads(out)["stages"][0]["state"] == "fresh"
+    for args in (["--help"], ["run", "--help"], ["status", "--help"]):
+        code, out, _ = _main(args, capsys)
+        assert code == 0 and all(flag in out for flag in ("--artifacts", "--run", "--verbose", "--quiet")), args
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/run", "", "a/b", "..", "."])
+def test_run_names_are_one_folder_name(tmp_path, local_model, capsys, name):
+    arts = tmp_path / "deep" / "arts"
+    code, _, err = _main(["--artifacts", arts, "--run", name, "resolve", local_model], capsys)
+    assert code == CODE["usage"] and "a run name is one folder name" in err and repr(name) in err
+    assert not (tmp_path / "x").exists() and not arts.exists()
+
+
+def test_missing_model_folder_is_not_found_before_resolve(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    arts = tmp_path / "arts"
+    for model in ("models/nonexistent", "./nope", "~/prestage-no-such-folder", "/no/such/model", "bad--id"):
+        code, _, err = _main(["--artifacts", arts, "resolve", model], capsys)
+        assert code == CODE["not-found"], (model, err)
+        assert f"no such model folder: {model}" in err and "unreachable" not in err
+    assert not arts.exists()  # refused before any stage ran
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--load-format", "safetensor"], ["--load-format", "safetensor", "safetensors"]),
+        (["--dtype", "fp16"], ["--dtype", "fp16", "bfloat16"]),
+        (["--max-model-len", "100x"], ["--max-model-len", "100x", "4k"]),
+        (["--model-impl", "vllm2"], ["--model-impl", "vllm2", "native"]),
+        (["--tokenizer-mode", "slow"], ["--tokenizer-mode", "slow", "mistral"]),
+        (["--prompt", "hi", "--device", "tpu"], ["--device", "tpu", "cuda"]),
+        (["--prompt", "hi", "--temperature", "-1"], ["--temperature", "-1", ">= 0"]),
+        (["--prompt", "hi", "--generation-config", "file"], ["--generation-config", "file", "vllm"]),
+    ],
+)
+def test_every_flag_is_checked_before_the_first_stage(tmp_path, local_model, capsys, flags, named):
+    arts = tmp_path / "arts"
+    code, _, err = _main(["--artifacts", arts, "run", local_model, *flags], capsys)
+    assert code == CODE["usage"], err
+    assert all(word in err for word in named), err
+    assert "running" not in err and not arts.exists()  # no stage ran, no run folder
+
+
+def test_stage_command_checks_its_flags_before_reading_upstream(tmp_path, capsys):
+    (tmp_path / "arts" / "empty").mkdir(parents=True)  # no resolve manifest: the flag is refused first
+    code, _, err = _main(["--artifacts", tmp_path / "arts", "fetch-weights", "empty", "--load-format", "x"], capsys)
+    assert code == CODE["usage"] and "--load-format 'x'" in err
+
+
+def test_max_model_len_above_the_model_is_a_usage_error(tmp_path, local_model, capsys):
+    code, _, err = _main(["--artifacts", tmp_path / "arts", "run", local_model, "--max-model-len", "100k"], capsys)
+    assert code == CODE["usage"] and "--max-model-len 100000" in err
+
+
+def test_stale_manifest_temporary_is_removed_on_the_next_run(tmp_path, local_model, capsys):
+    arts = tmp_path / "arts"
+    assert _main(["--artifacts", arts, "resolve", local_model], capsys)[0] == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = arts / "tiny-llama"
+    stale = run / f".resolve.msgpack.{dead.pid}.k3j2h1g0.tmp"
+    live = run / f".resolve.msgpack.{os.getppid()}.a1b2c3d4.tmp"  # the pytest runner's parent: alive
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    assert _main(["--artifacts", arts, "resolve", local_model, "--force"], capsys)[0] == 0
+    assert not stale.exists() and live.exists()
+    assert (run / "resolve.msgpack").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

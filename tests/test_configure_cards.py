@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from prestage.stages.configure import ConfigureStage, configure
-from prestage.stages.errors import InvalidModelError
+from prestage.stages.errors import InvalidModelError, UsageError
 from prestage.stages.launch import registry
 from prestage.stages.manifest import Manifest, canonical_bytes
 
@@ -61,11 +61,12 @@ def run_card(tmp_path, name, **params):
     folder.mkdir(parents=True)
     shutil.copy(CARDS / f"{name}.json", folder / "config.json")
     inputs = ConfigureStage().inputs(params, {})
-    out, warnings = configure(folder, "config.json", inputs)
+    record, warnings = configure(folder, "config.json", inputs)
+    out = record.to_dict()
     assert set(out) == OUTPUT_KEYS
     assert SPEC_KEYS <= set(out["spec"])
     # plain data that a manifest can hold, byte-stable across two runs
-    again, _ = configure(folder, "config.json", inputs)
+    again = configure(folder, "config.json", inputs)[0].to_dict()
     assert canonical_bytes(out) == canonical_bytes(again)
     Manifest(stage="configure", stage_version=1, inputs=inputs, upstream={}, outputs=out).to_bytes()
     assert "_name_or_path" not in out["config"] and "transformers_version" not in out["config"]
@@ -156,7 +157,7 @@ def test_card_qwen2_5_7b_yarn(tmp_path):
     )
     assert out["config"]["rope_parameters"]["type"] == "yarn"  # the legacy key is kept (L-01 style)
     assert out["spec"]["param_count"] == 7_615_616_512
-    with pytest.raises(InvalidModelError, match="128000"):  # a longer context than derived is refused (L-18)
+    with pytest.raises(UsageError, match="128000"):  # a longer context than derived is refused (L-18)
         run_card(tmp_path / "x", "qwen2.5-7b-yarn", max_model_len="128k")
 
 

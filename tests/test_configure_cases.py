@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 
 from prestage.stages import manifest
@@ -69,7 +70,8 @@ def folder_with(tmp_path, config, name="m", files=None) -> Path:
 
 
 def run(folder, **params):
-    return configure(folder, "config.json", ConfigureStage().inputs(params, {}))
+    record, warnings = configure(folder, "config.json", ConfigureStage().inputs(params, {}))
+    return record.to_dict(), warnings
 
 
 # ---- config class choice (C-01..C-09) -----------------------------------------------------------------
@@ -379,7 +381,7 @@ def test_cli_configure_tiny_checkpoint(checkpoint_dirs, prestage, artifacts_dir)
         (json.dumps(CUSTOM), [], 8),
         (json.dumps(dict(LLAMA, architectures=["FooForCausalLM"])), [], 7),
         (json.dumps(LLAMA), ["--dtype", "fp8"], 2),
-        (json.dumps(LLAMA), ["--max-model-len", "8192"], 9),
+        (json.dumps(LLAMA), ["--max-model-len", "8192"], 2),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code(tmp_path, prestage, artifacts_dir, config, flags, code):
@@ -415,7 +417,8 @@ def test_mistral_format_params_json(tmp_path):
     import struct
 
     (d / "consolidated.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
-    out, warnings = configure(d, "params.json", ConfigureStage().inputs({}, {}))
+    record, warnings = configure(d, "params.json", ConfigureStage().inputs({}, {}))
+    out = record.to_dict()
     assert out["architectures"] == ["MistralForCausalLM"] and out["implementation"]["impl"] == "native"
     assert out["spec"]["param_count"] == 7_248_023_552  # Mistral-7B-v0.3
     assert (out["spec"]["hidden_size"], out["spec"]["num_key_value_heads"], out["spec"]["rms_norm_eps"]) == (
@@ -446,8 +449,14 @@ def test_memo_key_follows_content_and_inputs(tmp_path):
     assert len({k, k2, memo.key(d, "config.json", inputs, 1, (8, 0))}) == 3
     (d / "config.json").write_text(json.dumps(dict(LLAMA, max_position_embeddings=2048)))
     assert memo.key(d, "config.json", inputs, 1, (8, 0)) not in {k, k2}
-    memo.save(tmp_path / "cache", "abc", {"x": 1}, ["w"])
-    assert memo.load(tmp_path / "cache", "abc") == ({"x": 1}, ["w"])
+    record, _ = configure(d, "config.json", inputs)
+    memo.save(tmp_path / "cache", "abc", record, ["w"])
+    assert memo.load(tmp_path / "cache", "abc") == (record, ["w"])
+    entry = tmp_path / "cache" / ".prestage" / "configure" / "abc.msgpack"
+    doc = msgpack.unpackb(entry.read_bytes())
+    doc["outputs"]["max_model_len"] = "4096"  # an entry of another shape is a miss, never a wrong value
+    entry.write_bytes(msgpack.packb(doc))
+    assert memo.load(tmp_path / "cache", "abc") is None
     (tmp_path / "cache" / ".prestage" / "configure" / "abc.msgpack").write_bytes(b"\x93garbage")
     assert memo.load(tmp_path / "cache", "abc") is None
 

@@ -98,7 +98,7 @@ def test_L05_longrope_defaults_to_original_and_accepts_up_to_derived():
     r = maxlen.resolve_max_model_len(c, None)
     assert (r.max_model_len, r.derived) == (4096, 131072)
     assert maxlen.resolve_max_model_len(c, 131072).max_model_len == 131072
-    with pytest.raises(InvalidModelError, match="131073"):
+    with pytest.raises(UsageError, match="131073"):
         maxlen.resolve_max_model_len(c, 131073)
 
 
@@ -136,7 +136,7 @@ def test_L17_no_length_key_user_value_kept_unchecked():
 
 
 def test_L18_user_value_above_derived_is_refused():
-    with pytest.raises(InvalidModelError) as e:
+    with pytest.raises(UsageError) as e:  # the flag's value is at fault: usage (2), not invalid-model
         maxlen.resolve_max_model_len(cfg(max_position_embeddings=4096), 8192)
     assert "8192" in str(e.value) and "max_position_embeddings=4096" in str(e.value)
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in str(e.value)
@@ -235,9 +235,14 @@ def test_D06_gemma2_fp32_on_volta_stays_fp32():
 
 
 def _write_safetensors(path, dtypes):
-    header = {f"t{i}": {"dtype": d, "shape": [1], "data_offsets": [0, 0]} for i, d in enumerate(dtypes)}
+    """A valid file holding one zero element of each dtype (the header parser checks the layout)."""
+    header, pos = {}, 0
+    for i, d in enumerate(dtypes):
+        size = {"F16": 2, "BF16": 2, "F32": 4}[d]
+        header[f"t{i}"] = {"dtype": d, "shape": [1], "data_offsets": [pos, pos + size]}
+        pos += size
     blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * pos)
 
 
 def test_D07_dtype_from_safetensors_headers(tmp_path):

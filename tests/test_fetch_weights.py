@@ -307,6 +307,16 @@ def test_local_embed_shape_checked_against_config(tmp_path, checkpoint_dirs):
         _local(tmp_path)(folder)
 
 
+def test_local_zero_tensor_shard_is_invalid_model(tmp_path, checkpoint_dirs):
+    """A safetensors file holding no tensor (only metadata) is refused, naming the file."""
+    from safetensors.torch import save_file
+
+    folder = copy_variant(checkpoint_dirs["single"], tmp_path / "m")
+    save_file({}, str(folder / "model-extra.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(errors.InvalidModelError, match=r"model-extra.safetensors: holds no tensors"):
+        _local(tmp_path)(folder)
+
+
 def test_local_changed_file_is_an_integrity_error(tmp_path, checkpoint_dirs):
     folder = copy_variant(checkpoint_dirs["single"], tmp_path / "m")
     p = prepare(tmp_path / "run", folder)
@@ -325,7 +335,7 @@ def test_W19_unknown_load_format_is_usage_error(hub, hf_env, tmp_path):
     prepare(arts / "m", "test-org/tiny-single")
     r = cli(["--artifacts", arts, "fetch-weights", "m", "--load-format", "foo"], hf_env)
     assert r.returncode == errors.CODE["usage"], r.stderr
-    assert "Load format 'foo' is not supported; use one of auto, hf, safetensors" in error_line(r)
+    assert "--load-format 'foo': not a load format; use one of auto, hf, safetensors" in error_line(r)
 
 
 def test_W18_offline_uses_cache_only_or_names_missing_files(hub, hf_env, tmp_path):
@@ -413,6 +423,19 @@ def _wait(cond, timeout=60.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _settle(hub, quiet: float = 0.3, timeout: float = 10.0) -> None:
+    """Wait until the hub's handlers of a killed client have stopped sending (a throttled handler counts
+    a chunk before it finds the peer gone), so counters reset afterwards see only the next run."""
+    end, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < end:
+        now = hub.bytes_served
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_download_resumes_only_unfinished_files(hub, hf_env, slow_repo, tmp_path):
     arts = tmp_path / "arts"
     prepare(arts / "m", slow_repo)
@@ -443,6 +466,7 @@ def test_sigkill_mid_download_resumes_only_unfinished_files(hub, hf_env, slow_re
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    _settle(hub)
     first = weight_bytes_served(hub, slow_repo)
     finished = {p for p, n in first.items() if n == sizes[p]}
     partial = {p for p, n in first.items() if 0 < n < sizes[p]}

@@ -1,23 +1,18 @@
-"""fetch-weights' pure parts: file selection (docs/vllm-rules.md, weight cases on listings), safetensors header
-parsing without torch, hashing, and the tensor-index checks against configure's spec."""
+"""fetch-weights' pure parts: file selection (docs/vllm-rules.md, weight cases on listings), hashing, and the
+tensor-index checks against configure's spec (safetensors header parsing is tested in test_safetensors.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
-import struct
 
-import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from safetensors.numpy import save_file
 
 from prestage.stages.errors import InvalidModelError, UnsupportedError, UsageError
 from prestage.stages.fetch_weights import selection as sel
-from prestage.stages.fetch_weights.safetensors_header import read_header
 from prestage.stages.fetch_weights.tensors import check_spec, merge, param_count
 from prestage.stages.fetch_weights.verify import hash_files, sha256_file
+from prestage.stages.records import ModelSpec
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 INDEX = {"metadata": {}, "weight_map": {"a": SHARDS[0], "b": SHARDS[1]}}
@@ -122,85 +117,6 @@ def test_index_without_weight_map_is_invalid():
         sel.select("hf", [*SHARDS, sel.SAFE_INDEX], index={"metadata": {}})
 
 
-# ---- safetensors headers ---------------------------------------------------------------------------
-
-
-def _write(tmp_path, name="w.safetensors", **tensors):
-    path = tmp_path / name
-    save_file(tensors, str(path))
-    return path
-
-
-def test_header_reads_names_dtypes_shapes(tmp_path):
-    p = _write(tmp_path, a=np.zeros((3, 4), np.float32), b=np.ones((5,), np.int64))
-    tensors, meta, start = read_header(p)
-    assert tensors["a"]["dtype"] == "F32" and tensors["a"]["shape"] == [3, 4]
-    assert tensors["b"]["dtype"] == "I64" and tensors["b"]["shape"] == [5]
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    st.dictionaries(
-        st.from_regex(r"[a-z][a-z0-9.]{0,10}", fullmatch=True),
-        st.tuples(
-            st.sampled_from([np.float32, np.float16, np.int8, np.int32]), st.lists(st.integers(0, 4), max_size=3)
-        ),
-        min_size=1,
-        max_size=5,
-    )
-)
-def test_header_roundtrip_property(tmp_path_factory, spec):
-    d = tmp_path_factory.mktemp("h")
-    tensors = {k: np.zeros(shape, dtype) for k, (dtype, shape) in spec.items()}
-    p = _write(d, **tensors)
-    got, _, _ = read_header(p)
-    assert {k: v["shape"] for k, v in got.items()} == {k: list(t.shape) for k, t in tensors.items()}
-
-
-def _raw(header: dict, data: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + data
-
-
-@pytest.mark.parametrize(
-    "header,data,msg",
-    [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "needs 8 bytes"),
-        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
-        (
-            {
-                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
-            },
-            b"\0" * 8,
-            "overlaps",
-        ),
-        ({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "unknown dtype"),
-        ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "malformed"),
-    ],
-)
-def test_header_layout_defects(tmp_path, header, data, msg):
-    p = tmp_path / "bad.safetensors"
-    p.write_bytes(_raw(header, data))
-    with pytest.raises(InvalidModelError, match=msg) as e:
-        read_header(p)
-    assert "bad.safetensors" in str(e.value)
-
-
-def test_header_not_json_or_too_short(tmp_path):
-    p = tmp_path / "x.safetensors"
-    p.write_bytes(b"\x01\x02")
-    with pytest.raises(InvalidModelError, match="too short"):
-        read_header(p)
-    p.write_bytes(struct.pack("<Q", 3) + b"{{{")
-    with pytest.raises(InvalidModelError, match="not valid JSON"):
-        read_header(p)
-    p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
-    with pytest.raises(InvalidModelError, match="does not fit"):
-        read_header(p)
-
-
 # ---- hashing -----------------------------------------------------------------------------------------
 
 
@@ -229,19 +145,43 @@ def _index(n_layers, vocab=16, hidden=4, head=True):
     return t
 
 
-SPEC = {"num_hidden_layers": 3, "vocab_size": 16, "hidden_size": 4, "tie_word_embeddings": False}
+SPEC = ModelSpec(
+    model_type="llama",
+    num_hidden_layers=3,
+    hidden_size=4,
+    intermediate_size=8,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=4,
+    vocab_size=16,
+    tie_word_embeddings=False,
+    sliding_window=None,
+    layer_types=None,
+    rope=None,
+    rms_norm_eps=1e-6,
+    attention_bias=False,
+    o_proj_bias=False,
+    mlp_bias=False,
+    qk_norm=False,
+    hidden_act="silu",
+    max_position_embeddings=64,
+    num_experts=None,
+    weight_dtype="float32",
+    param_count=None,
+    weight_bytes=None,
+)
 
 
 def test_spec_check_passes_and_counts():
     t = _index(3)
-    assert check_spec(t, SPEC) == []
+    assert check_spec(t, SPEC, {}) == []
     assert param_count(t) == 16 * 4 * 2 + 3 * 32
 
 
 @pytest.mark.parametrize("layers,msg", [(2, "layers 2 missing"), (4, "layers 3 not in the config")])
 def test_spec_check_layer_mismatch(layers, msg):
     with pytest.raises(InvalidModelError, match=msg):
-        check_spec(_index(layers), SPEC, where="org/m")
+        check_spec(_index(layers), SPEC, {}, where="org/m")
 
 
 def test_spec_check_mtp_layers_allowed_by_config():
@@ -250,12 +190,12 @@ def test_spec_check_mtp_layers_allowed_by_config():
 
 def test_spec_check_embed_shape():
     with pytest.raises(InvalidModelError, match=r"model.embed_tokens.weight has shape \[32, 4\]"):
-        check_spec(_index(3, vocab=32), SPEC)
+        check_spec(_index(3, vocab=32), SPEC, {})
 
 
 def test_spec_check_tied_head_warnings():
-    assert "unties" in check_spec(_index(3), {**SPEC, "tie_word_embeddings": True})[0]
-    assert "no lm_head" in check_spec(_index(3, head=False), SPEC)[0]
+    assert "unties" in check_spec(_index(3), dataclasses.replace(SPEC, tie_word_embeddings=True), {})[0]
+    assert "no lm_head" in check_spec(_index(3, head=False), SPEC, {})[0]
 
 
 def test_merge_rejects_duplicate_tensor():

@@ -12,6 +12,7 @@ from prestage.stages.launch.engine import Engine
 from prestage.stages.launch.hf_backend import TransformersForCausalLM
 from prestage.stages.launch.sampling import SamplingParams
 from prestage.stages.launch.weight_loading import load_checkpoint
+from tests.support.records import weights_record
 
 PROMPTS = [[3, 17, 99, 4, 250, 8, 61], [42, 7], [5, 200, 13, 77, 77, 1, 190, 33, 12, 9, 140, 2, 6]]
 
@@ -95,7 +96,7 @@ def test_launch_transformers_backend_loads_gpt2_checkpoint(tmp_path):
             }
         ],
     }
-    stats = load_checkpoint(ours, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    stats = load_checkpoint(ours, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     assert stats.tensors > 0
     engine = Engine(ours, _IdsTokenizer(), [], "cpu", torch.float32, 64, 2, 2 * 64)
     prompt = [11, 500, 3, 1000, 42]

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError
+from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
 from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
 from prestage.stages.launch.weight_loading import fill_dummy, load_checkpoint
+from prestage.stages.records import Implementation, ModelSpec
+from tests.support.records import weights_record
 
 
 def record(folder: Path, rel: str, kind: str) -> dict:
@@ -58,7 +61,7 @@ def test_launch_loader_sharded_safetensors_with_hashes(checkpoint_dirs, tmp_path
     outputs = safetensors_outputs(folder)
     assert len(outputs["files"]) > 1
     model = native_for(folder)
-    stats = load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    stats = load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     assert stats.files == len(outputs["files"]) and stats.hashed
     assert stats.bytes == sum(f["size"] for f in outputs["files"]) and stats.gbps > 0
     assert stats.warnings == []
@@ -70,7 +73,7 @@ def test_launch_loader_bin_checkpoint(checkpoint_dirs, tmp_path):
     folder = checkpoint_dirs["bin"]
     outputs = {"format": "pt", "files": [record(folder, "pytorch_model.bin", "bin")]}
     model = native_for(folder)
-    stats = load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    stats = load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     assert stats.files == 1 and stats.tensors > 0
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
     assert diff < 1e-5
@@ -87,7 +90,7 @@ def test_launch_loader_npcache(checkpoint_dirs, tmp_path):
         "npcache": npcache.build(tmp_path, [(rec["path"], folder / rec["path"], rec["sha256"])]),
     }
     model = native_for(folder)
-    load_checkpoint(model, outputs, folder, tmp_path, "cpu", verify_hashes=True)
+    load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
     assert diff < 1e-5
 
@@ -98,7 +101,7 @@ def test_launch_loader_missing_file_is_not_found(checkpoint_dirs, tmp_path):
     outputs = safetensors_outputs(folder)
     (folder / outputs["files"][1]["path"]).unlink()
     with pytest.raises(NotFoundError, match=outputs["files"][1]["path"]) as e:
-        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(outputs), folder, tmp_path, "cpu")
     assert "\n" not in str(e.value)
 
 
@@ -110,12 +113,14 @@ def test_launch_loader_wrong_size_and_wrong_hash_are_integrity_errors(checkpoint
     data = bytearray(path.read_bytes())
     path.write_bytes(bytes(data[:-4]))
     with pytest.raises(IntegrityError, match="bytes, fetch-weights recorded"):
-        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(outputs), folder, tmp_path, "cpu")
     data[-1] ^= 0xFF  # same size, one bit pattern changed inside the last tensor
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="sha256"):
-        load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu", verify_hashes=True)
-    load_checkpoint(native_for(folder), outputs, folder, tmp_path, "cpu", verify_hashes=False)  # sizes only
+        load_checkpoint(native_for(folder), weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=True)
+    load_checkpoint(
+        native_for(folder), weights_record(outputs), folder, tmp_path, "cpu", verify_hashes=False
+    )  # sizes only
 
 
 def test_W15_launch_loader_missing_parameter_and_unused_tensor(checkpoint_dirs, tmp_path):
@@ -127,17 +132,51 @@ def test_W15_launch_loader_missing_parameter_and_unused_tensor(checkpoint_dirs, 
     tensors = load_file(st)
     extra = dict(tensors, **{"model.layers.0.mlp.extra_bias": torch.zeros(3)})
     save_file(extra, st)
-    stats = load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+    stats = load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     assert len(stats.warnings) == 1 and "model.layers.0.mlp.extra_bias" in stats.warnings[0]
 
     del tensors["model.layers.1.self_attn.k_proj.weight"]  # one shard of the fused qkv_proj
     del tensors["model.norm.weight"]
     save_file(tensors, st)
     with pytest.raises(InvalidModelError) as e:
-        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     msg = str(e.value)
     assert "2 parameter(s)" in msg and "model.layers.1.self_attn.qkv_proj.weight" in msg
     assert "model.norm.weight" in msg and "\n" not in msg
+
+
+def test_launch_loader_checks_headers_with_the_one_parser(checkpoint_dirs, tmp_path):
+    """A header defect the size check cannot see (two tensors sharing bytes) is an InvalidModelError naming the
+    file and the re-fetch; a dtype torch cannot view (packed F4) is an UnsupportedError."""
+    import json
+
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint_dirs["single"], folder)
+    st = folder / "model.safetensors"
+    blob = st.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    first, second = next(
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if (header[a]["dtype"], header[a]["shape"]) == (header[b]["dtype"], header[b]["shape"])
+    )
+    header[second]["data_offsets"] = header[first]["data_offsets"]  # same dtype and shape: its size still agrees
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(raw) == n
+    st.write_bytes(blob[:8] + raw + blob[8 + n :])
+    with pytest.raises(
+        InvalidModelError, match=rf"model.safetensors: tensor '{second}' .* overlaps .*fetch-weights RUN"
+    ):
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
+
+    header = {"q": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}
+    raw = json.dumps(header).encode()
+    st.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0")
+    with pytest.raises(UnsupportedError, match=r"model.safetensors: tensor q has dtype F4, which launch cannot load"):
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
 
 
 def test_launch_loader_shape_mismatch_is_invalid_model(checkpoint_dirs, tmp_path):
@@ -149,12 +188,12 @@ def test_launch_loader_shape_mismatch_is_invalid_model(checkpoint_dirs, tmp_path
     tensors["model.norm.weight"] = torch.ones(65)
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(InvalidModelError, match=r"model.norm.weight has shape \[65\]"):
-        load_checkpoint(native_for(folder), safetensors_outputs(folder), folder, tmp_path, "cpu")
+        load_checkpoint(native_for(folder), weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
 
 
 def test_W13_launch_loader_dummy_follows_vllm_rule(checkpoint_dirs, tmp_path):
     model = native_for(checkpoint_dirs["single"])
-    stats = load_checkpoint(model, {"format": "dummy", "files": []}, None, tmp_path, "cpu")
+    stats = load_checkpoint(model, weights_record({"format": "dummy", "files": []}), None, tmp_path, "cpu")
     assert stats.format == "dummy"
     for name, p in model.named_parameters():
         want = torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=torch.Generator().manual_seed(1234))
@@ -207,10 +246,15 @@ def test_W04_launch_loader_mistral_format_names(checkpoint_dirs, tmp_path):
     args.qkv_bias = False
     model = DecoderForCausalLM(args, dtype=torch.float32)
     outputs = {"format": "mistral", "files": [record(folder, "consolidated.safetensors", "safetensors")]}
-    load_checkpoint(model, outputs, folder, tmp_path, "cpu")
+    load_checkpoint(model, weights_record(outputs), folder, tmp_path, "cpu")
     plain = DecoderForCausalLM(args, dtype=torch.float32)
     plain.load_weights((n, t) for n, t in hf.items() if not n.endswith("_proj.bias"))
     assert torch.equal(last_logits(model, IDS), last_logits(plain, IDS))
+
+
+QWEN2_NATIVE = Implementation(
+    architecture="Qwen2ForCausalLM", impl="native", class_ref="prestage.stages.launch.models.decoder:DecoderForCausalLM"
+)
 
 
 def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path):
@@ -225,22 +269,15 @@ def test_W16_launch_untie_when_checkpoint_has_lm_head(checkpoint_dirs, tmp_path)
     cfg = transformers.AutoConfig.from_pretrained(folder)
     spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
     spec["tie_word_embeddings"] = True
-    conf = {
-        "implementation": {
-            "architecture": "Qwen2ForCausalLM",
-            "impl": "native",
-            "class": "prestage.stages.launch.models.decoder:DecoderForCausalLM",
-        },
-        "spec": spec,
-    }
+    conf = SimpleNamespace(implementation=QWEN2_NATIVE, spec=ModelSpec.from_dict(spec))
     tensors = {name: {} for name in load_file(folder / "model.safetensors")}
     warnings: list = []
-    model = build_model(conf, {"tensors": tensors}, torch.float32, torch.device("cpu"), None, warnings)
+    model = build_model(conf, tensors, torch.float32, torch.device("cpu"), None, warnings)
     assert model.args.tie_word_embeddings is False and "untied" in warnings[0]
-    load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
+    load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     diff = (last_logits(model, IDS) - reference_logits(folder, IDS)).abs().max().item()
     assert diff < 1e-5
-    tied = build_model(conf, {"tensors": {}}, torch.float32, torch.device("cpu"), None, [])
+    tied = build_model(conf, {}, torch.float32, torch.device("cpu"), None, [])
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     retie_if_identical(model, warnings)  # the tiny checkpoint's head differs from its embedding: stays untied
     assert model.lm_head.weight is not model.model.embed_tokens.weight
@@ -262,18 +299,32 @@ def test_W16_launch_reties_an_identical_head(checkpoint_dirs, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained(checkpoint_dirs["single"])
     spec = build_spec(cfg, native=True, weight_dtype="float32", sliding_window=None)
     spec["tie_word_embeddings"] = True
-    conf = {
-        "implementation": {
-            "architecture": "Qwen2ForCausalLM",
-            "impl": "native",
-            "class": "prestage.stages.launch.models.decoder:DecoderForCausalLM",
-        },
-        "spec": spec,
-    }
+    conf = SimpleNamespace(implementation=QWEN2_NATIVE, spec=ModelSpec.from_dict(spec))
     warnings: list = []
-    model = build_model(conf, {"tensors": {n: {} for n in state}}, torch.float32, torch.device("cpu"), None, warnings)
-    load_checkpoint(model, safetensors_outputs(folder), folder, tmp_path, "cpu")
+    model = build_model(conf, set(state), torch.float32, torch.device("cpu"), None, warnings)
+    load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
     before = last_logits(model, IDS)
     retie_if_identical(model, warnings)
     assert model.lm_head.weight is model.model.embed_tokens.weight and "re-tied" in warnings[-1]
     assert torch.equal(last_logits(model, IDS), before)
+
+
+def test_npcache_round_trips_dtypes_numpy_lacks(tmp_path):
+    """bfloat16 and float8 have no numpy dtype: npcache stores their bits, the loader views them back."""
+    from prestage.stages.fetch_weights import npcache
+    from prestage.stages.launch.weight_loading import LoadStats, _npcache_weights
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "bf16": torch.randn(3, 4, generator=gen).to(torch.bfloat16),
+        "fp8": torch.randn(5, generator=gen).to(torch.float8_e4m3fn),
+        "f32": torch.randn(2, generator=gen),
+    }
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    sha = hashlib.sha256((tmp_path / "pytorch_model.bin").read_bytes()).hexdigest()
+    record = npcache.build(tmp_path / "run", [("pytorch_model.bin", tmp_path / "pytorch_model.bin", sha)])
+    stats = LoadStats(format="npcache")
+    got = dict(_npcache_weights(weights_record({"npcache": record}), tmp_path / "run", True, stats))
+    assert set(got) == set(state) and stats.tensors == 3
+    for name, t in state.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8))

@@ -4,7 +4,11 @@ manifest it writes, and the one-line errors (with their exit codes) for what can
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +157,7 @@ def test_launch_cli_error_one_liners(prestage, checkpoint_dirs, artifacts_dir, o
     shard.unlink()
     rc, msg = launch()
     assert rc == 3 and shard.name in msg and "missing" in msg
+    assert "`prestage fetch-weights r --force`" in msg  # the hint names the run
     shard.write_bytes(data[:-10])
     rc, msg = launch()
     assert rc == 10 and f"{len(data) - 10} bytes" in msg
@@ -198,9 +203,14 @@ def test_launch_cli_transformers_backend_gpt2(prestage, artifacts_dir, offline_e
 
 
 def test_launch_unknown_implementation_is_unsupported():
-    from prestage.stages.launch.inference import build_model
+    from types import SimpleNamespace
 
-    conf = {"implementation": {"architecture": "FooForCausalLM", "impl": "native", "class": "foo:Bar"}}
+    from prestage.stages.launch.inference import build_model
+    from prestage.stages.records import Implementation
+
+    conf = SimpleNamespace(
+        implementation=Implementation(architecture="FooForCausalLM", impl="native", class_ref="foo:Bar")
+    )
     with pytest.raises(UnsupportedError, match="FooForCausalLM.*supported: native: .*Qwen2ForCausalLM"):
         build_model(conf, {}, torch.float32, torch.device("cpu"), None, [])
 
@@ -238,5 +248,42 @@ def test_launch_bad_flag_values_are_usage_errors_not_defaults(flag, value, match
 
     with pytest.raises(UsageError, match=match):
         LaunchStage().inputs({flag: value, "prompt": ["hi"]}, {})
+    with pytest.raises(UsageError, match=match):  # the same check, made before any stage runs
+        LaunchStage().check_params({flag: value, "prompt": ["hi"]})
     defaults = LaunchStage().inputs({"prompt": ["hi"]}, {})
     assert (defaults["max_tokens"], defaults["max_num_seqs"], defaults["gpu_memory_utilization"]) == (16, 256, 0.9)
+
+
+def test_completions_go_to_stdout_logs_to_stderr(checkpoint_dirs, artifacts_dir, offline_env, tmp_path):
+    """`prestage launch RUN --prompt X > out.txt` puts the completion in the file, one per prompt with a
+    newline; -q keeps them; --json has them at the top-level `completions`; `run --prompt` prints them too."""
+    from prestage.stages.manifest import read
+    from tests.conftest import REPO_ROOT
+
+    env = dict(offline_env, PYTHONPATH=str(REPO_ROOT))
+    prestage = f"{shlex.quote(sys.executable)} -m prestage --artifacts {shlex.quote(str(artifacts_dir))}"
+
+    def shell(args: str) -> tuple[str, str]:
+        out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+        cmd = f"{prestage} {args} > {shlex.quote(str(out))} 2> {shlex.quote(str(err))}"
+        rc = subprocess.run(["sh", "-c", cmd], env=env, timeout=300).returncode
+        assert rc == 0, err.read_text()
+        return out.read_text(), err.read_text()
+
+    model = shlex.quote(str(checkpoint_dirs["single"]))
+    out, err = shell(f"--run r run {model} --prompt 'import os' --max-tokens 4 --temperature 0")
+    texts = [c["text"] for c in read(artifacts_dir / "r" / "launch.msgpack").outputs["completions"]]
+    assert out == texts[0] + "\n" and "launch: done" in err and repr(texts[0]) not in err
+
+    out, err = shell("launch r --prompt 'import os' --prompt 'def main(' --max-tokens 4 --temperature 0")
+    texts = [c["text"] for c in read(artifacts_dir / "r" / "launch.msgpack").outputs["completions"]]
+    assert len(texts) == 2 and out == "".join(t + "\n" for t in texts) and "launch: done" in err
+    assert repr(texts[1]) not in err
+
+    out, err = shell("launch r --prompt 'import os' --max-tokens 4 --temperature 0 -q")
+    assert out == texts[0] + "\n" and err == ""
+
+    out, _ = shell("launch r --prompt 'import os' --max-tokens 4 --temperature 0 --json")
+    doc = json.loads(out)
+    assert [c["text"] for c in doc["completions"]] == texts[:1] and doc["completions"][0]["prompt"] == "import os"
+    assert os.path.basename(doc["manifest"]) == "launch.msgpack"

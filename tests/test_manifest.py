@@ -119,3 +119,39 @@ def test_flipped_byte_is_a_one_line_error_or_reads(pos, value):
         assert "\n" not in str(e)
     else:  # what still reads is a well-formed manifest whose fingerprint matches its inputs
         assert m.fingerprint == mf.fingerprint(m.stage, m.stage_version, m.inputs, m.upstream)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_manifest_mode_is_0666_less_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "run" / "resolve.msgpack"
+        mf.write(path, _sample())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / f".configure.msgpack.{dead.pid}.abcd_123.tmp"
+    other_stale = run / f".resolve.msgpack.{dead.pid}.zz99yy88.tmp"
+    live = run / f".configure.msgpack.{os.getppid()}.abcd_123.tmp"  # a live writer's file is kept
+    old_style = run / ".configure.msgpack.q1w2e3r4.tmp"  # no pid: removed once older than this process
+    new_style = run / ".launch.msgpack.q1w2e3r4.tmp"
+    for p in (stale, other_stale, live, old_style, new_style):
+        p.write_bytes(b"half a manifest")
+    long_ago = time.time() - 3600 * 24
+    os.utime(old_style, (long_ago, long_ago))
+    unrelated = run / "notes.tmp"
+    unrelated.write_text("mine")
+    mf.write(run / "configure.msgpack", _sample(stage="configure"))
+    left = sorted(p.name for p in run.iterdir())
+    assert left == sorted(["configure.msgpack", live.name, new_style.name, unrelated.name])

@@ -37,12 +37,14 @@ def test_resolve_pins_commit_records_listing_and_caches(hub, hf_env, prestage, t
     m = _manifest(arts)
     out = m.outputs
     assert out["commit"] == hub.resolve("test-org/tiny-single", "main") and len(out["commit"]) == 40
-    assert out["revision"] == "main" and out["config_format"] == "hf" and out["listing_source"] == "hub"
+    assert out["revision"] == "main" and out["config_format"] == "hf" and out["listing"] == "full"
+    assert m.volatile["listing_from"] == "hub"
     files = {f["path"]: f for f in out["files"]}
     entry = hub.file_entry("test-org/tiny-single", "model.safetensors")
     assert files["model.safetensors"]["sha256"] == entry.sha256 and files["model.safetensors"]["lfs"] is True
     assert files["model.safetensors"]["size"] == entry.size and "config.json" in files
-    assert m.inputs["token"] == "absent" and m.inputs["revision"] == "main"
+    assert m.volatile["token"] == "absent" and m.inputs["revision"] == "main"
+    assert not {"token", "endpoint", "download_dir"} & set(m.inputs)  # where and how, never what
     assert out["snapshot"] == f"models--test-org--tiny-single/snapshots/{out['commit']}"
 
     shown = prestage(["--artifacts", str(arts), "inspect", "test-org--tiny-single"], env=hf_env)
@@ -80,8 +82,8 @@ def test_cached_resolve_needs_no_hub(hub, hf_env, prestage, tmp_path):
     dead = {**hf_env, "HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}"}
     r = prestage(["--artifacts", str(arts / "b"), "--run", "x", "resolve", "test-org/tiny-single"], env=dead)
     assert r.rc == 0, r.stderr
-    out = read(arts / "b" / "x" / "resolve.msgpack").outputs
-    assert out["commit"] == first["commit"] and out["files"] == first["files"] and out["listing_source"] == "cache"
+    second = read(arts / "b" / "x" / "resolve.msgpack")
+    assert second.outputs == first and second.volatile["listing_from"] == "cache"  # same record, any cache state
 
 
 def test_R10_offline_with_cache(hub, hf_env, prestage, tmp_path):
@@ -139,7 +141,7 @@ def test_gated_with_granted_token_records_only_presence(hub, hf_env, prestage, t
     assert r.rc == 0, r.stderr
     raw = (tmp_path / "test-org--gated" / "resolve.msgpack").read_bytes()
     assert b"hf_granted_token" not in raw
-    assert read(tmp_path / "test-org--gated" / "resolve.msgpack").inputs["token"] == "present"
+    assert read(tmp_path / "test-org--gated" / "resolve.msgpack").volatile["token"] == "present"
 
 
 def test_repo_without_config(hub, hf_env, prestage, tmp_path):
@@ -225,7 +227,7 @@ def test_download_dir_given_to_resolve_is_inherited_by_later_stages(hub, hf_env,
         r = prestage(["--artifacts", arts, stage, "test-org--tiny-single"], env=hf_env)
         assert r.rc == 0, (stage, r.stderr)
     fetched = read(arts / "test-org--tiny-single" / "fetch-weights.msgpack")
-    assert fetched.inputs["download_dir"] == str(cache)
+    assert "download_dir" not in fetched.inputs  # where, not what: found again through stages/paths.py
     snapshot = cache / fetched.outputs["folder"]
     assert (snapshot / "model.safetensors").is_file()
     assert not (Path(hf_env["HF_HUB_CACHE"]) / fetched.outputs["folder"] / "model.safetensors").exists()

@@ -16,6 +16,7 @@ from prestage.runner.chain import run_stage
 from prestage.stages import errors
 from prestage.stages.base import Reporter
 from prestage.stages.manifest import read
+from prestage.stages.records import TokenizerRecord
 from prestage.stages.tokenize_prep import check_golden, load_stored_tokenizer, verify_files
 from prestage.stages.tokenize_prep.cached import cached_attributes
 
@@ -23,9 +24,10 @@ QUIET = Reporter(quiet=True)
 
 
 def _prep(run_dir: Path, model, force=True, **params):
-    """Run resolve then tokenize-prep in-process on `model`; return tokenize-prep's manifest."""
+    """Run resolve, configure then tokenize-prep in-process on `model`; return tokenize-prep's manifest."""
     params = {"model": str(model), **params}
     run_stage("resolve", run_dir, params, QUIET, force=force)
+    run_stage("configure", run_dir, params, QUIET, force=force)
     return run_stage("tokenize-prep", run_dir, params, QUIET, force=force).manifest
 
 
@@ -73,15 +75,15 @@ def test_roundtrip_each_layout_stores_tokenizer_and_cached_attributes(checkpoint
     assert all((run / p).is_file() for p in stored)
     assert "vocab" not in out  # the whole vocabulary stays out of the manifest
 
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert type(tok).__name__.startswith("Cached") and isinstance(tok, type(fresh))
     assert len(tok) == 1024 and tok.max_token_id == 1023 and tok.all_special_ids == out["all_special_ids"]
     assert tok.get_vocab() is tok.get_vocab() and tok.get_vocab() == fresh.get_vocab()
     assert tok.name_or_path == str(checkpoint_dirs[layout])
     for g in out["golden"][:4]:
         assert tok.encode(g["text"]) == fresh.encode(g["text"]) == g["ids"]
-    check_golden(tok, out)
-    verify_files(run, out)
+    check_golden(tok, TokenizerRecord.from_dict(out))
+    verify_files(run, TokenizerRecord.from_dict(out))
     again = pickle.loads(pickle.dumps(tok))
     assert type(again).__name__ == type(tok).__name__ and len(again) == 1024
 
@@ -116,20 +118,20 @@ def test_verify_files_catches_same_size_change(model_copy, tmp_path):
     out = _prep(run, model_copy).outputs
     path = run / "tokenizer" / "tokenizer_config.json"
     data = bytearray(path.read_bytes())
-    data[data.index(b"left")] = ord("L")  # same size, different bytes
+    data[data.index(b"tokenizers")] = ord("T")  # same size, different bytes
     path.write_bytes(bytes(data))
     with pytest.raises(errors.IntegrityError, match="tokenizer_config.json sha256 differs"):
-        verify_files(run, out)
+        verify_files(run, TokenizerRecord.from_dict(out))
 
 
 def test_check_golden_names_first_changed_string(model_copy, tmp_path):
     run = tmp_path / "run"
     out = _prep(run, model_copy).outputs
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     changed = json.loads(json.dumps(out))
     changed["golden"][1]["ids"][3] += 1
     with pytest.raises(errors.IntegrityError, match=r"golden string 'code' .*position 3"):
-        check_golden(tok, changed)
+        check_golden(tok, TokenizerRecord.from_dict(changed))
 
 
 # ---- tokenizer cases (docs/vllm-rules.md) ----------------------------------------------------------------------
@@ -168,7 +170,7 @@ def test_T07_no_chat_template_is_none_with_warning(model_copy, tmp_path):
     assert m.outputs["chat_template"] is None
     assert [g["name"] for g in m.outputs["golden"]] == ["ascii", "code", "cjk", "emoji"]
     assert any("no chat template" in w for w in m.warnings)
-    tok = load_stored_tokenizer(tmp_path / "run", m.outputs)
+    tok = load_stored_tokenizer(tmp_path / "run", TokenizerRecord.from_dict(m.outputs))
     assert tok.chat_template is None
 
 
@@ -180,40 +182,43 @@ def test_T08_builtin_fallback_model_type_is_named_in_warning(model_copy, tmp_pat
     assert any("template_basic.jinja" in w and "siglip" in w for w in m.warnings)
 
 
-def _custom_tokenizer(model_copy: Path, model_type: str = "tiny_custom") -> None:
-    """Make the tokenizer the repo's own class (auto_map) and the model type one transformers lacks."""
+def _custom_tokenizer(model_copy: Path, model_type: str = "tiny_custom") -> Path:
+    """A tokenizer folder beside the model whose class is the repo's own (auto_map) and whose config names a
+    model type transformers lacks; passed as --tokenizer, so configure still builds the (unchanged) model."""
+    folder = shutil.copytree(model_copy, model_copy.parent / "custom-tokenizer")
     _edit_json(
-        model_copy / "tokenizer_config.json",
+        folder / "tokenizer_config.json",
         tokenizer_class="TinyCustomTokenizer",
         auto_map={"AutoTokenizer": [None, "tiny_tok.TinyCustomTokenizer"]},
     )
-    _edit_json(model_copy / "config.json", model_type=model_type)
-    (model_copy / "tiny_tok.py").write_text(
+    _edit_json(folder / "config.json", model_type=model_type)
+    (folder / "tiny_tok.py").write_text(
         '"""A repo-provided tokenizer class."""\nfrom transformers import TokenizersBackend\n\n\n'
         "class TinyCustomTokenizer(TokenizersBackend):\n    pass\n"
     )
+    return folder
 
 
 def test_T03_custom_tokenizer_class_needs_trust_remote_code(model_copy, tmp_path):
-    _custom_tokenizer(model_copy)
+    tok_dir = _custom_tokenizer(model_copy)
     with pytest.raises(errors.UntrustedCodeError) as e:
-        _prep(tmp_path / "run", model_copy)
+        _prep(tmp_path / "run", model_copy, tokenizer=str(tok_dir))
     msg = str(e.value)
     assert "tiny_tok.TinyCustomTokenizer" in msg and "--trust-remote-code" in msg and "\n" not in msg
     assert e.value.exit_code == errors.CODE["untrusted-code"]
 
     run = tmp_path / "trusted"
-    out = _prep(run, model_copy, trust_remote_code=True).outputs
+    out = _prep(run, model_copy, trust_remote_code=True, tokenizer=str(tok_dir)).outputs
     assert out["class"] == "TinyCustomTokenizer" and out["trust_remote_code"] is True
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert type(tok).__name__ == "CachedTinyCustomTokenizer"
-    check_golden(tok, out)
+    check_golden(tok, TokenizerRecord.from_dict(out))
 
 
 def test_T03_custom_class_with_a_known_model_type_loads_the_builtin_class_untrusted(model_copy, tmp_path):
     # As transformers 5 (and so vLLM): a known model type counts as local code, so the repo code is not run
-    _custom_tokenizer(model_copy, model_type="qwen2")
-    out = _prep(tmp_path / "run", model_copy).outputs
+    tok_dir = _custom_tokenizer(model_copy, model_type="qwen2")
+    out = _prep(tmp_path / "run", model_copy, tokenizer=str(tok_dir)).outputs
     assert out["class"] == "TokenizersBackend" and out["trust_remote_code"] is False  # not the repo class
 
 
@@ -253,7 +258,7 @@ def test_chat_template_file_and_literal_override_and_change_fingerprint(model_co
     ct = first.outputs["chat_template"]
     assert ct["source"] == "cli-file" and (run / ct["file"]).read_text() == tpl.read_text()
     assert first.outputs["golden"][-1]["text"] == "[user] What is 2 + 2? Answer briefly.\n"
-    tok = load_stored_tokenizer(run, first.outputs)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(first.outputs))
     assert tok.chat_template == tpl.read_text()
 
     tpl.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
@@ -303,7 +308,7 @@ def test_malformed_tokenizer_config_is_invalid_model(model_copy, tmp_path):
 
 
 def test_bad_tokenizer_mode_is_usage_error(model_copy, tmp_path):
-    with pytest.raises(errors.UsageError, match="--tokenizer-mode slow: not supported"):
+    with pytest.raises(errors.UsageError, match="--tokenizer-mode 'slow': not supported; use one of auto, hf, mistral"):
         _prep(tmp_path / "run", model_copy, tokenizer_mode="slow")
 
 
@@ -334,7 +339,7 @@ def test_T04_hub_model_tokenizer_uses_resolve_commit_and_skips_weights(hub, hf_e
     assert (snap / "tokenizer.json").is_file() and (snap / "generation_config.json").is_file()
     assert not any(p.endswith(".safetensors") for p in hub.downloads)
     assert out["eos_token_ids"] == [1023, 1021] and out["model_vocab_size"] == 1024
-    tok = load_stored_tokenizer(run, out)
+    tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert tok.name_or_path == "test-org/tiny-single"
 
     # offline, from the filled cache: same outputs, no request
@@ -343,14 +348,15 @@ def test_T04_hub_model_tokenizer_uses_resolve_commit_and_skips_weights(hub, hf_e
     assert offline == out and sum(hub.requests.values()) == 0
 
 
-def test_other_hub_tokenizer_is_pinned_and_ignores_download_dir(hub, hf_env, tmp_path):
+def test_other_hub_tokenizer_is_pinned_and_goes_where_the_model_goes(hub, hf_env, tmp_path):
     run = tmp_path / "run"
     dl = tmp_path / "dl"
     out = _prep(run, "test-org/tiny-single", tokenizer="test-org/tiny-sharded", download_dir=str(dl)).outputs
     assert out["source"] == "hub" and out["repo_id"] == "test-org/tiny-sharded"
     assert out["commit"] == hub.resolve("test-org/tiny-sharded", "main") and out["revision"] == "main"
-    assert (Path(hf_env["HF_HUB_CACHE"]) / out["snapshot"] / "tokenizer.json").is_file()
-    assert not (dl / "models--test-org--tiny-sharded").exists()
+    # one cache per run (the model's, --download-dir here), so a copied run is whole; vLLM would use HF_HUB_CACHE
+    assert (dl / out["snapshot"] / "tokenizer.json").is_file()
+    assert not (Path(hf_env["HF_HUB_CACHE"]) / "models--test-org--tiny-sharded").exists()
     assert out["eos_token_ids"] == [1023, 1021]  # generation_config from the model repo, in --download-dir
 
     with pytest.raises(errors.NotFoundError, match="revision 'nope' does not exist"):
@@ -364,15 +370,68 @@ def test_other_hub_tokenizer_is_pinned_and_ignores_download_dir(hub, hf_env, tmp
 
 def test_cli_runs_to_tokenize_prep_and_reports_untrusted_code_in_one_line(model_copy, tmp_path, prestage):
     arts = tmp_path / "arts"
-    assert prestage(["--artifacts", arts, "--run", "r1", "resolve", model_copy]).rc == 0
+    assert prestage(["--artifacts", arts, "--run", "r1", "run", model_copy, "--to", "configure"]).rc == 0
     r = prestage(["--artifacts", arts, "tokenize-prep", "r1"])
     assert r.rc == 0, r
     assert (arts / "r1" / "tokenize-prep.msgpack").is_file() and (arts / "r1" / "tokenizer").is_dir()
 
-    _custom_tokenizer(model_copy)
-    assert prestage(["--artifacts", arts, "--run", "r2", "resolve", model_copy]).rc == 0
-    r = prestage(["--artifacts", arts, "tokenize-prep", "r2"])
+    tok_dir = _custom_tokenizer(model_copy)
+    r = prestage(["--artifacts", arts, "tokenize-prep", "r1", "--tokenizer", tok_dir])
     assert r.rc == errors.CODE["untrusted-code"], r
     assert "Traceback" not in r.stderr
     lines = [x for x in r.stderr.splitlines() if x.startswith("prestage: error:")]
     assert len(lines) == 1 and "--trust-remote-code" in lines[0]
+
+
+# ---- the stored folder for plain-transformers users; order; temporaries -----------------------------------
+
+
+def test_stored_tokenizer_loads_with_the_originals_behaviour(model_copy, tmp_path):
+    """save_pretrained records the loader's arguments (vLLM's left truncation, the offline flags); the stored
+    tokenizer_config.json drops them, so plain transformers loads the folder as it loads the original."""
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    out = _prep(run, model_copy).outputs
+    stored = run / "tokenizer"
+    config = json.loads((stored / "tokenizer_config.json").read_text())
+    assert not {"truncation_side", "local_files_only", "is_local"} & set(config)
+    original = AutoTokenizer.from_pretrained(model_copy)
+    plain = AutoTokenizer.from_pretrained(stored)
+    assert plain.truncation_side == original.truncation_side == "right"
+    assert (
+        load_stored_tokenizer(run, TokenizerRecord.from_dict(out)).truncation_side == "left"
+    )  # launch still truncates as vLLM does
+    verify_files(run, TokenizerRecord.from_dict(out))  # the manifest lists the bytes as stored
+
+    # an original that sets truncation_side keeps its own value
+    _edit_json(model_copy / "tokenizer_config.json", truncation_side="left")
+    _prep(tmp_path / "run2", model_copy)
+    config = json.loads((tmp_path / "run2" / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["truncation_side"] == "left" and "local_files_only" not in config
+
+
+def test_tokenize_prep_requires_configure(model_copy, tmp_path):
+    run = tmp_path / "run"
+    params = {"model": str(model_copy)}
+    run_stage("resolve", run, params, QUIET)
+    with pytest.raises(errors.StaleUpstreamError, match="needs the configure manifest"):
+        run_stage("tokenize-prep", run, params, QUIET)
+
+
+def test_killed_runs_tokenizer_temporaries_are_removed(model_copy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    stale_tmp, stale_old = run / f".tokenizer.tmp-{dead.pid}", run / f".tokenizer.old-{dead.pid}"
+    live = run / f".tokenizer.tmp-{os.getppid()}"  # another live process's: kept
+    for d in (stale_tmp, stale_old, live):
+        d.mkdir()
+        (d / "tokenizer.json").write_text("{}")
+    _prep(run, model_copy)
+    assert not stale_tmp.exists() and not stale_old.exists() and live.exists()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prestage.stages import errors
+from prestage.stages import errors, safetensors
 from prestage.stages.configure import dtype as dtypes
 from prestage.stages.configure import maxlen
+from prestage.stages.records import ConfigureRecord
 
 GPU_CAPABILITY = (8, 0)  # the GPU launch targets: CUDA sm>=80 (A100/H100)
 
@@ -126,7 +127,7 @@ def configure(
     if not native:
         count = specs.count_params_meta(config, trust)
         spec["param_count"] = count
-        spec["weight_bytes"] = count * specs.DTYPE_BYTES[gpu] if count else None
+        spec["weight_bytes"] = count * safetensors.torch_itemsize(gpu) if count else None
 
     cfg_dict = config.to_dict()
     for key in ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset"):
@@ -146,4 +147,4 @@ def configure(
         "trust_remote_code": trust,
         "remote_code": loaded.remote_code,
     }
-    return outputs, warnings
+    return ConfigureRecord.from_dict(outputs, "configure's outputs"), warnings

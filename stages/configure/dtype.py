@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
+from prestage.stages import safetensors
 from prestage.stages.errors import InvalidModelError, UsageError
 
 REQUESTED = {
@@ -25,14 +24,6 @@ REQUESTED = {
 }
 # fp16 is numerically unstable for these model types (vLLM `_MODEL_TYPE_TO_INVALID_DTYPES`-style table).
 NO_FLOAT16 = {"gemma2", "gemma3", "gemma3_text", "glm4"}
-_ST_DTYPES = {
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
 # which float dtypes hold every value of which (lossless casts), for the broadcast rule
 _LOSSLESS = {
     ("float16", "float32"),
@@ -93,18 +84,14 @@ def _get_text(cfg):
 
 
 def safetensors_dtypes(folder: Path) -> set[str]:
-    """Tensor dtypes named in the headers of every *.safetensors directly in `folder` (no tensor is read)."""
+    """Float dtypes (torch names) in the headers of every *.safetensors directly in `folder` (no tensor is read);
+    a malformed header is an InvalidModelError naming the file."""
     out: set[str] = set()
     for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
-            raise InvalidModelError(f"{path.name}: unreadable safetensors header; re-download the file") from None
-        for name, entry in header.items():
-            if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _ST_DTYPES:
-                out.add(_ST_DTYPES[entry["dtype"]])
+        for entry in safetensors.read_header(path).tensors.values():
+            d = safetensors.DTYPES[entry["dtype"]]
+            if d.checkpoint_float:
+                out.add(d.torch)
     return out
 
 

@@ -157,17 +157,7 @@ def _download(hub_source: dict, name: str, params: dict) -> Path:
             f"{hub_source['repo_id']}: remote code file {name} is not in the cache and offline "
             "mode is on; run configure once online"
         )
-    from huggingface_hub import hf_hub_download
-
-    repo, commit = hub_source["repo_id"], hub_source["commit"]
-    try:
-        return Path(
-            hub.with_retries(
-                lambda: hf_hub_download(repo, name, revision=commit, cache_dir=s.cache_dir, token=s.token or False)
-            )
-        )
-    except Exception as e:
-        raise hub.translate(e, repo_id=repo, revision=commit, s=s, what=name) from e
+    return hub.HubClient(s).download(hub_source["repo_id"], name, hub_source["commit"])
 
 
 def _translate_build_error(e: Exception, name: str) -> Exception:

@@ -160,8 +160,8 @@ def resolve_max_model_len(
     if user > derived:
         mml = getattr(cfg, "model_max_length", None)
         if not (mml is not None and user <= mml):
-            if not allow_long:
-                raise InvalidModelError(
+            if not allow_long:  # the flag's value is at fault, not the model: a usage error
+                raise UsageError(
                     f"--max-model-len {user} is greater than the model's derived maximum ({key}={_num(derived)} "
                     f"or model_max_length={mml} in config.json); pass --max-model-len <= {int(derived)}, or set "
                     "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to override (outputs may be wrong past the trained length)"

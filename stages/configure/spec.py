@@ -8,9 +8,9 @@ exact for the native decoder families (Llama, Mistral, Qwen2, Qwen3); for other 
 
 from __future__ import annotations
 
+from prestage.stages import safetensors
 from prestage.stages.errors import InvalidModelError
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _KV_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query_group_num", "num_attention_groups")
 _EXPERT_KEYS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
 
@@ -190,7 +190,9 @@ def build_spec(cfg, *, native: bool, weight_dtype: str, sliding_window) -> dict:
         "weight_dtype": weight_dtype,
     }
     spec["param_count"] = native_param_count(spec) if native else None
-    spec["weight_bytes"] = spec["param_count"] * DTYPE_BYTES[weight_dtype] if spec["param_count"] else None
+    spec["weight_bytes"] = (
+        spec["param_count"] * safetensors.torch_itemsize(weight_dtype) if spec["param_count"] else None
+    )
     return spec
 
 

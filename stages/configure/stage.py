@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from prestage.stages import errors, hub
+from prestage.stages import errors, hub, paths
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.configure import dtype as dtypes
 from prestage.stages.configure import maxlen
@@ -73,7 +73,7 @@ def _model_impl(value: str | None) -> str:
     from prestage.stages.launch.registry import MODEL_IMPLS
 
     if v not in MODEL_IMPLS:
-        raise errors.UsageError(f"--model-impl {value!r}: use one of {', '.join(MODEL_IMPLS)}")
+        raise errors.UsageError(f"--model-impl {value!r}: not an implementation; use one of {', '.join(MODEL_IMPLS)}")
     return v
 
 
@@ -85,17 +85,26 @@ def _hf_overrides(value) -> dict:
     try:
         data = json.loads(value)
     except ValueError as e:
-        raise errors.UsageError(f"--hf-overrides is not valid JSON ({e}); pass a JSON object") from None
+        raise errors.UsageError(f"--hf-overrides {value!r}: not valid JSON ({e}); pass a JSON object") from None
     if not isinstance(data, dict):
-        raise errors.UsageError(f"--hf-overrides must be a JSON object, got a {type(data).__name__}")
+        raise errors.UsageError(
+            f"--hf-overrides {value!r}: must be a JSON object such as '{{\"max_position_embeddings\": 8192}}', "
+            f"got a {type(data).__name__}"
+        )
     return data
 
 
 class ConfigureStage(Stage):
     name = "configure"
-    version = 1
+    version = 2  # 2: typed record (spec fields all present)
     requires = ("resolve",)
     options = OPTIONS
+
+    def check_params(self, params: dict) -> None:
+        dtypes.normalize_requested(params.get("dtype"))
+        maxlen.parse_max_model_len(params.get("max_model_len"))
+        _model_impl(params.get("model_impl"))
+        _hf_overrides(params.get("hf_overrides"))
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         return {
@@ -112,29 +121,26 @@ class ConfigureStage(Stage):
     def run(self, ctx: Context, inputs: dict) -> StageResult:
         from prestage.stages.configure import memo
 
-        res = ctx.upstream["resolve"].outputs
-        folder = hub.model_dir(ctx.run_dir, res, ctx.params)
-        config_file = res.get("config_file") or "config.json"
-        hub_source = (
-            {"repo_id": res.get("repo_id"), "commit": res.get("commit")} if res.get("source") == "hub" else None
-        )
+        res = ctx.upstream["resolve"].record
+        folder = paths.model_dir(ctx.run_dir, ctx.upstream["resolve"], ctx.params)
+        hub_source = {"repo_id": res.repo_id, "commit": res.commit} if res.source == "hub" else None
         cache_dir = hub.settings(ctx.params).cache_dir
-        key = memo.key(folder, config_file, inputs, self.version, GPU_CAPABILITY)
+        key = memo.key(folder, res.config_file, inputs, self.version, GPU_CAPABILITY)
         found = memo.load(cache_dir, key) if key else None
         if found is not None:
-            outputs, warnings = found
+            record, warnings = found
         else:
-            outputs, warnings = configure(folder, config_file, inputs, hub_source=hub_source, params=ctx.params)
+            record, warnings = configure(folder, res.config_file, inputs, hub_source=hub_source, params=ctx.params)
             if key:
-                memo.save(cache_dir, key, outputs, warnings)
+                memo.save(cache_dir, key, record, warnings)
         ctx.reporter.info(
-            f"configure: {outputs['architectures'][0] if outputs['architectures'] else '?'} -> "
-            f"{outputs['implementation']['impl']}, max_model_len {outputs['max_model_len']}, "
-            f"dtype {outputs['dtype']['gpu']} (GPU) / {outputs['dtype']['cpu']} (CPU)"
+            f"configure: {record.architectures[0] if record.architectures else '?'} -> "
+            f"{record.implementation.impl}, max_model_len {record.max_model_len}, "
+            f"dtype {record.dtype.gpu} (GPU) / {record.dtype.cpu} (CPU)"
             + (" (from the configure store)" if found is not None else "")
         )
         return StageResult(
-            outputs=outputs,
+            outputs=record,
             warnings=warnings,
             volatile={"model_dir": str(folder), "memo": "hit" if found is not None else ("stored" if key else "off")},
         )

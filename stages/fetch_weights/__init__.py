@@ -3,8 +3,8 @@
 select.py             which files a --load-format picks (vLLM's rules, pure)
 download.py           hub downloads: lock, disk check, parallel resumable fetch, progress
 verify.py             sha256 hashing on a thread pool
-safetensors_header.py header parsing and layout checks without torch
-tensors.py            the tensor index, its checks against configure's spec, dummy shapes
+tensors.py            the tensor index (headers parsed by stages/safetensors.py), its checks against configure's
+                      spec, dummy shapes
 npcache.py            the numpy cache for --load-format npcache
 fetch.py              the stage's run(): the steps above in order
 stage.py              FetchWeightsStage: options, inputs, check_outputs

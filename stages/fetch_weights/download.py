@@ -7,27 +7,25 @@
   and is removed); offline, anything missing is an OfflineMissError naming the files.
 - `check_disk`: the bytes still to download (minus what `.incomplete` partial blobs already hold) against
   the free space of the cache's filesystem, before any download: ResourceError with both numbers.
-- `fetch_parallel`: every missing file at the pinned commit on a thread pool (huggingface_hub's metadata
-  call and `http_get`, into the library's cache layout), each file handed to
-  `post(path)` (hashing, header parsing) as soon as it is there, one aggregate tqdm bar on stderr (bytes,
-  rate, ETA). Interrupted downloads resume, even after a kill: the partial file stays as
-  `blobs/<etag>.incomplete` and the next run asks only for the rest (Range); finished files are never
-  fetched again.
+- `fetch_parallel`: every missing file at the pinned commit on a thread pool (`hub.HubClient.download`,
+  into the library's cache layout), each file handed to `post(path)` (hashing, header parsing) as soon as
+  it is there, one aggregate tqdm bar on stderr (bytes, rate, ETA). Interrupted downloads resume, even
+  after a kill: the partial file stays as `blobs/<etag>.incomplete` and the next run asks only for the
+  rest (Range); finished files are never fetched again. Ctrl-C stops within about a second.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from prestage.stages import errors, hub
 
@@ -136,40 +134,6 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB ({n} bytes)"
 
 
-def _aggregate_tqdm(bar):
-    """A tqdm stand-in for huggingface_hub's `http_get` that adds each file's progress to one shared bar."""
-    lock = threading.Lock()
-
-    class _Part:
-        def __init__(self, *args, **kwargs):
-            pass  # resumed bytes (`initial`) were already left out of the bar's total
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def close(self):
-            pass
-
-        def update(self, n=1):
-            if bar is not None and n:
-                with lock:
-                    bar.update(n)
-
-        def set_postfix_str(self, *a, **k):
-            pass
-
-        def set_description(self, *a, **k):
-            pass
-
-        def refresh(self, *a, **k):
-            pass
-
-    return _Part
-
-
 def fetch_parallel(
     s: hub.HubSettings,
     repo_id: str,
@@ -181,9 +145,16 @@ def fetch_parallel(
     max_workers: int = 8,
     progress: bool = True,
     need_bytes: int = 0,
+    reporter=None,
 ) -> dict:
-    """Download `to_fetch` paths (others are cached), calling post(rel, abs_path) per file; {rel: post()}."""
+    """Download `to_fetch` paths (others are cached), calling post(rel, abs_path) per file; {rel: post()}.
+
+    Ctrl-C: the workers stop between chunks (well within a second), their partial `.incomplete` files stay
+    for the next run to resume with a Range request, and KeyboardInterrupt goes on to the CLI (exit 130,
+    no manifest written); a second Ctrl-C while the workers wind down exits at once.
+    """
     snap = snapshot_dir(s, repo_id, commit)
+    client = hub.HubClient(s, reporter)
     bar = None
     if progress and to_fetch:
         from tqdm import tqdm
@@ -198,126 +169,75 @@ def fetch_parallel(
             dynamic_ncols=True,
             leave=True,
         )
-    part = _aggregate_tqdm(bar)
+    lock = threading.Lock()
+
+    def tick(n: int) -> None:
+        if bar is not None and n:
+            with lock:
+                bar.update(n)
+
+    def get(rel: str) -> Path:
+        return client.download(repo_id, rel, commit, progress=tick)
 
     def one(f: dict):
         rel = f["path"]
         if rel in to_fetch:
-            return rel, post(rel, Path(_download(s, repo_id, commit, rel, part)))
+            return rel, post(rel, get(rel))
         try:
             return rel, post(rel, snap / rel)
         except errors.IntegrityError:
             if s.offline:
                 raise
             # a cached copy whose bytes went bad (post deleted it): download it once more
-            return rel, post(rel, Path(_download(s, repo_id, commit, rel, part)))
+            return rel, post(rel, get(rel))
 
+    pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="fetch")
+    futures = [pool.submit(one, f) for f in files]
     try:
-        with ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="fetch") as pool:
-            futures = [pool.submit(one, f) for f in files]
-            results = {}
-            first_error = None
-            for fut in futures:
-                try:
-                    rel, value = fut.result()
-                    results[rel] = value
-                except KeyboardInterrupt:  # Ctrl-C: start nothing more; a half-written blob resumes next time
-                    for other in futures:
-                        other.cancel()
-                    raise
-                except BaseException as e:  # a failed file: let the others finish, then report the first
-                    first_error = first_error or e
-            if first_error is not None:
-                raise first_error
-            return results
+        results = {}
+        first_error = None
+        for fut in futures:
+            try:
+                rel, value = fut.result()
+                results[rel] = value
+            except hub.HubStopped:
+                continue
+            except Exception as e:  # a failed file: let the others finish, then report the first
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        pool.shutdown(wait=True)
+        return results
+    except KeyboardInterrupt:
+        # Ctrl-C: start nothing more, stop the running transfers between chunks, keep their partial files
+        client.stop.set()
+        _exit_on_next_interrupt()
+        pool.shutdown(wait=False, cancel_futures=True)
+        wait(futures, timeout=1.0)  # running transfers close their partial files at the next chunk
+        raise
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         if bar is not None:
             bar.close()
 
 
-_ETAG_LOCKS: dict = {}
-_ETAG_GUARD = threading.Lock()
+def _exit_on_next_interrupt() -> None:
+    """A second Ctrl-C ends the process at once (exit 130), without waiting for worker threads."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def now(signum, frame):
+        os.write(2, b"prestage: interrupted\n")
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, now)
 
 
-def _download(s: hub.HubSettings, repo_id: str, commit: str, rel: str, part) -> str:
-    """One file into the cache, resuming a partial `blobs/<etag>.incomplete` left by an earlier process.
-
-    huggingface_hub 2.x downloads to a process-unique temp name and never resumes across processes, so
-    the partial file is kept here under a stable name and continued with huggingface_hub's own `http_get`
-    (Range request, size check, retries). The cache layout is the library's: `blobs/<etag>` plus a
-    relative symlink `snapshots/<commit>/<path>`, so huggingface_hub and vLLM read it as their own.
-    """
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
-    url = hf_hub_url(repo_id, rel, revision=commit, endpoint=s.endpoint)
-    try:
-        meta = hub.with_retries(lambda: get_hf_file_metadata(url, token=s.token or None))
-        if not meta.etag:
-            raise errors.NetworkError(
-                f"{repo_id}@{commit[:12]} ({rel}): the hub sent no ETag for the file; "
-                "check HF_ENDPOINT points at a Hugging Face hub"
-            )
-        blobs = hub.repo_folder(s.cache_dir, repo_id) / "blobs"
-        blob = blobs / meta.etag
-        with _ETAG_GUARD:
-            guard = _ETAG_LOCKS.setdefault(str(blob), threading.Lock())
-        with guard:
-            if not blob.exists():
-                blobs.mkdir(parents=True, exist_ok=True)
-                partial = blobs / (meta.etag + ".incomplete")
-                headers = build_hf_headers(token=s.token or None)
-                if urlsplit(meta.location).netloc != urlsplit(url).netloc:
-                    headers.pop("authorization", None)  # never send the token to another host
-                with open(partial, "ab") as fh:
-                    resume = fh.tell()
-                    if meta.size is not None and resume > meta.size:
-                        fh.truncate(0)
-                        resume = 0
-                    hub.with_retries(
-                        lambda: http_get(
-                            meta.location,
-                            fh,
-                            resume_size=fh.tell(),
-                            headers=headers,
-                            expected_size=meta.size,
-                            displayed_filename=rel,
-                            tqdm_class=part,
-                        )
-                    )
-                os.chmod(partial, 0o644)
-                os.replace(partial, blob)
-        link = snapshot_dir(s, repo_id, commit) / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.link")
-        os.symlink(os.path.relpath(blob, link.parent), tmp)
-        os.replace(tmp, link)
-        return str(link)
-    except errors.PrestageError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise errors.ResourceError(
-                f"{repo_id} ({rel}): the disk holding {s.cache_dir} is full; free space "
-                "or pass --download-dir on a larger disk, then re-run to resume"
-            ) from None
-        if "Consistency check failed" in str(e):
-            raise errors.NetworkError(
-                f"{repo_id}@{commit[:12]} ({rel}): the transfer ended early ({e}); re-run to resume it"
-            ) from None
-        if not hasattr(e, "response") and not isinstance(e, ConnectionError):
-            raise
-        raise hub.translate(e, repo_id=repo_id, revision=commit, s=s, what=rel) from None
-    except Exception as e:
-        raise hub.translate(e, repo_id=repo_id, revision=commit, s=s, what=rel) from None
-
-
-def download_one(s: hub.HubSettings, repo_id: str, commit: str, rel: str) -> Path:
+def download_one(s: hub.HubSettings, repo_id: str, commit: str, rel: str, reporter=None) -> Path:
     """One small file (an index JSON) at the pinned commit, from the cache when it is there."""
     cached = hub.cached_file(s.cache_dir, repo_id, commit, rel)
     if cached is not None:
         return cached
     if s.offline:
         offline_check(s, repo_id, commit, [{"path": rel}])
-    return Path(_download(s, repo_id, commit, rel, _aggregate_tqdm(None)))
+    return hub.HubClient(s, reporter).download(repo_id, rel, commit)

@@ -12,30 +12,32 @@ import json
 import time
 from pathlib import Path
 
-from prestage.stages import errors, hub
+from prestage.stages import errors, hub, paths
 from prestage.stages.base import Context, StageResult
 from prestage.stages.digest import sha256_file
 from prestage.stages.fetch_weights import download as dl
 from prestage.stages.fetch_weights import selection as sel
 from prestage.stages.fetch_weights import tensors as tx
+from prestage.stages.fetch_weights.file_state import mtimes
+from prestage.stages.records import WeightsRecord
 
 
 def fetch(ctx: Context, inputs: dict) -> StageResult:
-    res = ctx.upstream["resolve"].outputs
-    conf = ctx.upstream["configure"].outputs
+    resolve = ctx.upstream["resolve"].record
+    conf = ctx.upstream["configure"].record
     rep = ctx.reporter
-    params = dict(ctx.params)
-    params["download_dir"] = inputs.get("download_dir")
+    params = ctx.params
     asked = inputs["load_format"]
     ignore = inputs["ignore_patterns"]
-    listing = {f["path"]: f for f in res.get("files") or []}
-    is_hub = res["source"] == "hub"
-    label = f"{res['repo_id']}@{res['commit'][:12]}" if is_hub else res.get("model") or res.get("local_dir")
+    # the listing as plain maps: selection and the downloader read {path, size, sha256, lfs}
+    listing = {f.path: f.to_dict() for f in resolve.files}
+    is_hub = resolve.source == "hub"
+    repo_id, commit = resolve.repo_id, resolve.commit
+    label = f"{repo_id}@{commit[:12]}" if is_hub else resolve.model or resolve.local_dir
     if is_hub:
-        folder_rel, root = hub.snapshot_rel(res["repo_id"], res["commit"]), "cache"
+        folder_rel, root = hub.snapshot_rel(repo_id, commit), "cache"
     else:
-        folder_rel, root = res["local_dir"], "local"
-    spec = conf.get("spec") or {}
+        folder_rel, root = resolve.local_dir, "local"
     outputs = {
         "load_format": asked,
         "root": root,
@@ -59,37 +61,36 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
             param_count=tx.param_count(tensors),
             dummy={"shapes_from": how},
         )
-        return StageResult(outputs=outputs, volatile={"seconds": round(time.perf_counter() - t0, 3)})
+        return StageResult(outputs=_record(outputs), volatile={"seconds": round(time.perf_counter() - t0, 3)})
 
     index_rel = sel.index_needed(asked, listing, ignore)
     if is_hub:
         s = hub.settings(params)
         hub.prepare_env(s)
-        if s.offline and index_rel and hub.cached_file(s.cache_dir, res["repo_id"], res["commit"], index_rel) is None:
+        if s.offline and index_rel and hub.cached_file(s.cache_dir, repo_id, commit, index_rel) is None:
             # name every file the fetch would need, not just the index that comes first
             guess = sel.select(asked, listing, index=None, ignore_patterns=ignore, model=label)
             dl.offline_check(
                 s,
-                res["repo_id"],
-                res["commit"],
-                [{"path": index_rel}]
-                + dl.missing_files(s, res["repo_id"], res["commit"], [listing[p] for p in guess.files]),
+                repo_id,
+                commit,
+                [{"path": index_rel}] + dl.missing_files(s, repo_id, commit, [listing[p] for p in guess.files]),
             )
-        with dl.repo_lock(inputs.get("download_dir"), res["repo_id"], rep):
+        with dl.repo_lock(params.get("download_dir"), repo_id, rep):
             selection, index_rel = _select(
                 asked,
                 listing,
                 ignore,
                 index_rel,
                 label,
-                res,
-                lambda rel: dl.download_one(s, res["repo_id"], res["commit"], rel),
+                resolve,
+                lambda rel: dl.download_one(s, repo_id, commit, rel, rep),
             )
             files = [listing[p] for p in selection.files]
-            missing = dl.missing_files(s, res["repo_id"], res["commit"], files)
+            missing = dl.missing_files(s, repo_id, commit, files)
             if s.offline:
-                dl.offline_check(s, res["repo_id"], res["commit"], missing)
-            need = dl.check_disk(s, res["repo_id"], missing) if missing else 0
+                dl.offline_check(s, repo_id, commit, missing)
+            need = dl.check_disk(s, repo_id, missing) if missing else 0
             if missing:
                 rep.info(
                     f"fetch-weights: downloading {len(missing)} of {len(files)} file(s) of {label} "
@@ -97,27 +98,28 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
                 )
             else:
                 rep.info(f"fetch-weights: all {len(files)} file(s) of {label} are in the cache")
-            snap = dl.snapshot_dir(s, res["repo_id"], res["commit"])
+            snap = dl.snapshot_dir(s, repo_id, commit)
             post = _verifier(listing, snap, delete_bad=True)
             t1 = time.perf_counter()
             results = dl.fetch_parallel(
                 s,
-                res["repo_id"],
-                res["commit"],
+                repo_id,
+                commit,
                 files,
                 to_fetch={f["path"] for f in missing},
                 post=post,
                 max_workers=int(ctx.params.get("max_workers") or 8),
                 progress=rep.progress and not _bars_off(),
                 need_bytes=need,
+                reporter=rep,
             )
             volatile.update(
                 downloaded_files=len(missing), downloaded_bytes=need, fetch_seconds=round(time.perf_counter() - t1, 3)
             )
             base = snap
     else:
-        base = hub.model_dir(ctx.run_dir, res, params)
-        selection, index_rel = _select(asked, listing, ignore, index_rel, label, res, lambda rel: base / rel)
+        base = paths.model_dir(ctx.run_dir, ctx.upstream["resolve"], params)
+        selection, index_rel = _select(asked, listing, ignore, index_rel, label, resolve, lambda rel: base / rel)
         files = [listing[p] for p in selection.files]
         post = _verifier(listing, base, delete_bad=False)
         from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +133,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
         size, sha = sha256_file(ip)
         outputs["index"] = {"path": index_rel, "size": size, "sha256": sha}
     tensors = tx.merge(results[p]["tensors"] for p in selection.files)
-    warnings = tx.check_spec(tensors, spec, conf.get("config"), where=label)  # the runner prints them
+    warnings = tx.check_spec(tensors, conf.spec, conf.config, where=label)  # the runner prints them
     recorded = [
         {"path": p, "size": results[p]["size"], "sha256": results[p]["sha256"], "kind": _kind(p)}
         for p in selection.files
@@ -151,15 +153,19 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
             ctx.run_dir, [(p, base / p, results[p]["sha256"]) for p in selection.files], rep
         )
     secs = time.perf_counter() - t0
-    volatile.update(seconds=round(secs, 3), folder_abs=str(base))
+    volatile.update(seconds=round(secs, 3), folder_abs=str(base), mtime_ns=mtimes(base, selection.files))
     rep.info(
         f"fetch-weights: {selection.format}, {len(recorded)} file(s), {outputs['total_bytes'] / 1e6:.1f} MB, "
         f"{len(tensors)} tensors, {outputs['param_count']:,} parameters, verified in {secs:.1f}s"
     )
-    return StageResult(outputs=outputs, warnings=warnings, volatile=volatile)
+    return StageResult(outputs=_record(outputs), warnings=warnings, volatile=volatile)
 
 
-def _select(asked, listing, ignore, index_rel, label, res, get_index):
+def _record(outputs: dict) -> WeightsRecord:
+    return WeightsRecord.from_dict(outputs, "fetch-weights' outputs")
+
+
+def _select(asked, listing, ignore, index_rel, label, resolve, get_index):
     """Selection with the index read through `get_index(rel) -> path` when one applies."""
     index = None
     try:
@@ -173,7 +179,7 @@ def _select(asked, listing, ignore, index_rel, label, res, get_index):
                 ) from None
         selection = sel.select(asked, listing, index=index, ignore_patterns=ignore, model=label)
     except errors.UnsupportedError:
-        if res.get("listing_source") == "snapshot":
+        if resolve.listing == "snapshot":
             raise errors.OfflineMissError(
                 f"{label}: offline and no weight files for load format '{asked}' are "
                 "in the cached snapshot; run once online to fetch them"

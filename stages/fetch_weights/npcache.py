@@ -4,8 +4,9 @@ vLLM writes `<snapshot>/np/` inside the Hugging Face snapshot, keyed by nothing 
 invalidated. prestage writes `np/` in the run folder instead (the cache stays exactly what the hub
 served, and a run folder owns what it derived), with `np/weight_names.json` recording each tensor's file,
 dtype and shape and the sha256 of the source checkpoint files. A later fetch with the same sources reuses
-it as it is; different sources rebuild it. bfloat16 has no numpy dtype: it is stored as its uint16 bits
-with dtype "BF16" in weight_names.json, for the loader to view back.
+it as it is; different sources rebuild it. A dtype numpy lacks (bfloat16, the float8s: the dtype table in
+stages/safetensors.py) is stored as unsigned integers of the same width, with its safetensors dtype name ("BF16")
+in weight_names.json, for the loader to view back.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
-from prestage.stages.fetch_weights.tensors import st_dtype
+from prestage.stages import safetensors
 from prestage.stages.fetch_weights.verify import hash_files
 
 NP_DIR = "np"
 NAMES = "weight_names.json"
+_UINT = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}  # bytes per element -> same-width torch dtype
 
 
 def _safe(name: str) -> str:
@@ -73,8 +75,12 @@ def _convert(np_dir: Path, sources, want) -> dict:
             if not isinstance(t, torch.Tensor):
                 continue
             t = t.detach().contiguous()
-            dtype = st_dtype(t.dtype)
-            arr = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()  # same shape
+            dtype = safetensors.from_torch(t.dtype)
+            info = safetensors.DTYPES.get(dtype)
+            if info is not None and info.numpy is None and info.itemsize in _UINT:  # stored as its bits
+                arr = t.view(getattr(torch, _UINT[info.itemsize])).numpy()  # same shape
+            else:
+                arr = t.numpy()
             fname = _safe(name) + ".npy"
             np.save(tmp / fname, arr, allow_pickle=False)
             names.append(name)

@@ -59,7 +59,7 @@ class Selection:
 def normalize_load_format(value: str | None) -> str:
     fmt = (value or "auto").strip().lower()
     if fmt not in LOAD_FORMATS:
-        raise UsageError(f"Load format '{value}' is not supported; use one of {', '.join(LOAD_FORMATS)}")
+        raise UsageError(f"--load-format {value!r}: not a load format; use one of {', '.join(LOAD_FORMATS)}")
     return fmt
 
 

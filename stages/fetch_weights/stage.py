@@ -13,17 +13,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prestage.stages import hub
+from prestage.stages import paths
 from prestage.stages.base import Context, Stage, StageResult, opt
+from prestage.stages.errors import UsageError
 from prestage.stages.fetch_weights import selection as sel
 from prestage.stages.manifest import Manifest
+from prestage.stages.records import record_of
 
 _HELP_FORMATS = ", ".join(sel.LOAD_FORMATS)
 
 
 class FetchWeightsStage(Stage):
     name = "fetch-weights"
-    version = 1
+    version = 2  # 2: typed record; --download-dir is no input
     requires = ("resolve", "configure")
     options = (
         opt(
@@ -50,49 +52,39 @@ class FetchWeightsStage(Stage):
         opt("--max-workers", type=int, default=8, show_default=True, help="Files downloaded and hashed at once"),
     )
 
+    def check_params(self, params: dict) -> None:
+        sel.normalize_load_format(params.get("load_format"))
+        workers = params.get("max_workers")
+        if workers is not None and int(workers) < 1:
+            raise UsageError(f"--max-workers {workers}: must be at least 1")
+
     def inputs(self, params: dict, upstream: dict) -> dict:
         patterns = params.get("ignore_patterns")
         patterns = list(patterns) if patterns else list(sel.DEFAULT_IGNORE)
-        ddir = params.get("download_dir")
-        return {
-            "load_format": sel.normalize_load_format(params.get("load_format")),
-            "ignore_patterns": patterns,
-            "download_dir": str(Path(ddir).expanduser().absolute()) if ddir else None,
-        }
+        # --download-dir says where, not what: it is no input (stages/paths.py finds the cache root)
+        return {"load_format": sel.normalize_load_format(params.get("load_format")), "ignore_patterns": patterns}
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
         from prestage.stages.fetch_weights.fetch import fetch
 
         return fetch(ctx, inputs)
 
-    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
-        out = manifest.outputs
-        base = self.folder(run_dir, manifest)
-        if base is None:
+    def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
+        rec = record_of(manifest)
+        if rec.format == "dummy":
             return None
-        for f in out.get("files") or []:
-            p = base / f["path"]
+        base = paths.weights_dir(run_dir, manifest, params=params)
+        for f in rec.files:
+            p = paths.inside(base, f.path, "fetch-weights file")
             if not p.is_file():
-                return f"{f['path']} is gone from {base}"
-            if p.stat().st_size != f["size"]:
-                return f"{f['path']} has {p.stat().st_size} bytes, the manifest recorded {f['size']}"
-        for f in (out.get("npcache") or {}).get("files") or []:
-            p = Path(run_dir) / f["path"]
-            if not p.is_file() or p.stat().st_size != f["size"]:
-                return f"npcache file {f['path']} is missing or changed"
+                return f"{f.path} is gone from {base}"
+            if p.stat().st_size != f.size:
+                return f"{f.path} has {p.stat().st_size} bytes, the manifest recorded {f.size}"
+        for f in rec.npcache.files if rec.npcache else []:
+            p = paths.in_run(run_dir, f.path, "npcache file")
+            if not p.is_file() or p.stat().st_size != f.size:
+                return f"npcache file {f.path} is missing or changed"
         return None
-
-    @staticmethod
-    def folder(run_dir: Path, manifest: Manifest) -> Path | None:
-        """The absolute folder the manifest's `files` are relative to."""
-        out = manifest.outputs
-        if not out.get("folder"):
-            return None
-        if out.get("root") == "local":
-            return (Path(run_dir) / out["folder"]).resolve()
-        ddir = manifest.inputs.get("download_dir")
-        cache = Path(ddir) if ddir else hub.default_cache_dir()
-        return cache.absolute() / out["folder"]
 
 
 __all__ = ["FetchWeightsStage"]

@@ -16,8 +16,9 @@ import math
 import re
 from pathlib import Path
 
+from prestage.stages import safetensors
 from prestage.stages.errors import InvalidModelError
-from prestage.stages.fetch_weights.safetensors_header import read_header
+from prestage.stages.records import ConfigureRecord, ModelSpec
 
 _LAYER_RE = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.(\d+)\.")
 _EMBED = (
@@ -27,37 +28,12 @@ _EMBED = (
     "language_model.model.embed_tokens.weight",
 )
 _HEAD = ("lm_head.weight", "output.weight", "language_model.lm_head.weight")
-_TORCH_TO_ST = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "int16": "I16",
-    "int32": "I32",
-    "int64": "I64",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float32": "F32",
-    "float64": "F64",
-    "uint16": "U16",
-    "uint32": "U32",
-    "uint64": "U64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e8m0fnu": "F8_E8M0",
-    "complex64": "C64",
-}
-
-
-def st_dtype(torch_dtype) -> str:
-    """A torch dtype (or its name) as the safetensors dtype name."""
-    name = str(torch_dtype).replace("torch.", "")
-    return _TORCH_TO_ST.get(name, name.upper())
 
 
 def index_file(path: Path, rel: str, kind: str) -> dict:
     """{name: {file, dtype, shape}} for one weight file."""
     if kind == "safetensors":
-        tensors, _, _ = read_header(path, label=rel)
+        tensors = safetensors.read_header(path, label=rel).tensors
         return {n: {"file": rel, "dtype": t["dtype"], "shape": t["shape"]} for n, t in tensors.items()}
     import torch  # .bin/.pt only: shapes need the pickle
 
@@ -78,7 +54,7 @@ def index_file(path: Path, rel: str, kind: str) -> dict:
     out = {}
     for name, t in sd.items():
         if isinstance(t, torch.Tensor):
-            out[str(name)] = {"file": rel, "dtype": st_dtype(t.dtype), "shape": list(t.shape)}
+            out[str(name)] = {"file": rel, "dtype": safetensors.from_torch(t.dtype), "shape": list(t.shape)}
     del sd
     return out
 
@@ -101,13 +77,12 @@ def param_count(tensors: dict) -> int:
     return sum(math.prod(t["shape"]) for t in tensors.values())
 
 
-def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: str = "checkpoint") -> list[str]:
+def check_spec(tensors: dict, spec: ModelSpec, config: dict, *, where: str = "checkpoint") -> list[str]:
     """Raise InvalidModelError when the tensors contradict the config; return warnings for softer doubts."""
     warnings: list[str] = []
-    config = config or {}
-    n_layers = spec.get("num_hidden_layers")
+    n_layers = spec.num_hidden_layers
     found = {int(m.group(1)) for name in tensors if (m := _LAYER_RE.match(name))}
-    if found and isinstance(n_layers, int):
+    if found:
         extra_ok = int(config.get("num_nextn_predict_layers") or config.get("mtp_num_hidden_layers") or 0)
         want = set(range(n_layers))
         missing = sorted(want - found)
@@ -123,8 +98,7 @@ def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: 
                 f"{_ranges(sorted(found))} ({'; '.join(parts)}); the checkpoint does not match "
                 "config.json: fix one of them"
             )
-    vocab, hidden = spec.get("vocab_size"), spec.get("hidden_size")
-    want_shape = [vocab, hidden] if isinstance(vocab, int) and isinstance(hidden, int) else None
+    want_shape = [spec.vocab_size, spec.hidden_size]
     embed = next((n for n in _EMBED if n in tensors), None)
     head = next((n for n in _HEAD if n in tensors), None)
     for name in (embed, head):
@@ -134,12 +108,12 @@ def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: 
                 f"vocab_size x hidden_size = {want_shape}; the checkpoint does not match "
                 "config.json: fix one of them"
             )
-    tied = spec.get("tie_word_embeddings")
-    if embed and tied is True and head:
+    tied = spec.tie_word_embeddings
+    if embed and tied and head:
         warnings.append(
             f"tie_word_embeddings is true but the checkpoint has {head}: vLLM unties the embeddings and loads it"
         )
-    if embed and tied is False and not head:
+    if embed and not tied and not head:
         warnings.append(
             "tie_word_embeddings is false but the checkpoint has no lm_head.weight: loading will "
             "leave the output projection uninitialized"
@@ -148,7 +122,9 @@ def check_spec(tensors: dict, spec: dict, config: dict | None = None, *, where: 
 
 
 def _is_float(dtype: str) -> bool:
-    return dtype.startswith(("F", "BF")) and not dtype.startswith("F8") and dtype != "F4"
+    """A float of 16 bits or more: its shape is the logical one whatever the quantization scheme."""
+    d = safetensors.DTYPES.get(dtype)
+    return d is not None and d.checkpoint_float and d.bits >= 16
 
 
 def _ranges(nums: list[int]) -> str:
@@ -162,47 +138,38 @@ def _ranges(nums: list[int]) -> str:
     return ",".join(out)
 
 
-def dummy_tensors(configure_outputs: dict) -> tuple[dict, str]:
+def dummy_tensors(conf: ConfigureRecord) -> tuple[dict, str]:
     """({name: {file: None, dtype, shape}}, how) for the parameters launch fills under `dummy`."""
-    spec = configure_outputs.get("spec") or {}
-    dtype = _config_dtype(configure_outputs)
+    dtype = safetensors.from_torch(conf.dtype.config or conf.dtype.requested or "bfloat16")
     try:
-        shapes = _meta_model_shapes(configure_outputs)
+        shapes = _meta_model_shapes(conf)
         how = "meta-model"
     except Exception:
-        shapes = _decoder_shapes(spec)
+        shapes = _decoder_shapes(conf.spec)
         how = "spec"
     return {n: {"file": None, "dtype": dtype, "shape": s} for n, s in shapes.items()}, how
 
 
-def _config_dtype(outputs: dict) -> str:
-    d = outputs.get("dtype")
-    name = (d.get("config") or d.get("requested")) if isinstance(d, dict) else d
-    return st_dtype(name or "bfloat16")
-
-
-def _meta_model_shapes(outputs: dict) -> dict:
+def _meta_model_shapes(conf: ConfigureRecord) -> dict:
     import torch
     import transformers
 
-    cfg = dict(outputs.get("config") or {})
-    model_type = outputs.get("model_type") or cfg.get("model_type")
+    cfg = dict(conf.config)
+    model_type = conf.model_type or cfg.get("model_type")
     for k in ("model_type", "transformers_version", "architectures_", "_name_or_path"):
         cfg.pop(k, None)
     config = transformers.AutoConfig.for_model(model_type, **cfg)
-    arch = (outputs.get("architectures") or cfg.get("architectures") or [None])[0]
+    arch = (conf.architectures or cfg.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"):
         model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
     return {name: list(p.shape) for name, p in model.named_parameters()}  # tied params appear once
 
 
-def _decoder_shapes(spec: dict) -> dict:
+def _decoder_shapes(spec: ModelSpec) -> dict:
     """A Llama-style decoder's parameters from the spec (used when transformers cannot build the model)."""
-    v, h, i, n = spec["vocab_size"], spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
-    nh = spec["num_attention_heads"]
-    nkv = spec.get("num_key_value_heads") or nh
-    hd = spec.get("head_dim") or h // nh
+    v, h, i, n = spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers
+    nh, nkv, hd = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
     out = {"model.embed_tokens.weight": [v, h]}
     for L in range(n):
         p = f"model.layers.{L}."
@@ -220,6 +187,6 @@ def _decoder_shapes(spec: dict) -> dict:
             }
         )
     out["model.norm.weight"] = [h]
-    if not spec.get("tie_word_embeddings"):
+    if not spec.tie_word_embeddings:
         out["lm_head.weight"] = [v, h]
     return out

@@ -1,4 +1,6 @@
-"""launch's work: load the staged model into the engine, complete the prompts, record the completions."""
+"""launch's work: load the staged model into the engine, complete the prompts, record the completions.
+
+The completions are recorded in the manifest; the command line prints their text on stdout."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 
 from prestage.stages.base import Context, StageResult
 from prestage.stages.errors import NotFoundError, UsageError
+from prestage.stages.records import LaunchRecord
 
 DEFAULT_PROMPT = "Hello, my name is"
 
@@ -56,10 +59,10 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         {"prompt": p, "text": r["text"], "token_ids": r["token_ids"], "finish_reason": r["finish_reason"]}
         for p, r in zip(prompts, results, strict=True)
     ]
-    for c in completions:
-        rep.info(f"launch: {c['prompt']!r} -> {c['text']!r} ({len(c['token_ids'])} tokens, {c['finish_reason']})")
+    for i, c in enumerate(completions, 1):  # the text itself goes to stdout (the CLI prints it)
+        rep.detail(f"launch: completion {i} of {len(completions)}: {len(c['token_ids'])} tokens, {c['finish_reason']}")
     stats = inf.engine.stats
-    outputs = dict(inf.info, completions=completions)
+    record = LaunchRecord.from_dict(dict(inf.info, completions=completions), "launch's outputs")
     volatile = {
         "startup": {
             **{k: round(v, 4) for k, v in inf.timings.items() if isinstance(v, float)},
@@ -70,4 +73,4 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         "generated_tokens": stats.get("generated_tokens", 0),
         "total_s": round(time.perf_counter() - start, 4),
     }
-    return StageResult(outputs=outputs, warnings=list(inf.warnings), volatile=volatile)
+    return StageResult(outputs=record, warnings=list(inf.warnings), volatile=volatile)

@@ -16,8 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prestage.stages import paths
 from prestage.stages.errors import ResourceError, UnsupportedError, UsageError
 from prestage.stages.launch import given, registry
+from prestage.stages.records import ConfigureRecord
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -45,10 +47,10 @@ def pick_device(requested: str | None):
     return torch.device(requested)
 
 
-def pick_dtype(configure_outputs: dict, device, warnings: list):
+def pick_dtype(conf: ConfigureRecord, device, warnings: list):
     import torch
 
-    name = (configure_outputs.get("dtype") or {}).get("gpu" if device.type == "cuda" else "cpu") or "float32"
+    name = conf.dtype.gpu if device.type == "cuda" else conf.dtype.cpu
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise UnsupportedError(f"dtype {name!r} chosen by configure is not a torch dtype launch can run")
@@ -58,13 +60,13 @@ def pick_dtype(configure_outputs: dict, device, warnings: list):
     return dtype
 
 
-def hf_config(configure_outputs: dict, model_dir: Path | None):
+def hf_config(conf: ConfigureRecord, model_dir: Path | None):
     """The transformers config configure recorded (patched), rebuilt as a config object."""
     from transformers import AutoConfig
 
-    raw = dict(configure_outputs["config"])
-    model_type = raw.pop("model_type", None) or configure_outputs.get("model_type")
-    trust = bool(configure_outputs.get("trust_remote_code"))
+    raw = dict(conf.config)
+    model_type = raw.pop("model_type", None) or conf.model_type
+    trust = conf.trust_remote_code
     try:
         return AutoConfig.for_model(model_type, **raw)
     except ValueError:
@@ -79,30 +81,28 @@ def hf_config(configure_outputs: dict, model_dir: Path | None):
     return config
 
 
-def build_model(configure_outputs: dict, fetch_outputs: dict, dtype, device, model_dir: Path | None, warnings: list):
-    """The implementation configure chose, with empty weights on `device`."""
-    impl = configure_outputs.get("implementation") or {}
-    cls_ref, arch = impl.get("class"), impl.get("architecture")
+def build_model(conf: ConfigureRecord, checkpoint_tensors, dtype, device, model_dir: Path | None, warnings: list):
+    """The implementation configure chose, with empty weights on `device` (`checkpoint_tensors`: the names
+    fetch-weights indexed)."""
+    cls_ref, arch = conf.implementation.class_ref, conf.implementation.architecture
     if cls_ref == registry.DECODER:
         from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
 
-        args = DecoderArgs.from_spec(configure_outputs["spec"], arch)
-        if args.tie_word_embeddings and "lm_head.weight" in (fetch_outputs.get("tensors") or {}):
+        args = DecoderArgs.from_spec(conf.spec, arch)
+        if args.tie_word_embeddings and "lm_head.weight" in checkpoint_tensors:
             args.tie_word_embeddings = False  # vLLM's maybe_untie_word_embeddings: the checkpoint has its own head
             warnings.append("tie_word_embeddings is true but the checkpoint has lm_head.weight: loading it untied")
         model = DecoderForCausalLM(args, dtype=dtype, device=device)
-        model.untied_by_checkpoint = (
-            bool(configure_outputs["spec"].get("tie_word_embeddings")) and not args.tie_word_embeddings
-        )
+        model.untied_by_checkpoint = conf.spec.tie_word_embeddings and not args.tie_word_embeddings
         return model
     if cls_ref == registry.TRANSFORMERS_BACKEND:
         from prestage.stages.launch.hf_backend import TransformersForCausalLM
 
         return TransformersForCausalLM(
-            hf_config(configure_outputs, model_dir),
+            hf_config(conf, model_dir),
             dtype=dtype,
             device=device,
-            trust_remote_code=bool(configure_outputs.get("trust_remote_code")),
+            trust_remote_code=conf.trust_remote_code,
         )
     raise UnsupportedError(
         f"architecture {arch} maps to implementation {cls_ref!r}, which launch cannot build; "
@@ -137,7 +137,6 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     import torch
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
 
-    from prestage.stages.fetch_weights.stage import FetchWeightsStage
     from prestage.stages.launch.engine import Engine, plan_kv_cache
     from prestage.stages.launch.sampling import SamplingParams
     from prestage.stages.launch.weight_loading import load_checkpoint
@@ -146,28 +145,23 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     timings = {"imports_s": time.perf_counter() - t}
     warnings: list[str] = []
     run_dir = Path(run_dir)
-    conf, tok_out = upstream["configure"].outputs, upstream["tokenize-prep"].outputs
-    fetch_manifest = upstream["fetch-weights"]
-    fetch = fetch_manifest.outputs
+    conf, tok = upstream["configure"].record, upstream["tokenize-prep"].record
+    fetch = upstream["fetch-weights"].record
 
     t = time.perf_counter()
-    verify_files(run_dir, tok_out)
-    tokenizer = load_stored_tokenizer(run_dir, tok_out)
-    check_golden(tokenizer, tok_out)
+    verify_files(run_dir, tok)
+    tokenizer = load_stored_tokenizer(run_dir, tok)
+    check_golden(tokenizer, tok)
     timings["tokenizer_s"] = time.perf_counter() - t
 
     device = pick_device(params.get("device"))
     dtype = pick_dtype(conf, device, warnings)
-    model_dir = None
-    if "resolve" in upstream:
-        from prestage.stages.hub import model_dir as resolve_model_dir
-
-        model_dir = resolve_model_dir(run_dir, upstream["resolve"].outputs, params)
+    model_dir = paths.model_dir(run_dir, upstream["resolve"], params)
     t = time.perf_counter()
     try:
-        model = build_model(conf, fetch, dtype, device, model_dir, warnings)
+        model = build_model(conf, fetch.tensors, dtype, device, model_dir, warnings)
         timings["build_s"] = time.perf_counter() - t
-        base = FetchWeightsStage.folder(run_dir, fetch_manifest)
+        base = paths.weights_dir(run_dir, upstream["fetch-weights"], upstream["resolve"], params)
         stats = load_checkpoint(model, fetch, base, run_dir, device, verify_hashes=bool(params.get("verify_hashes")))
     except torch.OutOfMemoryError as e:
         raise _oom("loading the weights", device, e) from None
@@ -175,7 +169,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     retie_if_identical(model, warnings)
     timings["weights"] = stats.as_dict()
 
-    max_model_len = int(conf["max_model_len"])
+    max_model_len = conf.max_model_len
     seqs = int(max_num_seqs if max_num_seqs is not None else given(params, "max_num_seqs", 256))
     if seqs < 1:
         raise UsageError(f"--max-num-seqs {seqs}: must be at least 1")
@@ -196,7 +190,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
         engine = Engine(
             model,
             tokenizer,
-            tok_out.get("eos_token_ids") or [],
+            tok.eos_token_ids,
             device,
             dtype,
             max_model_len,
@@ -204,21 +198,19 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
             kv_tokens,
             seed=int(given(params, "seed", 0)),
         )
-        engine.generate(
-            [[int(tok_out.get("bos_token_id") or 0)]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        )
+        engine.generate([[tok.bos_token_id or 0]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     except torch.OutOfMemoryError as e:
         raise _oom(f"allocating the KV cache for --max-model-len {max_model_len}", device, e) from None
     timings["warmup_s"] = time.perf_counter() - t
 
-    impl = conf.get("implementation") or {}
+    impl = conf.implementation
     info = {
-        "implementation": dict(impl),
+        "implementation": impl.to_dict(),
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "kv_cache_tokens": engine.kv_cache_tokens,
         "engine": {
-            "kind": "native" if impl.get("impl") == "native" else "transformers",
+            "kind": "native" if impl.impl == "native" else "transformers",
             "max_model_len": max_model_len,
             "max_num_seqs": engine.num_slots,
             "cuda_graphs": engine.graphs is not None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prestage.stages.errors import UsageError
+from prestage.stages.launch.sampling_defaults import check_sampling
 
 
 @dataclass
@@ -35,20 +35,15 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.max_tokens < 1:
-            raise UsageError(f"--max-tokens {self.max_tokens}: must be at least 1")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature {self.temperature}: must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.top_k < -1:
-            raise UsageError(f"--top-k {self.top_k}: must be -1 or 0 (off) or a positive count")
-        if not 0 <= self.min_p <= 1:
-            raise UsageError(f"--min-p {self.min_p}: must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise UsageError(f"--repetition-penalty {self.repetition_penalty}: must be > 0 (1 is off)")
-        if any(not s for s in self.stop):
-            raise UsageError("--stop: an empty stop string would stop at once; drop it")
+        check_sampling(
+            self.max_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.min_p,
+            self.repetition_penalty,
+            self.stop,
+        )
 
     @property
     def greedy(self) -> bool:

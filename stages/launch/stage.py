@@ -21,7 +21,7 @@ from __future__ import annotations
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.errors import UsageError
 from prestage.stages.launch.completions import DEFAULT_PROMPT, read_prompts, run_launch
-from prestage.stages.launch.sampling_defaults import generation_config_mode, generation_defaults, given
+from prestage.stages.launch.sampling_defaults import check_sampling, generation_config_mode, generation_defaults, given
 from prestage.stages.manifest import Manifest
 
 OPTIONS = (
@@ -112,14 +112,40 @@ OPTIONS = (
 )
 
 
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class LaunchStage(Stage):
     """Generate completions for the prompts with the staged model, tokenizer and weights."""
 
     name = "launch"
-    version = 1
+    version = 2  # 2: typed record
     requires = ("resolve", "configure", "tokenize-prep", "fetch-weights")
     options = OPTIONS
     always_run = True
+
+    def check_params(self, params: dict) -> None:
+        generation_config_mode(params)
+        check_sampling(**{k: params.get(k) for k in _SAMPLING}, stop=params.get("stop"))
+        self._engine_params(params)
+        read_prompts(params)
+
+    @staticmethod
+    def _engine_params(params: dict) -> tuple[str, int, float, int]:
+        """(device, max_num_seqs, gpu_memory_utilization, seed), each checked."""
+        device = str(params.get("device") or "auto").lower()
+        if device not in ("auto", "cuda", "cpu"):
+            raise UsageError(f"--device {params.get('device')!r}: use one of auto, cuda, cpu")
+        max_num_seqs = int(given(params, "max_num_seqs", 256))
+        if max_num_seqs < 1:
+            raise UsageError(f"--max-num-seqs {max_num_seqs}: must be at least 1")
+        util = float(given(params, "gpu_memory_utilization", 0.9))
+        if not 0 < util <= 1:
+            raise UsageError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
+        seed = int(given(params, "seed", 0))
+        if not -(2**63) <= seed < 2**64:
+            raise UsageError(f"--seed {seed}: must fit in 64 bits")
+        return device, max_num_seqs, util, seed
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         from prestage.stages.launch.sampling import SamplingParams
@@ -139,18 +165,7 @@ class LaunchStage(Stage):
             repetition_penalty=float(pick("repetition_penalty", 1.0)),
             stop=list(params.get("stop") or []),
         )
-        device = str(params.get("device") or "auto").lower()
-        if device not in ("auto", "cuda", "cpu"):
-            raise UsageError(f"--device {device!r}: use one of auto, cuda, cpu")
-        max_num_seqs = int(given(params, "max_num_seqs", 256))
-        if max_num_seqs < 1:
-            raise UsageError(f"--max-num-seqs {max_num_seqs}: must be at least 1")
-        util = float(given(params, "gpu_memory_utilization", 0.9))
-        if not 0 < util <= 1:
-            raise UsageError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
-        seed = int(given(params, "seed", 0))
-        if not -(2**63) <= seed < 2**64:
-            raise UsageError(f"--seed {seed}: must fit in 64 bits")
+        device, max_num_seqs, util, seed = self._engine_params(params)
         return {
             "prompts": read_prompts(params),
             "max_tokens": sp.max_tokens,

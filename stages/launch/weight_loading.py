@@ -1,13 +1,14 @@
 """The weight loader: reads exactly the files fetch-weights recorded and fills the model's parameters.
 
-    load_checkpoint(model, fetch_outputs, base, run_dir, device, verify_hashes) -> LoadStats
+    load_checkpoint(model, weights_record, base, run_dir, device, verify_hashes) -> LoadStats
 
 Formats (fetch-weights `format`):
   safetensors / mistral  each shard is read whole by a thread pool (two files ahead) into one buffer, pinned
                          when the target is CUDA, hashed as the bytes stream in when `verify_hashes`; its
-                         tensors are views into that buffer (the header is parsed here so the views need no
-                         copy), handed to `model.load_weights`, and copied to the device asynchronously while
-                         the next shard is being read. `mistral` names are mapped to Hugging Face names.
+                         tensors are views into that buffer (stages/safetensors.py parses and checks the header
+                         from it, so the views need no copy), handed to `model.load_weights`, and copied to the
+                         device asynchronously while the next shard is being read. `mistral` names are mapped to
+                         Hugging Face names.
   pt                     `torch.load(weights_only=True, mmap=True)` per file, in the recorded order.
   npcache                the `.npy` files fetch-weights converted into the run folder.
   dummy                  no file: every floating parameter is filled uniform(-1e-3, 1e-3) with a generator
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,25 +29,14 @@ from pathlib import Path
 
 import torch
 
+from prestage.stages import safetensors
 from prestage.stages.digest import sha256_hex
 from prestage.stages.errors import IntegrityError, InvalidModelError, NotFoundError, UnsupportedError
+from prestage.stages.paths import inside
+from prestage.stages.records import StoredFile, WeightFile, WeightsRecord
 
 _CHUNK = 16 * 1024 * 1024
 _READ_AHEAD = 2
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 _REFETCH = "re-run `prestage fetch-weights RUN --force`"
 
 
@@ -78,10 +67,10 @@ class LoadStats:
 
 
 def load_checkpoint(
-    model, fetch_outputs: dict, base: Path | None, run_dir: Path, device, verify_hashes: bool = False
+    model, fetched: WeightsRecord, base: Path | None, run_dir: Path, device, verify_hashes: bool = False
 ) -> LoadStats:
     """Fill `model` from what fetch-weights recorded; `base` is the folder its `files` are relative to."""
-    fmt = fetch_outputs.get("format")
+    fmt = fetched.format
     device = torch.device(device)
     stats = LoadStats(format=fmt, hashed=verify_hashes and fmt != "dummy")
     start = time.perf_counter()
@@ -89,7 +78,7 @@ def load_checkpoint(
         loaded = fill_dummy(model)
         stats.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
-        files = check_files(fetch_outputs, base, run_dir)
+        files = check_files(fetched, base, run_dir)
         if fmt in ("safetensors", "mistral"):
             weights = _safetensors_weights(files, device, verify_hashes, stats)
             if fmt == "mistral":
@@ -97,7 +86,7 @@ def load_checkpoint(
         elif fmt == "pt":
             weights = _torch_weights(files, verify_hashes, stats)
         elif fmt == "npcache":
-            weights = _npcache_weights(fetch_outputs, run_dir, verify_hashes, stats)
+            weights = _npcache_weights(fetched, run_dir, verify_hashes, stats)
         else:
             raise UnsupportedError(
                 f"load format {fmt!r} recorded by fetch-weights cannot be loaded by launch; "
@@ -121,22 +110,20 @@ def load_checkpoint(
     return stats
 
 
-def check_files(fetch_outputs: dict, base: Path | None, run_dir: Path) -> list[tuple[Path, dict]]:
+def check_files(weights: WeightsRecord, base: Path | None, run_dir: Path) -> list[tuple[Path, WeightFile]]:
     """(absolute path, record) per recorded file, after checking that each exists with its recorded size."""
     out = []
-    records = list(fetch_outputs.get("files") or [])
-    if fetch_outputs.get("format") == "npcache":
-        records, base = list((fetch_outputs.get("npcache") or {}).get("files") or []), Path(run_dir)
+    records = list(weights.files)
+    if weights.format == "npcache" and weights.npcache is not None:
+        records, base = list(weights.npcache.files), Path(run_dir)
     for rec in records:
-        path = Path(base) / rec["path"]
+        path = inside(Path(base), rec.path, "fetch-weights file")
         if not path.is_file():
-            raise NotFoundError(
-                f"weight file {rec['path']} recorded by fetch-weights is missing from {base}; {_REFETCH}"
-            )
+            raise NotFoundError(f"weight file {rec.path} recorded by fetch-weights is missing from {base}; {_REFETCH}")
         size = path.stat().st_size
-        if size != rec["size"]:
+        if size != rec.size:
             raise IntegrityError(
-                f"weight file {rec['path']} has {size} bytes, fetch-weights recorded {rec['size']}; {_REFETCH}"
+                f"weight file {rec.path} has {size} bytes, fetch-weights recorded {rec.size}; {_REFETCH}"
             )
         out.append((path, rec))
     return out
@@ -145,7 +132,7 @@ def check_files(fetch_outputs: dict, base: Path | None, run_dir: Path) -> list[t
 # ---- safetensors --------------------------------------------------------------------------------------------
 def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
     """The file's bytes in one uint8 tensor (pinned if asked), sha256-checked while reading if `verify`."""
-    size = rec["size"]
+    size = rec.size
     buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)  # [size]
     view = memoryview(buf.numpy()) if size else memoryview(b"")
     digest = hashlib.sha256() if verify else None
@@ -154,37 +141,40 @@ def _read_whole(path: Path, rec: dict, pin: bool, verify: bool) -> torch.Tensor:
         while pos < size:
             n = fh.readinto(view[pos : pos + _CHUNK])
             if not n:
-                raise IntegrityError(f"weight file {rec['path']} ended after {pos} of {size} bytes; {_REFETCH}")
+                raise IntegrityError(f"weight file {rec.path} ended after {pos} of {size} bytes; {_REFETCH}")
             if digest is not None:
                 digest.update(view[pos : pos + n])
             pos += n
-    if digest is not None and rec.get("sha256") and digest.hexdigest() != rec["sha256"]:
+    if digest is not None and rec.sha256 and digest.hexdigest() != rec.sha256:
         raise IntegrityError(
-            f"weight file {rec['path']} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
-            f"recorded {rec['sha256'][:16]}...; {_REFETCH}"
+            f"weight file {rec.path} has sha256 {digest.hexdigest()[:16]}..., fetch-weights "
+            f"recorded {rec.sha256[:16]}...; {_REFETCH}"
         )
     return buf
 
 
 def _tensors_in(buf: torch.Tensor, label: str):
     """Yield (name, tensor view) for each tensor of a safetensors file held in `buf` [size] uint8."""
-    try:
-        (n,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
-        header = json.loads(bytes(buf[8 : 8 + n].numpy()))
-    except (struct.error, ValueError):
-        raise InvalidModelError(f"{label}: not a readable safetensors file; {_REFETCH}") from None
-    header.pop("__metadata__", None)
-    data = 8 + n
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = _ST_DTYPES.get(info["dtype"])
+    header = safetensors.header_from_buffer(buf.numpy(), label=label, fix=_REFETCH)
+    data = header.data_start
+    for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1]["offsets"]):
+        dtype = _torch_dtype(info["dtype"])
         if dtype is None:
-            raise UnsupportedError(f"{label}: tensor {name} has dtype {info['dtype']}, which launch cannot load")
-        begin, end = info["data_offsets"]
+            raise UnsupportedError(
+                f"{label}: tensor {name} has dtype {info['dtype']}, which launch cannot load (a packed dtype, "
+                f"or one torch {torch.__version__} lacks); convert the checkpoint to BF16, F16 or F32"
+            )
+        begin, end = info["offsets"]
         raw = buf[data + begin : data + end]  # [nbytes] uint8
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if raw.storage_offset() % itemsize:
+        if raw.storage_offset() % safetensors.DTYPES[info["dtype"]].itemsize:
             raw = raw.clone()  # unaligned: one copy so the dtype view is legal
         yield name, raw.view(dtype).view(info["shape"])
+
+
+def _torch_dtype(st_name: str):
+    """The torch dtype of a safetensors dtype name, or None (packed dtypes, or one this torch lacks)."""
+    d = safetensors.DTYPES.get(st_name)
+    return getattr(torch, d.torch, None) if d is not None and d.torch and d.itemsize else None
 
 
 def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadStats):
@@ -196,24 +186,23 @@ def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadS
             if i + _READ_AHEAD < len(files):
                 nxt_path, nxt_rec = files[i + _READ_AHEAD]
                 pending.append(pool.submit(_read_whole, nxt_path, nxt_rec, pin, verify))
-            for name, tensor in _tensors_in(buf, rec["path"]):
+            for name, tensor in _tensors_in(buf, rec.path):
                 stats.tensors += 1
                 yield name, tensor
             if pin:
                 torch.cuda.current_stream(device).synchronize()  # copies out of `buf` are done: free it
             stats.files += 1
-            stats.bytes += rec["size"]
+            stats.bytes += rec.size
             pending[i] = None
             del buf
 
 
 # ---- torch .bin / .pt ---------------------------------------------------------------------------------------
-def _hash_file(path: Path, rec: dict) -> None:
+def _hash_file(path: Path, rec: WeightFile | StoredFile) -> None:
     got = sha256_hex(path)
-    if rec.get("sha256") and got != rec["sha256"]:
+    if rec.sha256 and got != rec.sha256:
         raise IntegrityError(
-            f"weight file {rec['path']} has sha256 {got[:16]}..., fetch-weights "
-            f"recorded {rec['sha256'][:16]}...; {_REFETCH}"
+            f"weight file {rec.path} has sha256 {got[:16]}..., fetch-weights recorded {rec.sha256[:16]}...; {_REFETCH}"
         )
 
 
@@ -227,7 +216,7 @@ def _torch_load(path: Path, rec: dict) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
         raise InvalidModelError(
-            f"weight file {rec['path']} cannot be read by torch.load(weights_only=True): "
+            f"weight file {rec.path} cannot be read by torch.load(weights_only=True): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
 
@@ -244,27 +233,28 @@ def _torch_weights(files, verify: bool, stats: LoadStats):
                 stats.tensors += 1
                 yield name, tensor
         stats.files += 1
-        stats.bytes += rec["size"]
+        stats.bytes += rec.size
         del state
 
 
 # ---- npcache ------------------------------------------------------------------------------------------------
-def _npcache_weights(fetch_outputs: dict, run_dir: Path, verify: bool, stats: LoadStats):
+def _npcache_weights(weights: WeightsRecord, run_dir: Path, verify: bool, stats: LoadStats):
     import numpy as np
 
-    record = fetch_outputs.get("npcache") or {}
-    by_path = {f["path"]: f for f in record.get("files") or []}
-    doc = json.loads((Path(run_dir) / record["names_file"]).read_text())
+    record = weights.npcache
+    by_path = {f.path: f for f in record.files}
+    doc = json.loads(inside(Path(run_dir), record.names_file, "npcache names file").read_text())
     for name in doc["names"]:
         info = doc["tensors"][name]
-        rel = f"{record['dir']}/{info['file']}"
+        rel = f"{record.dir}/{info['file']}"
         path = Path(run_dir) / rel
         if verify and rel in by_path:
             _hash_file(path, by_path[rel])
         arr = np.load(path, allow_pickle=False)
         tensor = torch.from_numpy(np.ascontiguousarray(arr))
-        if info.get("dtype") == "BF16":
-            tensor = tensor.view(torch.bfloat16)
+        st = safetensors.DTYPES.get(info.get("dtype"))
+        if st is not None and st.numpy is None and st.torch:  # stored as same-width unsigned ints
+            tensor = tensor.view(getattr(torch, st.torch))
         stats.tensors += 1
         stats.bytes += path.stat().st_size
         yield name, tensor

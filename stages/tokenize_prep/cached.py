@@ -16,6 +16,8 @@ import copy
 from pathlib import Path
 
 from prestage.stages import errors
+from prestage.stages.paths import in_run
+from prestage.stages.records import TokenizerRecord
 
 CACHED_KEYS = (
     "all_special_ids",
@@ -94,7 +96,7 @@ def cached_tokenizer(tok, cache: dict):
     return out
 
 
-def load_stored_tokenizer(run_dir: Path, outputs: dict):
+def load_stored_tokenizer(run_dir: Path, record: TokenizerRecord):
     """The tokenizer tokenize-prep stored in `run_dir`, loaded offline, with the manifest's cached attributes.
 
     Its `chat_template` is the one tokenize-prep resolved (None when there is none), and its `name_or_path`
@@ -102,11 +104,11 @@ def load_stored_tokenizer(run_dir: Path, outputs: dict):
     """
     from prestage.stages.tokenize_prep.store import read_template
 
-    folder = Path(run_dir) / outputs["tokenizer_dir"]
+    folder = in_run(run_dir, record.tokenizer_dir, "stored tokenizer")
     if not folder.is_dir():
         raise errors.StaleUpstreamError(f"{folder}: the stored tokenizer is missing; re-run tokenize-prep")
     try:
-        if outputs["mode"] == "mistral":
+        if record.mode == "mistral":
             from mistral_common.protocol.instruct.validator import ValidationMode
             from transformers import MistralCommonBackend
 
@@ -114,8 +116,11 @@ def load_stored_tokenizer(run_dir: Path, outputs: dict):
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=bool(outputs.get("trust_remote_code"))
+            tok = AutoTokenizer.from_pretrained(  # left truncation as vLLM; the stored folder keeps the original's
+                str(folder),
+                local_files_only=True,
+                trust_remote_code=record.trust_remote_code,
+                truncation_side="left",
             )
     except ImportError as e:
         raise errors.UnsupportedError(
@@ -127,8 +132,8 @@ def load_stored_tokenizer(run_dir: Path, outputs: dict):
             f"{folder}: the stored tokenizer does not load ({type(e).__name__}: "
             f"{' '.join(str(e).split())[:200]}); re-run tokenize-prep"
         ) from None
-    tok.name_or_path = outputs.get("name") or tok.name_or_path
-    template = read_template(Path(run_dir), outputs)
-    if outputs["mode"] != "mistral":
+    tok.name_or_path = record.name or tok.name_or_path
+    template = read_template(Path(run_dir), record)
+    if record.mode != "mistral":
         tok.chat_template = template
-    return cached_tokenizer(tok, outputs)
+    return cached_tokenizer(tok, {k: getattr(record, k) for k in CACHED_KEYS})

@@ -51,16 +51,16 @@ def golden(tok, template: str | None) -> tuple[list[dict], list[str]]:
     return out, warnings
 
 
-def check_golden(tok, outputs: dict) -> None:
+def check_golden(tok, record) -> None:
     """Raise IntegrityError naming the first golden string `tok` no longer encodes to the recorded ids."""
-    for entry in outputs.get("golden", []):
-        got = _ids(tok, entry["text"], entry.get("add_special_tokens", True))
-        want = list(entry["ids"])
+    for entry in record.golden:  # the TokenizerRecord's GoldenEncodings
+        got = _ids(tok, entry.text, entry.add_special_tokens)
+        want = list(entry.ids)
         if got != want:
             at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
             exp = want[at] if at < len(want) else "end"
             act = got[at] if at < len(got) else "end"
             raise errors.IntegrityError(
-                f"tokenizer encodes golden string '{entry['name']}' differently from tokenize-prep (position "
+                f"tokenizer encodes golden string '{entry.name}' differently from tokenize-prep (position "
                 f"{at}: expected {exp}, got {act}); the tokenizer changed: re-run tokenize-prep"
             )

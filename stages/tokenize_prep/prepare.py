@@ -1,8 +1,8 @@
 """The body of the tokenize-prep stage: `prepare(ctx, inputs)` -> StageResult (see the package docstring).
 
-Also reads two model files the tokenizer does not own: generation_config.json (its eos_token_id, an int or
-a list, is merged into the eos ids, as vLLM stops on both) and the model config (model_type for the chat
-template fallback, vocab_size for the embedding bound) when configure has not run.
+Also reads generation_config.json, a model file the tokenizer does not own (its eos_token_id, an int or a
+list, is merged into the eos ids, as vLLM stops on both), and takes the model_type (for the chat template
+fallback) and the vocab_size (for the embedding bound) from configure's manifest.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prestage.stages import hub
+from prestage.stages import errors, hub, paths
 from prestage.stages.base import Context, StageResult
+from prestage.stages.records import ChatTemplate, GenerationDefaults, GoldenEncoding, TokenizerRecord
 from prestage.stages.tokenize_prep import store
 from prestage.stages.tokenize_prep.cached import cached_attributes
 from prestage.stages.tokenize_prep.chat_template import resolve as resolve_template
@@ -20,37 +21,26 @@ from prestage.stages.tokenize_prep.source import TokenizerSource, locate, pick_m
 from prestage.stages.tokenize_prep.tokenizer_loading import load, preflight, read_json
 
 
-def _model_json(ctx: Context, resolve: dict, src: TokenizerSource, name: str, warnings: list) -> dict | None:
+def _model_json(ctx: Context, src: TokenizerSource, name: str, warnings: list) -> dict | None:
     """A model-repo JSON file (generation_config.json, config.json), or None when the repo has none."""
+    resolve = ctx.upstream["resolve"].record
     if src.kind == "model":  # the tokenizer folder is the model's folder / non-weight snapshot
-        return read_json(src.folder / name, resolve.get("repo_id") or resolve["model"])
-    path = hub.model_dir(ctx.run_dir, resolve, ctx.params) / name
-    if path.is_file() or resolve["source"] != "hub":
-        return read_json(path, resolve.get("repo_id") or resolve["model"])
-    if name not in {f["path"] for f in resolve.get("files", [])}:
+        return read_json(src.folder / name, resolve.repo_id or resolve.model)
+    path = paths.model_dir(ctx.run_dir, ctx.upstream["resolve"], ctx.params) / name
+    if path.is_file() or resolve.source != "hub":
+        return read_json(path, resolve.repo_id or resolve.model)
+    if name not in {f.path for f in resolve.files}:
         return None
     s = hub.settings(ctx.params)  # the model's own cache (resolve's), --download-dir included
-    hub.prepare_env(s)
-    from huggingface_hub import hf_hub_download
-
     try:
-        got = hub.with_retries(
-            lambda: hf_hub_download(
-                resolve["repo_id"],
-                name,
-                revision=resolve["commit"],
-                cache_dir=s.cache_dir,
-                token=s.token,
-                local_files_only=s.offline,
-                endpoint=s.endpoint,
-            )
-        )
-    except Exception as e:
-        err = hub.translate(e, repo_id=resolve["repo_id"], revision=resolve["commit"], s=s)
+        if s.offline:
+            raise errors.OfflineMissError(f"{resolve.repo_id}: {name} is not in the cache")
+        got = hub.HubClient(s, ctx.reporter).download(resolve.repo_id, name, resolve.commit)
+    except errors.PrestageError as err:
         # the class only: the full message can hold this machine's cache path, and warnings are not volatile
         warnings.append(f"could not read the model's {name} ({err.kind}); going on without it")
         return None
-    return read_json(Path(got), resolve["repo_id"])
+    return read_json(Path(got), resolve.repo_id)
 
 
 def _eos_ids(tok, gen: dict | None) -> list[int]:
@@ -84,21 +74,15 @@ def generation_defaults(gen: dict | None) -> dict:
     return out
 
 
-def _model_facts(ctx: Context, resolve: dict, src: TokenizerSource, warnings: list) -> tuple[str | None, int | None]:
-    """(model_type, model vocab_size): from configure when it ran, else the model's config file."""
-    configure = ctx.upstream.get("configure")
-    if configure is not None:
-        out = configure.outputs
-        return out.get("model_type"), (out.get("spec") or {}).get("vocab_size")
-    cfg = _model_json(ctx, resolve, src, resolve.get("config_file") or "config.json", warnings) or {}
-    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-    return cfg.get("model_type"), vocab if isinstance(vocab, int) else None
+def _model_facts(ctx: Context) -> tuple[str | None, int | None]:
+    """(model_type, model vocab_size) as configure recorded them."""
+    conf = ctx.upstream["configure"].record
+    return conf.model_type, conf.spec.vocab_size
 
 
 def prepare(ctx: Context, inputs: dict) -> StageResult:
     t0 = time.perf_counter()
-    resolve = ctx.upstream["resolve"].outputs
-    src = locate(ctx.run_dir, ctx.params, inputs, resolve, progress=ctx.reporter.progress)
+    src = locate(ctx.run_dir, ctx.params, inputs, ctx.upstream["resolve"], reporter=ctx.reporter)
     mode, why = pick_mode(inputs["tokenizer_mode"], src.paths)
     where = src.where()
     ctx.reporter.detail(f"tokenize-prep: {where} in mode {mode} ({why})")
@@ -116,8 +100,8 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         )
     vocab = tok.get_vocab()
     attrs = cached_attributes(tok, vocab)
-    model_type, model_vocab = _model_facts(ctx, resolve, src, warnings)
-    gen = _model_json(ctx, resolve, src, "generation_config.json", warnings)
+    model_type, model_vocab = _model_facts(ctx)
+    gen = _model_json(ctx, src, "generation_config.json", warnings)
     eos = _eos_ids(tok, gen)
     if not eos:
         warnings.append(
@@ -142,43 +126,43 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
     saved = store.save(ctx.run_dir, tok, src.folder, template)
     t3 = time.perf_counter()
     added = tok.get_added_vocab() if hasattr(tok, "get_added_vocab") else {}
-    outputs = {
-        "tokenizer_dir": store.TOKENIZER_DIR,
-        "source": src.kind,
-        "name": src.name,
-        "repo_id": src.repo_id,
-        "revision": src.revision,
-        "commit": src.commit,
-        "snapshot": src.snapshot,
-        "local_dir": src.local_dir,
-        "mode": mode,
-        "mode_reason": why,
-        "class": type(tok).__name__,
-        "trust_remote_code": inputs["trust_remote_code"],
+    record = TokenizerRecord(
+        tokenizer_dir=store.TOKENIZER_DIR,
+        source=src.kind,
+        name=src.name,
+        repo_id=src.repo_id,
+        revision=src.revision,
+        commit=src.commit,
+        snapshot=src.snapshot,
+        local_dir=src.local_dir,
+        mode=mode,
+        mode_reason=why,
+        class_name=type(tok).__name__,
+        trust_remote_code=inputs["trust_remote_code"],
         **attrs,
-        "bos_token_id": getattr(tok, "bos_token_id", None),
-        "eos_token_ids": eos,
-        "generation_defaults": generation_defaults(gen),
-        "pad_token_id": getattr(tok, "pad_token_id", None),
-        "added_vocab": {str(k): int(v) for k, v in added.items()},
-        "chat_template": None
+        bos_token_id=getattr(tok, "bos_token_id", None),
+        eos_token_ids=eos,
+        generation_defaults=GenerationDefaults(**generation_defaults(gen)),
+        pad_token_id=getattr(tok, "pad_token_id", None),
+        added_vocab={str(k): int(v) for k, v in added.items()},
+        chat_template=None
         if template is None
-        else {
-            "source": template_source,
-            "file": saved["chat_template_file"],
-            "sha256": store.sha256_hex(ctx.run_dir / saved["chat_template_file"]),
-        },
-        "tokenizer_json_sha256": saved["tokenizer_json_sha256"],
-        "golden": gold,
-        "model_type": model_type,
-        "model_vocab_size": model_vocab,
-        "max_valid_id": max_valid,
-        "files": store.listing(ctx.run_dir),
-    }
+        else ChatTemplate(
+            source=template_source,
+            file=saved["chat_template_file"],
+            sha256=store.sha256_hex(ctx.run_dir / saved["chat_template_file"]),
+        ),
+        tokenizer_json_sha256=saved["tokenizer_json_sha256"],
+        golden=[GoldenEncoding(**g) for g in gold],
+        model_type=model_type,
+        model_vocab_size=model_vocab,
+        max_valid_id=max_valid,
+        files=store.listing(ctx.run_dir),
+    )
     volatile = {
         "tokenizer_folder": str(src.folder),
         "locate_s": round(t1 - t0, 4),
         "load_s": round(t2 - t1, 4),
         "record_s": round(t3 - t2, 4),
     }
-    return StageResult(outputs=outputs, warnings=warnings, volatile=volatile)
+    return StageResult(outputs=record, warnings=warnings, volatile=volatile)

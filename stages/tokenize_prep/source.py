@@ -1,11 +1,11 @@
 """Where the tokenizer comes from: the model itself, another hub repo, or a local folder.
 
-`locate(run_dir, params, inputs, resolve_outputs)` returns a `TokenizerSource`: the folder holding the
+`locate(run_dir, params, inputs, resolve_manifest)` returns a `TokenizerSource`: the folder holding the
 tokenizer files, the hub id and pinned commit (hub only), and the repo listing used to pick the tokenizer
-mode. As vLLM does (docs/vllm-rules.md, §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole repo
-(config, tokenizer, chat-template, processor and *.py files) into the Hugging Face cache, HF_HUB_CACHE, not
-`--download-dir`. The model's own tokenizer uses resolve's pinned commit; another repo or revision is
-pinned here (HfApi.model_info online, the cached ref offline).
+mode. As vLLM does (docs/vllm-rules.md, §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole
+repo (config, tokenizer, chat-template, processor and *.py files) into the run's cache root (stages/paths.py),
+where the model's files are. The model's own tokenizer uses resolve's pinned commit; another repo or
+revision is pinned here (HfApi.model_info online, the cached ref offline).
 
 `pick_mode(mode, paths)` applies vLLM's auto rule: `mistral` when the repo has consolidated*.safetensors
 and tekken.json or tokenizer.model.v*, else `hf`.
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from prestage.stages import errors, hub
+from prestage.stages.paths import model_dir
+from prestage.stages.records import ResolveRecord
 
 # vLLM's _WEIGHT_FILE_PATTERNS: what the non-weight snapshot leaves out.
 WEIGHT_PATTERNS = (
@@ -66,9 +68,9 @@ class TokenizerSource:
         return f"{self.repo_id}@{self.commit[:12]}" if self.repo_id else str(self.folder)
 
 
-def normalize_tokenizer_arg(tokenizer: str | None, resolve_outputs: dict) -> dict:
+def normalize_tokenizer_arg(tokenizer: str | None, resolve: ResolveRecord) -> dict:
     """The tokenizer argument as recorded in the inputs: None means the model's own tokenizer."""
-    if not tokenizer or tokenizer == resolve_outputs.get("model") or tokenizer == resolve_outputs.get("repo_id"):
+    if not tokenizer or tokenizer == resolve.model or tokenizer == resolve.repo_id:
         return {"kind": "model", "value": None}
     p = Path(tokenizer).expanduser()
     if p.is_dir():
@@ -105,8 +107,9 @@ def _walk(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def _pin(repo_id: str, revision: str, s: hub.HubSettings) -> tuple[str, list[str] | None]:
+def _pin(client: hub.HubClient, repo_id: str, revision: str) -> tuple[str, list[str] | None]:
     """(commit, listing or None) for repo@revision: the cached ref offline, the hub's answer online."""
+    s = client.s
     if s.offline:
         commit = hub.read_ref(s.cache_dir, repo_id, revision)
         if commit is None:
@@ -115,52 +118,28 @@ def _pin(repo_id: str, revision: str, s: hub.HubSettings) -> tuple[str, list[str
                 f"{s.cache_dir} and offline mode is on; run once online to fetch it"
             )
         return commit, None
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=s.endpoint, token=s.token)
-    try:
-        info = hub.with_retries(lambda: api.model_info(repo_id, revision=revision))
-    except Exception as e:
-        raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer") from None
+    info = client.repo_info(repo_id, revision, what="tokenizer")
     hub.write_ref(s.cache_dir, repo_id, revision, info.sha)
     return info.sha, sorted(x.rfilename for x in (info.siblings or []))
 
 
-def _snapshot(repo_id: str, revision: str, commit: str, s: hub.HubSettings, progress: bool) -> Path:
+def _snapshot(client: hub.HubClient, repo_id: str, commit: str, paths: list[str] | None) -> Path:
     """Download the non-weight files of repo@commit into the cache; the snapshot folder."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not progress:
-        disable_progress_bars()
-    try:
-        path = hub.with_retries(
-            lambda: snapshot_download(
-                repo_id,
-                revision=commit,
-                cache_dir=s.cache_dir,
-                token=s.token,
-                local_files_only=s.offline,
-                endpoint=s.endpoint,
-                ignore_patterns=list(WEIGHT_PATTERNS),
-            )
-        )
-    except Exception as e:
-        raise hub.translate(e, repo_id=repo_id, revision=revision, s=s, what="tokenizer files") from None
-    finally:
-        if not progress and not was_disabled:
-            enable_progress_bars()
-    return Path(path)
+    if paths is None:  # offline: what the cache holds
+        return client.snapshot(repo_id, commit, [], what="tokenizer files")
+    return client.snapshot(repo_id, commit, paths, ignore_patterns=WEIGHT_PATTERNS, what="tokenizer files")
 
 
-def locate(run_dir: Path, params: dict, inputs: dict, resolve: dict, progress: bool = False) -> TokenizerSource:
+def locate(run_dir: Path, params: dict, inputs: dict, resolve_manifest, reporter=None) -> TokenizerSource:
     """Find, pin and (for hub repos) download the tokenizer's files; see the module docstring."""
-    # The tokenizer goes to the default cache (HF_HUB_CACHE), as vLLM: --download-dir is for weights only.
-    s = hub.settings({**params, "download_dir": None})
+    # The tokenizer goes where the model's files go: the run's cache root (stages/paths.py). vLLM puts it in
+    # HF_HUB_CACHE even under --download-dir; prestage keeps one cache per run so a copied run is whole.
+    resolve = resolve_manifest.record
+    s = hub.settings(params)
     hub.prepare_env(s)
+    client = hub.HubClient(s, reporter)
     tok = inputs["tokenizer"]
-    revision = inputs["tokenizer_revision"] or resolve.get("revision") or "main"
+    revision = inputs["tokenizer_revision"] or resolve.revision or "main"
 
     if tok["kind"] == "local":
         folder = (Path(run_dir) / tok["local_dir"]).resolve()
@@ -171,19 +150,19 @@ def locate(run_dir: Path, params: dict, inputs: dict, resolve: dict, progress: b
         return TokenizerSource(
             kind="local", folder=folder, name=tok["value"], local_dir=tok["local_dir"], paths=_walk(folder)
         )
-    if tok["kind"] == "model" and resolve["source"] == "local":
-        folder = hub.model_dir(run_dir, resolve, params)
+    if tok["kind"] == "model" and resolve.source == "local":
+        folder = model_dir(run_dir, resolve_manifest, params)
         return TokenizerSource(
-            kind="model", folder=folder, name=resolve["model"], local_dir=resolve["local_dir"], paths=_walk(folder)
+            kind="model", folder=folder, name=resolve.model, local_dir=resolve.local_dir, paths=_walk(folder)
         )
 
-    repo_id = resolve["repo_id"] if tok["kind"] == "model" else tok["value"]
-    same_pin = tok["kind"] == "model" and revision in (resolve.get("revision"), resolve.get("commit"))
+    repo_id = resolve.repo_id if tok["kind"] == "model" else tok["value"]
+    same_pin = tok["kind"] == "model" and revision in (resolve.revision, resolve.commit)
     if same_pin:
-        commit, paths = resolve["commit"], [f["path"] for f in resolve.get("files", [])]
+        commit, paths = resolve.commit, [f.path for f in resolve.files]
     else:
-        commit, paths = _pin(repo_id, revision, s)
-    folder = _snapshot(repo_id, revision, commit, s, progress)
+        commit, paths = _pin(client, repo_id, revision)
+    folder = _snapshot(client, repo_id, commit, paths)
     if paths is None:  # offline, another repo: what the cached snapshot holds
         paths = _walk(folder)
     return TokenizerSource(

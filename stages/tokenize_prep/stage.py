@@ -1,6 +1,7 @@
 """The tokenize-prep stage: load the model's tokenizer as vLLM does, store it, and record what launch needs.
 
-Reads resolve's manifest (and configure's when present). Steps, following vLLM (docs/vllm-rules.md, §4):
+Reads resolve's and configure's manifests (configure first, as for every later stage). Steps, following
+vLLM (docs/vllm-rules.md, §4):
   1. source.locate: the model's own tokenizer at resolve's pinned commit, or --tokenizer (hub id, pinned
      to a commit here, or a local folder); hub files come as a non-weight snapshot into HF_HUB_CACHE.
   2. source.pick_mode: --tokenizer-mode auto -> mistral (consolidated*.safetensors + tekken.json /
@@ -24,16 +25,25 @@ from pathlib import Path
 from prestage.stages import errors
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.manifest import Manifest
+from prestage.stages.records import record_of
 from prestage.stages.tokenize_prep import store
 from prestage.stages.tokenize_prep.chat_template import template_input
 from prestage.stages.tokenize_prep.source import MODES, normalize_tokenizer_arg
 
 
+def _mode(params: dict) -> str:
+    mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
+    if mode not in MODES:
+        raise errors.UsageError(
+            f"--tokenizer-mode {params.get('tokenizer_mode')!r}: not supported; use one of {', '.join(MODES)}"
+        )
+    return mode
+
+
 class TokenizePrepStage(Stage):
     name = "tokenize-prep"
-    version = 1
-    requires = ("resolve",)
-    optional = ("configure",)
+    version = 2  # 2: typed record; generation_defaults always present; configure required
+    requires = ("resolve", "configure")
     options = (
         opt(
             "--tokenizer",
@@ -70,13 +80,13 @@ class TokenizePrepStage(Stage):
         ),
     )
 
+    def check_params(self, params: dict) -> None:
+        _mode(params)
+        template_input(params.get("chat_template"))
+
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
-        resolve = upstream["resolve"].outputs
-        mode = str(params.get("tokenizer_mode") or "auto").strip().lower()
-        if mode not in MODES:
-            raise errors.UsageError(
-                f"--tokenizer-mode {params.get('tokenizer_mode')}: not supported; use one of {', '.join(MODES)}"
-            )
+        resolve = upstream["resolve"].record
+        mode = _mode(params)
         tok = normalize_tokenizer_arg(params.get("tokenizer"), resolve)
         if tok["kind"] == "local":
             run_dir = Path(params.get("run_dir") or ".").resolve()
@@ -95,5 +105,5 @@ class TokenizePrepStage(Stage):
 
         return prepare(ctx, inputs)
 
-    def check_outputs(self, run_dir: Path, manifest: Manifest) -> str | None:
-        return store.check_outputs(run_dir, manifest.outputs)
+    def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
+        return store.check_outputs(run_dir, record_of(manifest))

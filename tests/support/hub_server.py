@@ -11,7 +11,9 @@ protocol huggingface_hub 2.4 and transformers 5.24 use (see /work/shared/referen
     HEAD/GET /{repo}/resolve/{rev}/{path}                      file metadata / bytes (Range -> 206);
                                                                LFS files redirect (302) to /_lfs/{sha256}
 Errors carry the X-Error-Code the clients map to their exception classes. Test hooks: throttle(),
-corrupt(), fail_next(), allow_token(), and the bytes_served / requests counters.
+corrupt(), fail_next() (optionally with a Retry-After), cut_next(), stall() (a hub that accepts the
+connection and never answers, or answers the headers and never sends the body), allow_token(), and the
+bytes_served / requests / authorizations records.
 
 `python -m tests.support.hub_server --storage DIR [--port N] [--seed-demo]` serves in the foreground.
 """
@@ -109,9 +111,12 @@ class Repo:
 class HubError(Exception):
     """An error reply: status, X-Error-Code and message (plus X-Repo-Commit where the hub sends one)."""
 
-    def __init__(self, status: int, code: str | None, message: str, commit: str | None = None):
+    def __init__(
+        self, status: int, code: str | None, message: str, commit: str | None = None, retry_after: str | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.commit = status, code, message, commit
+        self.retry_after = retry_after
 
 
 class LocalHub:
@@ -129,8 +134,11 @@ class LocalHub:
         self._thread: threading.Thread | None = None
         self._throttle: float | None = None
         self._corrupt: set[tuple[str, str]] = set()
-        self._fail: list[tuple[int, str | None]] = []  # (status, path substring) per upcoming request
+        self._fail: list[tuple[int, str | None, str | None]] = []  # (status, path substring, Retry-After)
         self._cut: list[tuple[int, str | None]] = []  # (bytes, file key substring) per upcoming file GET
+        self._stall: list[tuple[str, str | None]] = []  # (mode, path substring): every matching request
+        self._release = threading.Event()  # set: stalled handlers give up and close their connection
+        self._auth: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header or None)
         self._bytes_served: collections.Counter[str] = collections.Counter()
         self._requests: collections.Counter[str] = collections.Counter()
         self._downloads: collections.Counter[str] = collections.Counter()
@@ -336,10 +344,37 @@ class LocalHub:
         with self._lock:
             (self._corrupt.add if enabled else self._corrupt.discard)((repo_id, path))
 
-    def fail_next(self, n: int = 1, status: int = 503, match: str | None = None) -> None:
-        """Answer the next `n` requests (whose URL path contains `match`, if given) with `status`."""
+    def fail_next(
+        self, n: int = 1, status: int = 503, match: str | None = None, retry_after: str | None = None
+    ) -> None:
+        """Answer the next `n` requests (whose URL path contains `match`, if given) with `status`, and a
+        `Retry-After: <retry_after>` header when given (seconds or an HTTP date)."""
         with self._lock:
-            self._fail.extend([(status, match)] * n)
+            self._fail.extend([(status, match, retry_after)] * n)
+
+    def stall(self, mode: str = "answer", match: str | None = None) -> None:
+        """Stall every request whose URL path contains `match` (all, if None) until reset_hooks/stop:
+        mode "answer" reads the request and never answers; mode "body" (file GETs) sends the status and
+        headers of a file, then never sends its bytes."""
+        if mode not in ("answer", "body"):
+            raise ValueError(f"stall mode {mode!r}: use 'answer' or 'body'")
+        with self._lock:
+            self._release.clear()
+            self._stall.append((mode, match))
+
+    def _stalled(self, mode: str, path: str) -> bool:
+        with self._lock:
+            return any(m == mode and (match is None or match in path) for m, match in self._stall)
+
+    def _hold(self) -> None:
+        """Block a handler until the stall is lifted (at most 120 s), then drop its connection."""
+        self._release.wait(120)
+
+    @property
+    def authorizations(self) -> list[tuple[str, str, str | None]]:
+        """Every request's (method, decoded URL path, Authorization header or None), in order."""
+        with self._lock:
+            return list(self._auth)
 
     def cut_next(self, after_bytes: int, n: int = 1, match: str | None = None) -> None:
         """Drop the connection after `after_bytes` body bytes of the next `n` file GETs (whose
@@ -377,6 +412,7 @@ class LocalHub:
             self._requests.clear()
             self._downloads.clear()
             self._log.clear()
+            self._auth.clear()
 
     def reset_hooks(self) -> None:
         """Undo throttle / corrupt / fail_next / tree_page_size and zero the counters."""
@@ -385,6 +421,8 @@ class LocalHub:
             self._corrupt.clear()
             self._fail.clear()
             self._cut.clear()
+            self._stall.clear()
+            self._release.set()
             self.tree_page_size = 1000
         self.reset_counters()
 
@@ -416,6 +454,7 @@ class LocalHub:
     def stop(self) -> None:
         if self._server is None:
             return
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -441,12 +480,12 @@ class LocalHub:
                     return after
         return None
 
-    def _take_failure(self, path: str) -> int | None:
+    def _take_failure(self, path: str) -> tuple[int, str | None] | None:
         with self._lock:
-            for i, (status, match) in enumerate(self._fail):
+            for i, (status, match, retry_after) in enumerate(self._fail):
                 if match is None or match in path:
                     del self._fail[i]
-                    return status
+                    return status, retry_after
         return None
 
 
@@ -499,10 +538,17 @@ class _HubHandler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         self._query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         segs = [s for s in split.path.split("/") if s != ""]
+        with hub._lock:
+            hub._auth.append((method, unquote(split.path), self.headers.get("Authorization")))
+        if hub._stalled("answer", unquote(split.path)):
+            hub._hold()
+            self.close_connection = True
+            return
         try:
             failure = hub._take_failure(unquote(split.path))
             if failure is not None:
-                raise HubError(failure, None, f"simulated failure {failure}")
+                status, retry_after = failure
+                raise HubError(status, None, f"simulated failure {status}", retry_after=retry_after)
             if segs[:2] == ["api", "models"] and len(segs) > 2:
                 self._api_models(method, segs[2:])
             elif segs[:1] == ["_lfs"] and len(segs) == 2:
@@ -570,6 +616,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = e.code
         if e.commit:
             headers["X-Repo-Commit"] = e.commit
+        if e.retry_after is not None:
+            headers["Retry-After"] = e.retry_after
         try:
             self._send(e.status, headers, json.dumps({"error": e.message}).encode(), head=self.command == "HEAD")
         except (BrokenPipeError, ConnectionResetError):
@@ -837,6 +885,11 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if method == "HEAD" or length == 0:
+            return
+        if hub._stalled("body", unquote(urlsplit(self.path).path)) or hub._stalled("body", f"{repo_id}/{path}"):
+            self.wfile.flush()
+            hub._hold()
+            self.close_connection = True
             return
         with hub._lock:
             hub._downloads[f"{repo_id}/{path}"] += 1

@@ -28,6 +28,7 @@ from torch import nn
 
 from prestage.stages.errors import InvalidModelError, UnsupportedError
 from prestage.stages.launch.rope import RotaryEmbedding, apply_rotary
+from prestage.stages.records import ModelSpec
 
 # checkpoint name piece -> (fused parameter piece, shard id)
 STACKED_PARAMS = {
@@ -63,41 +64,38 @@ class DecoderArgs:
     hidden_act: str = "silu"
 
     @classmethod
-    def from_spec(cls, spec: dict, architecture: str = "LlamaForCausalLM") -> DecoderArgs:
-        """From configure's `spec` (docs/manifests.md) and the architecture name."""
-        heads = spec["num_attention_heads"]
-        bias = bool(spec.get("attention_bias") or False)
-        if architecture == "Qwen2ForCausalLM":
-            qkv_bias, o_bias = True, False
-        elif architecture == "MistralForCausalLM":
-            qkv_bias = o_bias = False
-        else:  # Llama, Qwen3: `attention_bias` covers q, k, v and o
-            qkv_bias = o_bias = bias
-        if "o_proj_bias" in spec:  # configure resolved both per family: attention_bias = q/k/v bias
-            qkv_bias, o_bias = bool(spec.get("attention_bias")), bool(spec["o_proj_bias"])
-        rope = dict(spec.get("rope") or {"rope_type": "default"})
-        if rope and not ({"rope_type", "rope_theta"} & set(rope)):  # per-layer-type dicts: one RoPE for all
+    def from_spec(cls, spec: ModelSpec | dict, architecture: str = "LlamaForCausalLM") -> DecoderArgs:
+        """From configure's spec (a ModelSpec, or its plain map) and the architecture name."""
+        if isinstance(spec, dict):
+            spec = ModelSpec.from_dict(spec, "the model spec")
+        for name in ("rms_norm_eps", "max_position_embeddings", "intermediate_size"):
+            if getattr(spec, name) is None:
+                raise InvalidModelError(
+                    f"the config of this {architecture} has no {name}; the native decoder needs it: fix config.json"
+                )
+        rope = dict(spec.rope or {"rope_type": "default"})
+        if not ({"rope_type", "rope_theta"} & set(rope)):  # per-layer-type maps: one RoPE for all
             rope = dict(rope.get("full_attention") or next(v for v in rope.values() if isinstance(v, dict)))
-        rope.setdefault("rope_theta", spec.get("rope_theta") or 10000.0)
+        rope.setdefault("rope_theta", 10000.0)  # transformers' default base when a config names none
         return cls(
-            vocab_size=spec["vocab_size"],
-            hidden_size=spec["hidden_size"],
-            intermediate_size=spec["intermediate_size"],
-            num_hidden_layers=spec["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=spec.get("num_key_value_heads") or heads,
-            head_dim=spec.get("head_dim") or spec["hidden_size"] // heads,
-            rms_norm_eps=float(spec.get("rms_norm_eps") or 1e-6),
-            max_position_embeddings=int(spec.get("max_position_embeddings") or 2048),
+            vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            head_dim=spec.head_dim,
+            rms_norm_eps=float(spec.rms_norm_eps),
+            max_position_embeddings=spec.max_position_embeddings,
             rope=rope,
-            tie_word_embeddings=bool(spec.get("tie_word_embeddings")),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(spec.get("mlp_bias") or False),
-            qk_norm=bool(spec.get("qk_norm", architecture == "Qwen3ForCausalLM")),
-            sliding_window=spec.get("sliding_window") or None,
-            layer_types=spec.get("layer_types"),
-            hidden_act=spec.get("hidden_act") or "silu",
+            tie_word_embeddings=spec.tie_word_embeddings,
+            qkv_bias=spec.attention_bias,  # configure resolved both per family: attention_bias = q/k/v bias
+            o_bias=spec.o_proj_bias,
+            mlp_bias=spec.mlp_bias,
+            qk_norm=spec.qk_norm,
+            sliding_window=spec.sliding_window or None,
+            layer_types=spec.layer_types,
+            hidden_act=spec.hidden_act or "silu",
         )
 
     @classmethod
@@ -109,30 +107,12 @@ class DecoderArgs:
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
         }.get(config.model_type, "LlamaForCausalLM")
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        rope.setdefault("rope_type", "default")
-        rope.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
-        spec = {
-            k: getattr(config, k, None)
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "rms_norm_eps",
-                "max_position_embeddings",
-                "tie_word_embeddings",
-                "attention_bias",
-                "mlp_bias",
-                "sliding_window",
-                "layer_types",
-                "hidden_act",
-            )
-        }
-        spec["rope"] = rope
+        from prestage.stages.configure.spec import build_spec  # the same spec configure records
+
+        text = config.get_text_config()
+        spec = build_spec(
+            text, native=True, weight_dtype="float32", sliding_window=getattr(text, "sliding_window", None)
+        )
         return cls.from_spec(spec, arch)
 
 

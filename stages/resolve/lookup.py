@@ -1,0 +1,193 @@
+"""resolve's work: read a local folder, or pin a hub revision and list its files (cache first, hub last).
+
+`resolve_local(ctx, inputs)`: the folder's files and config format. `resolve_hub(ctx, inputs)`: the commit
+the revision points to and the repo's listing with sizes and LFS sha256: from the cache's refs/ and the
+listing prestage keeps under `<cache>/.prestage/listings/` when they hold it, else one repo-info call to the
+hub, then config.json into the cache. Offline, only the cache (a partial listing read off the snapshot
+when prestage's own is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from prestage.stages import errors, hub
+from prestage.stages.base import Context, StageResult
+from prestage.stages.digest import sha256_hex
+from prestage.stages.manifest import write_atomic
+from prestage.stages.records import RepoFile, ResolveRecord
+
+# huggingface_hub's repo-id rule: "name" or "namespace/name", no "--" or "..", not ending in ".git".
+_REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}$")
+
+
+def is_local(model: str) -> bool:
+    return Path(model).expanduser().exists()
+
+
+def detect_format(requested: str, paths: set[str], where: str) -> tuple[str, str]:
+    """(config_format, config_file) from the repo's file paths, as vLLM's `get_config` decides it."""
+    has_consolidated = any(re.fullmatch(r"consolidated.*\.safetensors", p.rsplit("/", 1)[-1]) for p in paths)
+    if requested == "mistral":
+        if "params.json" not in paths:
+            raise errors.NotFoundError(
+                f"{where}: --config-format mistral but there is no params.json; use --config-format hf or auto"
+            )
+        return "mistral", "params.json"
+    if requested == "auto" and has_consolidated and "params.json" in paths:
+        return "mistral", "params.json"
+    if "config.json" in paths:
+        return "hf", "config.json"
+    found = ", ".join(sorted(p for p in paths if "/" not in p)[:8]) or "no files"
+    raise errors.NotFoundError(
+        f"{where}: no config.json (nor a Mistral params.json beside "
+        f"consolidated*.safetensors); found {found}; point at a model folder or repo"
+    )
+
+
+def _listing_path(cache_dir: Path, repo_id: str, commit: str) -> Path:
+    return Path(cache_dir) / ".prestage" / "listings" / ("models--" + repo_id.replace("/", "--")) / f"{commit}.json"
+
+
+def resolve_local(ctx: Context, inputs: dict) -> StageResult:
+    folder = (ctx.run_dir / inputs["local_dir"]).resolve()
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": None, "lfs": False})
+    fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in files}, inputs["model"])
+    record = ResolveRecord(
+        source="local",
+        model=inputs["model"],
+        repo_id=None,
+        revision=None,
+        commit=None,
+        local_dir=inputs["local_dir"],
+        snapshot=None,
+        config_format=fmt,
+        config_file=cfg,
+        config_sha256=sha256_hex(folder / cfg),
+        listing="local",
+        files=[RepoFile(**f) for f in files],
+    )
+    return StageResult(outputs=record, volatile={"model_dir": str(folder)})
+
+
+# ---- hub id ----------------------------------------------------------------------------------
+
+
+def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
+    repo, rev = inputs["repo_id"], inputs["revision"]
+    where = f"{repo}@{rev}"
+    if not _REPO_ID_RE.match(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
+        raise errors.NotFoundError(
+            f"{repo}: not a local folder and not a valid hub id (org/name); check the path or the id"
+        )
+    s = hub.settings(ctx.params)
+    warnings: list[str] = []
+    commit = hub.read_ref(s.cache_dir, repo, rev)
+    listing = _cached_listing(s.cache_dir, repo, commit) if commit else None
+    source = "full"  # prestage's stored copy of the hub's listing: the same content as asking again
+    fetched = False
+    if listing is None and s.offline:
+        if commit is None:
+            raise errors.OfflineMissError(
+                f"{where}: offline and revision '{rev}' is not in the cache {s.cache_dir}; run once online to fetch it"
+            )
+        listing = _snapshot_listing(s.cache_dir, repo, commit)
+        source = "snapshot"
+        warnings.append(
+            "offline: the file listing was read off the cached snapshot (no sizes or sha256 "
+            "for files not downloaded yet); resolve online once for the full listing"
+        )
+    client = None if s.offline else hub.HubClient(s, ctx.reporter)
+    if listing is None:
+        commit, listing = _hub_listing(client, repo, rev)
+        fetched = True
+    fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in listing}, where)
+    path = hub.cached_file(s.cache_dir, repo, commit, cfg)
+    if path is None:
+        if s.offline:
+            raise errors.OfflineMissError(
+                f"{where}: {cfg} is not in the cache {s.cache_dir} and offline mode is on; run once online to fetch it"
+            )
+        path = client.download(repo, cfg, commit, revision=rev)
+    hub.write_ref(s.cache_dir, repo, rev, commit)
+    if fetched:
+        lp = _listing_path(s.cache_dir, repo, commit)
+        write_atomic(lp, json.dumps(listing, sort_keys=True).encode())
+    record = ResolveRecord(
+        source="hub",
+        model=inputs["model"],
+        repo_id=repo,
+        revision=rev,
+        commit=commit,
+        local_dir=None,
+        snapshot=hub.snapshot_rel(repo, commit),
+        config_format=fmt,
+        config_file=cfg,
+        config_sha256=sha256_hex(path),
+        listing=source,
+        files=[
+            RepoFile(path=f["path"], size=f.get("size"), sha256=f.get("sha256"), lfs=bool(f.get("lfs")))
+            for f in listing
+        ],
+    )
+    # cache_dir: the cache root used, a host path (stages/paths.py takes it as a hint, never a decision)
+    volatile = {
+        "cache_dir": str(s.cache_dir),
+        "offline": s.offline,
+        "endpoint": s.endpoint,
+        "token": s.token_state,
+        "listing_from": "hub" if fetched else "cache",
+    }
+    return StageResult(outputs=record, warnings=warnings, volatile=volatile)
+
+
+def _cached_listing(cache_dir: Path, repo: str, commit: str) -> list | None:
+    try:
+        data = json.loads(_listing_path(cache_dir, repo, commit).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in data)
+    return data if ok else None
+
+
+def _snapshot_listing(cache_dir: Path, repo: str, commit: str) -> list:
+    snap = Path(cache_dir) / hub.snapshot_rel(repo, commit)
+    files = []
+    for p in sorted(snap.rglob("*")):
+        if p.is_file():
+            blob = p.resolve().name
+            sha = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
+            files.append(
+                {
+                    "path": p.relative_to(snap).as_posix(),
+                    "size": p.stat().st_size,
+                    "sha256": sha,
+                    "lfs": sha is not None,
+                }
+            )
+    return files
+
+
+def _hub_listing(client: hub.HubClient, repo: str, rev: str) -> tuple[str, list]:
+    info = client.repo_info(repo, rev, files_metadata=True)
+    files = []
+    for sib in info.siblings or []:
+        lfs = getattr(sib, "lfs", None)
+        files.append(
+            {
+                "path": sib.rfilename,
+                "size": sib.size,
+                "sha256": getattr(lfs, "sha256", None) if lfs else None,
+                "lfs": lfs is not None,
+            }
+        )
+    files.sort(key=lambda f: f["path"])
+    if not isinstance(info.sha, str) or not hub.SHA_RE.match(info.sha):
+        raise errors.NetworkError(f"{repo}@{rev}: the hub did not give a commit for this revision; check HF_ENDPOINT")
+    return info.sha, files
