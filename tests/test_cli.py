@@ -329,3 +329,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ---- the in-process CLI helper the tests use (tests/support/cli.py) ---------------------------------
+
+
+def test_in_process_cli_applies_the_given_env_and_restores_os_environ(hub, hf_env, tmp_path):
+    before = dict(os.environ)
+    offline = {**hf_env, "HF_HUB_OFFLINE": "1"}
+    r = run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"], env=offline)
+    assert r.rc == CODE["offline-miss"], r  # the env reached the CLI: offline, and the repo is not cached
+    assert dict(os.environ) == before  # including what the CLI itself set for huggingface_hub
+    assert run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"]).rc == 0  # online again
+
+
+def test_in_process_cli_past_its_timeout_fails_the_test(hub, hf_env, tmp_path):
+    hub.stall("answer")  # the hub never answers: resolve would wait for its read timeout
+    with pytest.raises(pytest.fail.Exception, match="still running after 1 s"):
+        run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"], timeout=1)

@@ -113,6 +113,7 @@ def test_stall_on_config_json_download_in_resolve(hub, fast, tmp_path, mode, mat
 def test_stall_on_tokenizer_listing_of_another_repo(hub, fast, tmp_path):
     params = {"model": "test-org/tiny-single", "tokenizer": "test-org/tiny-sharded"}
     run_stage("resolve", tmp_path / "r", params, QUIET)
+    run_stage("configure", tmp_path / "r", params, QUIET)  # tokenize-prep reads configure's manifest
     hub.stall("answer", match="/api/models/test-org/tiny-sharded")
     err, took = _stalled(lambda: run_stage("tokenize-prep", tmp_path / "r", params, QUIET))
     _assert_network_within_bound(err, took)
@@ -123,6 +124,7 @@ def test_stall_on_tokenizer_listing_of_another_repo(hub, fast, tmp_path):
 def test_stall_on_tokenizer_snapshot_download(hub, fast, tmp_path, mode):
     params = {"model": "test-org/tiny-single"}
     run_stage("resolve", tmp_path / "r", params, QUIET)
+    run_stage("configure", tmp_path / "r", params, QUIET)  # tokenize-prep reads configure's manifest
     hub.stall(mode, match="tokenizer")
     err, took = _stalled(lambda: run_stage("tokenize-prep", tmp_path / "r", params, QUIET))
     _assert_network_within_bound(err, took)

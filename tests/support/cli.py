@@ -1,16 +1,17 @@
 """The one way tests run the prestage command line: in-process by default, a child process where that is the point.
 
-- `run_cli(args, env=None, cwd=None)` -> CliResult: `prestage.runner.cli.main(args)` in this process, inside
-  click's CliRunner isolation (stdout and stderr captured, empty stdin), exit code from its SystemExit. No
-  interpreter start and no re-import of torch/transformers per call, which is most of a CLI test's time.
+- `run_cli(args, env=None, cwd=None, timeout=300)` -> CliResult: `prestage.runner.cli.main(args)` in this
+  process, inside click's CliRunner isolation (stdout and stderr captured, empty stdin), exit code from its
+  SystemExit. No interpreter start and no re-import of torch/transformers per call, which is most of a CLI
+  test's time.
   `env` is a whole environment, as a child process would get it: os.environ becomes exactly `env` for the
   call, huggingface_hub's import-time constants follow it, and afterwards os.environ, those constants and the
   working directory are put back, whatever the CLI changed (it sets HF_ENDPOINT / HF_HUB_OFFLINE itself).
-- `run_cli_subprocess(args, env=None, cwd=None, timeout=300)` -> CliResult: `python -m prestage ARGS` in a
-  child process. Only for what needs a real process: import lightness, a process's real stdout, signals,
-  several processes at once.
-- `popen_cli(args, env=None, **popen_kwargs)` -> subprocess.Popen of that same command, for tests that signal
-  or race processes.
+  A call still running after `timeout` seconds is interrupted (SIGALRM) and fails the test, as a child
+  process would be killed.
+- `popen_cli(args, env=None, cwd=None, **popen_kwargs)` -> subprocess.Popen of `python -m prestage ARGS`: only
+  where a real process is the point (signals, a killed process, processes racing for a lock, a server).
+- `child_env(env=None)`: the environment for any child Python process of a test (import-lightness checks).
 
 `args` is a list (Paths allowed) or a shell-like string; `env` defaults to the current os.environ (so the
 hf_env fixture applies). Child processes get the repository root first on PYTHONPATH.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,7 +74,15 @@ def _follow_env_in_hf_modules(mp: pytest.MonkeyPatch, env: dict[str, str]) -> No
         mp.setattr(constants, "HF_HUB_OFFLINE", offline in {"1", "on", "yes", "true", "y"})
 
 
-def run_cli(args, env: dict[str, str] | None = None, cwd=None) -> CliResult:
+class CliTimeout(BaseException):
+    """Raised by the alarm in a CLI call that ran too long (a BaseException: the CLI's own handlers let it pass)."""
+
+
+def _alarm(signum, frame):
+    raise CliTimeout
+
+
+def run_cli(args, env: dict[str, str] | None = None, cwd=None, timeout: float = 300) -> CliResult:
     """Run the CLI in this process (see the module docstring)."""
     from click.testing import CliRunner
 
@@ -90,11 +100,17 @@ def run_cli(args, env: dict[str, str] | None = None, cwd=None) -> CliResult:
         try:
             with runner.isolation() as (out, err, _):
                 os.chdir(cwd or REPO_ROOT)
+                previous = signal.signal(signal.SIGALRM, _alarm)
+                signal.setitimer(signal.ITIMER_REAL, timeout)
                 try:
                     main(argv)
                 except SystemExit as e:
                     rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                except CliTimeout:
+                    pytest.fail(f"prestage {' '.join(argv)} still running after {timeout} s", pytrace=False)
                 finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, previous)
                     sys.stdout.flush()
                     sys.stderr.flush()
                 stdout, stderr = out.getvalue(), err.getvalue()
@@ -103,20 +119,6 @@ def run_cli(args, env: dict[str, str] | None = None, cwd=None) -> CliResult:
             os.environ.clear()
             os.environ.update(saved_env)
     return CliResult(rc=rc, stdout=stdout.decode(), stderr=stderr.decode(), args=argv)
-
-
-def run_cli_subprocess(args, env: dict[str, str] | None = None, cwd=None, timeout: float = 300) -> CliResult:
-    """Run `python -m prestage ARGS` in a child process and wait for it."""
-    argv = _argv(args)
-    proc = subprocess.run(
-        [sys.executable, "-m", "prestage", *argv],
-        env=child_env(env),
-        cwd=str(cwd or REPO_ROOT),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return CliResult(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, args=argv)
 
 
 def popen_cli(args, env: dict[str, str] | None = None, cwd=None, **popen_kwargs) -> subprocess.Popen:
