@@ -6,7 +6,7 @@ Fixtures (see each docstring):
     hub              (function) the same hub, with test hooks and counters reset around each test
     hf_env           (function) env dict pointing HF clients at the hub with a fresh cache; applied to os.environ
     artifacts_dir    (function) tmp_path / "artifacts", the conventional --artifacts folder
-    prestage         (function) run `python -m prestage ARGS` in a subprocess -> PrestageResult
+    prestage         (function) run the prestage CLI in-process (tests.support.cli.run_cli) -> CliResult
 
 Safety net: at import this module points HF_ENDPOINT at a closed loopback port and HF_HOME at a temp
 folder, so no test can reach huggingface.co or read a real token or cache by accident.
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import atexit
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -182,39 +179,11 @@ def artifacts_dir(tmp_path) -> Path:
     return tmp_path / "artifacts"
 
 
-@dataclass
-class PrestageResult:
-    """Outcome of one `python -m prestage` run."""
-
-    rc: int
-    stdout: str
-    stderr: str
-    args: list[str]
-
-    def __str__(self) -> str:
-        return f"prestage {' '.join(self.args)} -> rc={self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-
 @pytest.fixture
 def prestage():
-    """Callable `prestage(args, env=None, cwd=None, timeout=300) -> PrestageResult` running the CLI in a
-    subprocess. `args` is a list (Paths allowed) or a shell-like string; env defaults to os.environ (so
-    hf_env applies), with the repo root put first on PYTHONPATH."""
+    """Callable `prestage(args, env=None, cwd=None) -> CliResult`: the CLI run in-process by
+    tests.support.cli.run_cli. `args` is a list (Paths allowed) or a shell-like string; env is a whole
+    environment (default os.environ, so hf_env applies), applied for the call and restored after it."""
+    from tests.support.cli import run_cli
 
-    def run(args, env: dict[str, str] | None = None, cwd=None, timeout: float = 300) -> PrestageResult:
-        argv = shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
-        full_env = dict(os.environ if env is None else env)
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        )
-        proc = subprocess.run(
-            [sys.executable, "-m", "prestage", *argv],
-            env=full_env,
-            cwd=str(cwd or REPO_ROOT),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return PrestageResult(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, args=argv)
-
-    return run
+    return run_cli

@@ -11,34 +11,33 @@ from pathlib import Path
 import pytest
 
 from prestage.stages.errors import CODE, EXIT_CODES
+from tests.support.cli import child_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "huggingface_hub")
 
 
 def cli(*args, cwd=None, env=None):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "prestage", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
-    )
+    """The CLI in-process; `env` adds to (or overrides) the current environment for the call."""
+    return run_cli(list(args), env={**os.environ, **env} if env else None, cwd=cwd)
 
 
-def _imports_of(args: list[str], cwd: Path) -> set[str]:
+def _imports_of(commands: list[list[str]], cwd: Path) -> list[set[str]]:
+    """The heavy libraries imported so far after each CLI command, all run in one fresh interpreter (a
+    subprocess: the test process has them all imported already). The sets only grow, so all empty means
+    that no command imported one; the first non-empty set names the command that did."""
     code = (
         "import sys\nfrom prestage.runner.cli import main\n"
-        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
-        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+        f"for args in {commands!r}:\n"
+        "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+        f"    print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=60,
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=child_env(), timeout=60
     )
-    line = [x for x in out.stderr.splitlines() if x.startswith("HEAVY=")][-1]
-    return {m for m in line[6:].split(",") if m}
+    lines = [x for x in out.stderr.splitlines() if x.startswith("HEAVY=")]
+    assert len(lines) == len(commands), out.stderr
+    return [{m for m in line[6:].split(",") if m} for line in lines]
 
 
 @pytest.fixture
@@ -81,15 +80,16 @@ def test_help_inspect_status_import_no_heavy_library(tmp_path, local_model):
     arts = str(tmp_path / "arts")
     r = cli("--artifacts", arts, "resolve", str(local_model))
     assert r.returncode == 0, r.stderr
-    for args in (
+    commands = [
         ["--help"],
         ["resolve", "--help"],
         ["run", "--help"],
         ["--artifacts", arts, "inspect", "tiny-llama"],
         ["--artifacts", arts, "inspect", "tiny-llama", "--json"],
         ["--artifacts", arts, "status", "tiny-llama"],
-    ):
-        assert _imports_of(args, tmp_path) == set(), args
+    ]
+    for args, heavy in zip(commands, _imports_of(commands, tmp_path), strict=True):
+        assert heavy == set(), args
 
 
 def test_status_and_inspect_of_a_full_run_import_no_heavy_library(tmp_path, checkpoint_dirs):
@@ -107,8 +107,9 @@ def test_status_and_inspect_of_a_full_run_import_no_heavy_library(tmp_path, chec
     assert result["launch"]["timings"]["startup"]["weights"]["bytes"] > 0
     st = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)
     assert [x["state"] for x in st["stages"]] == ["fresh"] * 5
-    for args in (["--artifacts", arts, "status", "tiny"], ["--artifacts", arts, "inspect", "tiny"]):
-        assert _imports_of(args, tmp_path) == set(), args
+    commands = [["--artifacts", arts, "status", "tiny"], ["--artifacts", arts, "inspect", "tiny"]]
+    for args, heavy in zip(commands, _imports_of(commands, tmp_path), strict=True):
+        assert heavy == set(), args
 
     # inspect: a summary by default (decisions with their reasons, file counts and bytes), --full for everything
     summary = cli("--artifacts", arts, "inspect", "tiny").stdout
@@ -219,7 +220,7 @@ def test_artifacts_that_is_a_file_is_a_usage_error(tmp_path, local_model):
 def test_local_folder_without_config(tmp_path):
     d = tmp_path / "empty-model"
     d.mkdir()
-    (d / "params.json").write_text("{}")  # R-04: params.json alone is not a Mistral model
+    (d / "params.json").write_text("{}")  # params.json alone is not a Mistral model (docs/vllm-rules.md, R-04)
     r = cli("--artifacts", str(tmp_path / "a"), "resolve", str(d))
     assert r.returncode == CODE["not-found"] and "no config.json" in r.stderr
     r = cli("--artifacts", str(tmp_path / "a"), "resolve", str(tmp_path / "does" / "not" / "exist"))
@@ -328,3 +329,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ---- the in-process CLI helper the tests use (tests/support/cli.py) ---------------------------------
+
+
+def test_in_process_cli_applies_the_given_env_and_restores_os_environ(hub, hf_env, tmp_path):
+    before = dict(os.environ)
+    offline = {**hf_env, "HF_HUB_OFFLINE": "1"}
+    r = run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"], env=offline)
+    assert r.rc == CODE["offline-miss"], r  # the env reached the CLI: offline, and the repo is not cached
+    assert dict(os.environ) == before  # including what the CLI itself set for huggingface_hub
+    assert run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"]).rc == 0  # online again
+
+
+def test_in_process_cli_past_its_timeout_fails_the_test(hub, hf_env, tmp_path):
+    hub.stall("answer")  # the hub never answers: resolve would wait for its read timeout
+    with pytest.raises(pytest.fail.Exception, match="still running after 1 s"):
+        run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"], timeout=1)

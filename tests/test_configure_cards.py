@@ -3,6 +3,7 @@
 Each card's folder holds only its config.json (no weights), so dtype comes from the config. Expected values
 are the public facts of each model (parameter counts as published, context lengths as vLLM 0.33 derives
 them). The Phi-3 long/short factor lists keep the card's length (48 = head_dim/2) with abbreviated values.
+Case labels in comments (L-05, D-01, ...) are defined in docs/vllm-rules.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Configure's reference cases on small config folders (C-01..C-11, L-13, L-21, hf_overrides, bad input), remote
-code from a local folder and from the local test hub at the pinned commit, and the CLI end to end (exit codes).
+"""Configure's cases (docs/vllm-rules.md: C-01..C-11, L-13, L-21) on small config folders, hf_overrides, bad
+input, remote code from a local folder and from the local test hub at the pinned commit, and the CLI end to end
+(exit codes).
 
 C-12 (`--quantization` vs the checkpoint's quantization_config) does not apply: prestage has no --quantization.
 """

@@ -1,5 +1,6 @@
 """Configure's pure rules, without transformers: --max-model-len parsing and derivation (L-*), dtype (D-*),
-the architecture registry (M-*) and the legacy RoPE rules (L-08, L-09, L-12). Reference IDs are in the names."""
+the architecture registry (M-*) and the legacy RoPE rules (L-08, L-09, L-12). The case labels in the names are
+defined in docs/vllm-rules.md."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from prestage.stages.configure import dtype as dt
 from prestage.stages.configure import maxlen, rope
 from prestage.stages.errors import InvalidModelError, UnsupportedError, UsageError
 from prestage.stages.launch import registry
+from tests.support.cli import child_env
 
 
 def cfg(**kw):
@@ -351,12 +353,13 @@ def test_native_families_and_base_names():
 
 def test_registry_imports_without_torch_or_transformers():
     code = (
-        "import sys; import prestage.stages.launch.registry, stages.configure, stages.configure.maxlen, "
-        "prestage.stages.configure.dtype, stages.configure.rope, stages.configure.spec; "
+        "import sys; import prestage.stages.launch.registry, prestage.stages.configure, "
+        "prestage.stages.configure.maxlen, prestage.stages.configure.dtype, prestage.stages.configure.rope, "
+        "prestage.stages.configure.spec; "
         "bad = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

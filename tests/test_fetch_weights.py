@@ -1,8 +1,9 @@
-"""The fetch-weights stage end to end (reference §8.7): hub repos on the local test hub, local folders,
+"""The fetch-weights stage end to end (docs/vllm-rules.md, W-01..W-19): hub repos on the local test hub, local folders,
 integrity, offline, resume after SIGKILL, concurrent fetches, and `prestage verify`.
 
-Most cases run the stages in-process (prestage.runner.chain.run_stage, transformers imported once); the cases
-about exit codes, processes and locks run the real CLI in subprocesses.
+Most cases run the stages in-process (prestage.runner.chain.run_stage, transformers imported once), the cases
+about exit codes run the CLI in-process too (tests.support.cli.run_cli); those about killed and concurrent
+processes run the real CLI in subprocesses.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from prestage.stages import hub as hubmod
 from prestage.stages.base import Reporter
 from prestage.stages.fetch_weights import download as dl
 from prestage.stages.manifest import manifest_path, read
-from tests.conftest import REPO_ROOT
+from tests.support.cli import popen_cli, run_cli
 
 QUIET = Reporter(quiet=True)
 
@@ -50,16 +50,9 @@ def fetch(run_dir: Path, model: str, force=False, **params):
     return run_stage("fetch-weights", run_dir, p, QUIET, force=force)
 
 
-def cli(args, env, timeout=120):
-    full = {**env, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "prestage", *map(str, args)],
-        env=full,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def cli(args, env):
+    """The CLI in-process with `env` as the whole environment (tests.support.cli)."""
+    return run_cli(args, env=env)
 
 
 def weight_bytes_served(hub, repo) -> dict:
@@ -298,11 +291,11 @@ def test_W07_local_shards_without_index_natural_order(tmp_path, checkpoint_dirs)
 
 
 @pytest.mark.parametrize(
-    "case,layout,fmt", [("W09", "bin", "pt"), ("W10", "bin", "safetensors"), ("W11", "single", "auto")]
+    "case,layout,fmt", [("W-09", "bin", "pt"), ("W-10", "bin", "safetensors"), ("W-11", "single", "auto")]
 )
 def test_W09_W10_W11_local_no_weights_for_format(tmp_path, checkpoint_dirs, case, layout, fmt):
     folder = copy_variant(checkpoint_dirs[layout], tmp_path / "m")
-    if case == "W11":
+    if case == "W-11":
         (folder / "model.safetensors").rename(folder / "model.pth")
     with pytest.raises(errors.UnsupportedError, match=f"Cannot find any model weights with load format '{fmt}'"):
         _local(tmp_path, load_format=fmt)(folder)
@@ -449,10 +442,9 @@ def test_sigkill_mid_download_resumes_only_unfinished_files(hub, hf_env, slow_re
     sizes = {p: e.size for p, e in hub.files(slow_repo).items() if p.endswith(".safetensors")}
     blobs = hubmod.repo_folder(Path(hf_env["HF_HUB_CACHE"]), slow_repo) / "blobs"
     hub.throttle(8e6)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", "m", "--max-workers", "1"],
-        env={**hf_env, "PYTHONPATH": str(REPO_ROOT)},
-        cwd=REPO_ROOT,
+    proc = popen_cli(
+        ["--artifacts", arts, "fetch-weights", "m", "--max-workers", "1"],
+        env=hf_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -497,12 +489,10 @@ def test_W17_two_processes_download_once(hub, hf_env, slow_repo, tmp_path):
     prepare(arts / "a", slow_repo)
     shutil.copytree(arts / "a", arts / "b")
     hub.throttle(15e6)  # ~4 s of download: the second process starts while the first holds the lock
-    env = {**hf_env, "PYTHONPATH": str(REPO_ROOT)}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", run],
-            env=env,
-            cwd=REPO_ROOT,
+        popen_cli(
+            ["--artifacts", arts, "fetch-weights", run],
+            env=hf_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -1,5 +1,5 @@
-"""fetch-weights' pure parts: file selection (reference §8.7 W-cases on listings), hashing, and the tensor-index
-checks against configure's spec (safetensors header parsing is tested in test_safetensors.py)."""
+"""fetch-weights' pure parts: file selection (docs/vllm-rules.md, weight cases on listings), hashing, and the
+tensor-index checks against configure's spec (safetensors header parsing is tested in test_safetensors.py)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -22,7 +21,7 @@ from prestage.runner.chain import run_stage
 from prestage.stages import errors
 from prestage.stages import hub as hubmod
 from prestage.stages.base import Reporter
-from tests.conftest import REPO_ROOT
+from tests.support.cli import REPO_ROOT, popen_cli, run_cli
 from tests.support.hub_server import GATED_TOKEN
 
 TIMEOUT = 0.5  # PRESTAGE_HUB_TIMEOUT in these tests: connect and read
@@ -114,7 +113,7 @@ def test_stall_on_config_json_download_in_resolve(hub, fast, tmp_path, mode, mat
 def test_stall_on_tokenizer_listing_of_another_repo(hub, fast, tmp_path):
     params = {"model": "test-org/tiny-single", "tokenizer": "test-org/tiny-sharded"}
     run_stage("resolve", tmp_path / "r", params, QUIET)
-    run_stage("configure", tmp_path / "r", params, QUIET)
+    run_stage("configure", tmp_path / "r", params, QUIET)  # tokenize-prep reads configure's manifest
     hub.stall("answer", match="/api/models/test-org/tiny-sharded")
     err, took = _stalled(lambda: run_stage("tokenize-prep", tmp_path / "r", params, QUIET))
     _assert_network_within_bound(err, took)
@@ -125,7 +124,7 @@ def test_stall_on_tokenizer_listing_of_another_repo(hub, fast, tmp_path):
 def test_stall_on_tokenizer_snapshot_download(hub, fast, tmp_path, mode):
     params = {"model": "test-org/tiny-single"}
     run_stage("resolve", tmp_path / "r", params, QUIET)
-    run_stage("configure", tmp_path / "r", params, QUIET)
+    run_stage("configure", tmp_path / "r", params, QUIET)  # tokenize-prep reads configure's manifest
     hub.stall(mode, match="tokenizer")
     err, took = _stalled(lambda: run_stage("tokenize-prep", tmp_path / "r", params, QUIET))
     _assert_network_within_bound(err, took)
@@ -263,11 +262,9 @@ def test_sigint_during_download_exits_130_at_once_and_the_rerun_resumes(hub, hf_
     sizes = {p: e.size for p, e in hub.files(throttled_repo).items() if p.endswith(".safetensors")}
     blobs = hub_blobs(hf_env, throttled_repo)
     hub.throttle(1e6)
-    env = {**hf_env, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", "m"],
-        env=env,
-        cwd=REPO_ROOT,
+    proc = popen_cli(
+        ["--artifacts", arts, "fetch-weights", "m"],
+        env=hf_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -296,14 +293,7 @@ def test_sigint_during_download_exits_130_at_once_and_the_rerun_resumes(hub, hf_
     hub.throttle(None)
     time.sleep(0.3)  # the killed client's throttled handlers notice it is gone
     hub.reset_counters()
-    r = subprocess.run(
-        [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", "m"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_cli(["--artifacts", arts, "fetch-weights", "m"], env=hf_env)  # the rerun needs no process of its own
     assert r.returncode == 0, r.stderr
     assert not list(blobs.glob("*.incomplete"))
     served = {k.split("/", 2)[2]: v for k, v in hub.bytes_served.items() if k.startswith(throttled_repo + "/")}
@@ -317,11 +307,9 @@ def test_second_sigint_exits_at_once_while_a_worker_is_stuck_in_a_stalled_read(h
     run_stage("resolve", arts / "m", params, QUIET)
     run_stage("configure", arts / "m", params, QUIET)
     hub.stall("body", match="/_lfs/")  # the shards' bytes (the index JSON comes through)
-    env = {**hf_env, "PYTHONPATH": str(REPO_ROOT), hubmod.TIMEOUT_ENV: "60"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prestage", "--artifacts", str(arts), "fetch-weights", "m"],
-        env=env,
-        cwd=REPO_ROOT,
+    proc = popen_cli(
+        ["--artifacts", arts, "fetch-weights", "m"],
+        env={**hf_env, hubmod.TIMEOUT_ENV: "60"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,5 +1,6 @@
 """The engine's bookkeeping: stop conditions, incremental text, slots reused by waiting prompts, KV sizing,
-sampling parameters. A tiny random Qwen2 (vocab 1024) with the trained test BPE tokenizer."""
+sampling parameters. A tiny random Qwen2 (vocab 1024) with the trained test BPE tokenizer.
+Case labels in test names (T05 is T-05) are defined in docs/vllm-rules.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The transformers backend: tiny GPT-2 and GPT-NeoX run by prestage's engine give transformers' greedy tokens,
-and a GPT-2 checkpoint on disk loads through prestage's weight loader."""
+and a GPT-2 checkpoint on disk loads through prestage's weight loader (docs/vllm-rules.md, M-04)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The launch weight loader: every format fetch-weights records, the checks, and the one-line errors.
 
 Checkpoints are the tiny Qwen2 ones transformers writes (tests.support.checkpoints); the reference is
-transformers' own `from_pretrained` of the same folder.
+transformers' own `from_pretrained` of the same folder. Case labels in test names (W16 is W-16) are defined
+in docs/vllm-rules.md.
 """
 
 from __future__ import annotations

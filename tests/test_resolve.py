@@ -1,4 +1,4 @@
-"""The resolve stage against the local hub and local folders (reference §1 and cases R-01..R-05, R-09, R-10)."""
+"""The resolve stage against the local hub and local folders (docs/vllm-rules.md §1, cases R-01..R-10)."""
 
 from __future__ import annotations
 
@@ -162,9 +162,13 @@ def test_hub_unreachable_bounded_retries(hf_env, prestage, tmp_path):
 @pytest.mark.parametrize(
     "case,files,expect",
     [
-        ("R01", {"config.json": "{}"}, ("hf", "config.json")),
-        ("R02", {"config.json": "{}", "params.json": "{}", "consolidated.safetensors": ""}, ("mistral", "params.json")),
-        ("R03", {"config.json": "{}", "consolidated.safetensors": ""}, ("hf", "config.json")),
+        ("R-01", {"config.json": "{}"}, ("hf", "config.json")),
+        (
+            "R-02",
+            {"config.json": "{}", "params.json": "{}", "consolidated.safetensors": ""},
+            ("mistral", "params.json"),
+        ),
+        ("R-03", {"config.json": "{}", "consolidated.safetensors": ""}, ("hf", "config.json")),
     ],
 )
 def test_R01_R03_local_format_detection(case, files, expect, prestage, tmp_path):
@@ -179,7 +183,7 @@ def test_R01_R03_local_format_detection(case, files, expect, prestage, tmp_path)
     assert out["source"] == "local" and out["commit"] is None and out["revision"] is None
 
 
-@pytest.mark.parametrize("case,files", [("R04", {"params.json": "{}"}), ("R05", {})])
+@pytest.mark.parametrize("case,files", [("R-04", {"params.json": "{}"}), ("R-05", {})])
 def test_R04_R05_local_without_config(case, files, prestage, tmp_path):
     d = tmp_path / case
     d.mkdir()

@@ -16,40 +16,20 @@ PROMPT = "def fibonacci(n):"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, checkpoint_dirs):
     """A tiny model through every stage on CPU, its launch output, and a TestClient on the server app."""
-    import subprocess
-    import sys
-
     from fastapi.testclient import TestClient
 
     from prestage.runner.chain import load_upstream
     from prestage.stages import get_stage
     from prestage.stages.launch.inference import load_for_inference
     from prestage.stages.launch.server import create_app
+    from tests.support.cli import run_cli
 
     tmp = tmp_path_factory.mktemp("served")
     model = shutil.copytree(checkpoint_dirs["single"], tmp / "tiny")
     arts = tmp / "arts"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prestage",
-            "--artifacts",
-            str(arts),
-            "run",
-            str(model),
-            "--prompt",
-            PROMPT,
-            "--max-tokens",
-            "12",
-            "--device",
-            "cpu",
-            "--generation-config",
-            "vllm",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = run_cli(
+        ["--artifacts", arts, "run", model, "--prompt", PROMPT, "--max-tokens", "12", "--device", "cpu"]
+        + ["--generation-config", "vllm"]
     )
     assert r.returncode == 0, r.stderr
     run_dir = arts / "tiny"
@@ -120,38 +100,22 @@ def test_errors_are_one_line_4xx(served, body, status, needle):
 def test_prestage_serve_over_http(served):
     """The CLI wiring: `prestage serve RUN` on a loopback port answers the OpenAI API, then stops on SIGTERM."""
     import json
-    import os
     import signal
     import socket
     import subprocess
-    import sys
     import time
     import urllib.request
-    from pathlib import Path
+
+    from tests.support.cli import popen_cli
 
     client, launched = served
     run_dir = client.run_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prestage",
-            "serve",
-            str(run_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--served-model-name",
-            "tiny",
-            "--generation-config",
-            "vllm",
-        ],
-        env={**os.environ, "PYTHONPATH": str(repo)},
+    proc = popen_cli(
+        ["serve", run_dir, "--port", port, "--device", "cpu", "--served-model-name", "tiny"]
+        + ["--generation-config", "vllm"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -168,7 +132,7 @@ def test_prestage_serve_over_http(served):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     err = proc.stderr.read() if proc.poll() is not None else "timed out"
                     raise AssertionError(f"serve did not come up: {err}") from None
-                time.sleep(0.3)
+                time.sleep(0.1)
         body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}).encode()
         req = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:

@@ -1,4 +1,4 @@
-"""The tokenize-prep stage (reference §4, cases T-01..T-03, T-06, T-07, T-08, T-09) on local folders and the
+"""The tokenize-prep stage (docs/vllm-rules.md §4, cases T-01..T-09) on local folders and the
 local hub: the stored tokenizer, its cached attributes, chat template, golden encodings and the errors."""
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_check_golden_names_first_changed_string(model_copy, tmp_path):
         check_golden(tok, TokenizerRecord.from_dict(changed))
 
 
-# ---- cases from the reference ----------------------------------------------------------------------
+# ---- tokenizer cases (docs/vllm-rules.md) ----------------------------------------------------------------------
 
 
 def test_T06_max_token_id_covers_added_tokens_beyond_vocab_size(model_copy, tmp_path):

@@ -1,4 +1,4 @@
-"""prestage's own config classes, for model types transformers does not know (vLLM `_CONFIG_REGISTRY`, §2.2).
+"""prestage's own config classes, for model types transformers does not know (as vLLM, docs/vllm-rules.md §2.2).
 
 A checkpoint whose `model_type` is listed in `OWN_CONFIGS` never needs --trust-remote-code for its config:
 the class is registered with transformers' AutoConfig before loading, as vLLM does. Classes are built inside

@@ -72,7 +72,7 @@ def configure(
             "describe a decoder prestage can run"
         )
     disable_sw = inputs["disable_sliding_window"]
-    if getattr(text, "sliding_window", None) == 0:  # L-21: a window of 0 means none
+    if getattr(text, "sliding_window", None) == 0:  # a window of 0 means none (docs/vllm-rules.md, L-21)
         text.sliding_window = None
         disable_sw = True
         patches.append(

@@ -1,4 +1,4 @@
-"""dtype resolution (vLLM §2.8, cases D-01..D-08), over dtype names, without torch.
+"""dtype resolution as vLLM does it (docs/vllm-rules.md, §2.8, cases D-01..D-08), over dtype names, without torch.
 
 - `normalize_requested(s)`: the `--dtype` value as a canonical name (`half` -> `float16`, `float` -> `float32`).
 - `config_dtype(cfg, folder)`: the checkpoint's dtype: config `dtype`/`torch_dtype` (also of its text, vision and
@@ -125,7 +125,7 @@ def resolve_dtype(
 ) -> tuple[str, str | None]:
     """(dtype, note) as vLLM's `_get_and_verify_dtype` decides for a device of `capability`.
 
-    Raises InvalidModelError when float16 is chosen for a model type that does not support it (D-05).
+    Raises InvalidModelError when float16 is chosen for a model type that does not support it (case D-05).
     """
     note = None
     if requested == "auto":

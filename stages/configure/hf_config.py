@@ -1,4 +1,4 @@
-"""Reading config.json / params.json and building the config object (vLLM `HFConfigParser.parse`, §2.1-2.4).
+"""Reading config.json / params.json and building the config object as vLLM does (docs/vllm-rules.md §2.1-2.4).
 
 - `read_json(folder, name)`: the raw dict, or a one-line InvalidModelError.
 - `build(folder, raw, ...)`: the transformers config object, built as vLLM builds it: prestage's own classes
@@ -195,7 +195,7 @@ def build(
             f"{name} has neither 'model_type' nor 'architectures'; it does not describe a model "
             '(add model_type, e.g. "llama")'
         )
-    if not model_type and ref is None and raw.get("speculators_config") is None:  # C-05
+    if not model_type and ref is None and raw.get("speculators_config") is None:  # no model_type (C-05)
         raise InvalidModelError(
             f"{name} has no 'model_type' (architectures {raw.get('architectures')}); add the "
             'model type (e.g. "llama"): transformers needs it to pick the config class'
@@ -220,7 +220,7 @@ def build(
             f"{name}: model_type {model_type!r} is not known to transformers, so the repo's own code "
             f"auto_map.AutoConfig={ref} would have to run; pass --trust-remote-code to allow it"
         )
-    if model_type and not known and ref is None and config_file != "params.json":  # C-04
+    if model_type and not known and ref is None and config_file != "params.json":  # unknown type (C-04)
         raise UnsupportedError(
             f"{name}: model_type {model_type!r} is not known to transformers "
             f"{transformers.__version__} and the repo has no auto_map.AutoConfig code; upgrade "
@@ -356,7 +356,7 @@ def _post_parse(config, overrides: dict, loaded: Loaded) -> None:
     """vLLM's steps after parsing: llm_config remap, architectures fallback, hf_overrides (§2.1.6, §2.4)."""
     patches = loaded.patches
     if getattr(config, "llm_config", None) is not None and getattr(config, "text_config", None) is None:
-        config.text_config = config.llm_config  # C-11
+        config.text_config = config.llm_config  # llm_config as text_config (C-11)
         patches.append(
             {
                 "rule": "llm_config->text_config",

@@ -1,4 +1,4 @@
-"""`--max-model-len` parsing and the max_model_len derivation (vLLM §2.7, cases L-01..L-23).
+"""`--max-model-len` parsing and the max_model_len derivation as vLLM does it (docs/vllm-rules.md §2.7, L-01..L-23).
 
 Pure functions over a config object read with `getattr` (a transformers config, or any namespace), so they
 can be tested without transformers.

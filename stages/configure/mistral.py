@@ -1,4 +1,4 @@
-"""Mistral-format configs: `params.json` -> a Hugging Face style config dict (vLLM `MistralConfigParser`, §2.9).
+"""Mistral-format configs: `params.json` -> a Hugging Face style config dict (as vLLM, docs/vllm-rules.md §2.9).
 
 Pure: takes the two JSON dicts (params.json, and config.json when the repo has one) and returns the dict
 that becomes a generic transformers `PreTrainedConfig`, plus warnings.

@@ -1,4 +1,4 @@
-"""vLLM's RoPE "historical patches" (§2.5, rules R1-R11), applied to a built config and recorded.
+"""vLLM's RoPE "historical patches" (docs/vllm-rules.md, §2.5, rules R1-R11), applied to a built config and recorded.
 
 Every change is appended to `patches` as `{rule, field, before, after, why}`, so the manifest says exactly how
 the config differs from config.json. Rules R4-R9 touch plain dicts (tested without transformers); R10/R11
@@ -173,7 +173,7 @@ def patch_rope(cfg, field: str, patches: list, warnings: list) -> None:
             and not is_nested(after)
             and after.get("rope_theta") not in (None, theta)
         ):
-            # vLLM keeps the dict's theta (setdefault only), so an aliased theta is silently ignored (L-13).
+            # vLLM keeps the dict's theta (setdefault only), so an aliased theta is silently ignored (case L-13).
             warnings.append(
                 f"{prefix}rope_theta={theta} from config.json is not used: rope_parameters already "
                 f"holds rope_theta={after.get('rope_theta')} (as vLLM does)"

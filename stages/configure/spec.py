@@ -1,4 +1,4 @@
-"""The model `spec`: the shape facts launch and fetch-weights read instead of config.json (vLLM §2.10).
+"""The model `spec`: the shape facts launch and fetch-weights read instead of config.json (docs/vllm-rules.md, §2.10).
 
 `build_spec(text_cfg, ...)` reads a (text) config with `getattr`, so attribute aliases of transformers configs
 (GPT-2's `n_embd` as `hidden_size`, ...) work, and checks the values can make a model. Parameter counts are

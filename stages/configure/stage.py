@@ -1,4 +1,4 @@
-"""The configure stage: build the model's config, patch it as vLLM does, and decide what runs it (seed steps 2-5).
+"""The configure stage: build the model's config, patch it as vLLM does, and decide what runs it.
 
 Reads resolve's manifest and the config file it recorded (config.json, or params.json for Mistral format), and
 never the network, except to fetch a trusted remote-code .py at the commit resolve pinned. Writes:
@@ -114,7 +114,7 @@ class ConfigureStage(Stage):
             "model_impl": _model_impl(params.get("model_impl")),
             "disable_sliding_window": bool(params.get("disable_sliding_window")),
             "hf_overrides": _hf_overrides(params.get("hf_overrides")),
-            # vLLM's escape hatch for a max_model_len above the model's own (L-19); it changes the outcome
+            # vLLM allows a max_model_len above the derived one (docs/vllm-rules.md, L-19): it changes the outcome
             "allow_long_max_model_len": hub.env_true("VLLM_ALLOW_LONG_MAX_MODEL_LEN"),
         }
 

@@ -1,4 +1,4 @@
-"""`--load-format npcache`: the `.bin`/`.pt` tensors converted once to one `.npy` file each (reference §5.6).
+"""`--load-format npcache`: the `.bin`/`.pt` tensors converted once to one `.npy` file each (docs/vllm-rules.md, §5.6).
 
 vLLM writes `<snapshot>/np/` inside the Hugging Face snapshot, keyed by nothing but the folder and never
 invalidated. prestage writes `np/` in the run folder instead (the cache stays exactly what the hub

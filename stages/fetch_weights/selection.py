@@ -5,7 +5,7 @@ index JSON when the repo has one. Output is a `Selection`: the format actually u
 load order, the index used, and the files left out with the reason. Nothing here touches the network or
 the disk, so the same rules serve hub repos (before anything is downloaded) and local folders.
 
-The rules (reference §5.1-5.4):
+The rules (docs/vllm-rules.md, §5.1-5.4):
 - `auto` is `mistral` when any file's basename matches `consolidated*.safetensors` (whole listing, before
   ignore patterns, as vLLM's listing check), else `hf`.
 - patterns per format, tried in order against top-level files only; the first pattern with a match wins:

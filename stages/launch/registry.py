@@ -1,4 +1,4 @@
-"""Architecture registry: which implementation runs a config's `architectures` (vLLM's model registry, §3).
+"""Architecture registry: which implementation runs a config's `architectures` (vLLM's registry, docs/vllm-rules.md §3).
 
 Importable without torch or transformers: configure uses it to decide, launch uses it to import the class.
 

@@ -1,4 +1,4 @@
-"""The tokenizer attributes vLLM caches (reference §4.5), and the cached tokenizer launch uses.
+"""The tokenizer attributes vLLM caches (docs/vllm-rules.md, §4.5), and the cached tokenizer launch uses.
 
 transformers recomputes `all_special_ids`, `all_special_tokens`, `len()` and `get_vocab()` on every access;
 request validation and detokenization read them per request or per token. `cached_attributes(tok)`
@@ -31,7 +31,7 @@ CACHED_KEYS = (
 
 
 def cached_attributes(tok, vocab: dict[str, int]) -> dict:
-    """The §4.5 attributes of a loaded tokenizer, as plain data."""
+    """The attributes vLLM caches (§4.5) of a loaded tokenizer, as plain data."""
     max_token_id = max(vocab.values(), default=-1)
     try:
         vocab_size = int(tok.vocab_size)

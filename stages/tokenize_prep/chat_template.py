@@ -1,4 +1,4 @@
-"""Chat template resolution as vLLM does it (reference §4.7).
+"""Chat template resolution as vLLM does it (docs/vllm-rules.md, §4.7).
 
 `template_input(arg)` normalizes `--chat-template` for the manifest inputs: a readable file (its path as
 typed and the sha256 of its bytes), a literal Jinja template (its sha256), or a bare word that is neither
@@ -8,7 +8,7 @@ typed and the sha256 of its bytes), a literal Jinja template (its sha256), or a 
 --chat-template, then the tokenizer's own (a dict of named templates gives its "default"), then vLLM's
 built-in fallback by model_type. prestage ships none of vLLM's built-in files: those model types get no
 template and a warning naming the file vLLM would use. No template at all is a warning, not an error
-(T-07): chat requests fail later, completions still work. vLLM's AutoProcessor step (multimodal repos
+(case T-07): chat requests fail later, completions still work. vLLM's AutoProcessor step (multimodal repos
 only) is not reproduced.
 """
 

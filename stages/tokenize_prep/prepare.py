@@ -116,7 +116,7 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
 
     max_valid = attrs["max_token_id"]
     if model_vocab is not None:
-        max_valid = max(max_valid, model_vocab - 1)  # vLLM's prompt id bound (§4.6)
+        max_valid = max(max_valid, model_vocab - 1)  # vLLM's prompt id bound (docs/vllm-rules.md, §4.6)
         if attrs["max_token_id"] >= model_vocab:
             warnings.append(
                 f"the tokenizer has ids up to {attrs['max_token_id']} but the model embeds only "

@@ -2,8 +2,8 @@
 
 `locate(run_dir, params, inputs, resolve_manifest)` returns a `TokenizerSource`: the folder holding the
 tokenizer files, the hub id and pinned commit (hub only), and the repo listing used to pick the tokenizer
-mode. As vLLM does (reference §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole repo
-(config, tokenizer, chat-template, processor and *.py files) into the run's cache root (stages/paths.py),
+mode. As vLLM does (docs/vllm-rules.md, §4.3), a hub tokenizer is fetched as a non-weight snapshot of the whole
+repo (config, tokenizer, chat-template, processor and *.py files) into the run's cache root (stages/paths.py),
 where the model's files are. The model's own tokenizer uses resolve's pinned commit; another repo or
 revision is pinned here (HfApi.model_info online, the cached ref offline).
 

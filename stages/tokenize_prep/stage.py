@@ -1,6 +1,7 @@
 """The tokenize-prep stage: load the model's tokenizer as vLLM does, store it, and record what launch needs.
 
-Reads resolve's and configure's manifests (configure first, as for every later stage). Steps, following reference §4:
+Reads resolve's and configure's manifests (configure first, as for every later stage). Steps, following
+vLLM (docs/vllm-rules.md, §4):
   1. source.locate: the model's own tokenizer at resolve's pinned commit, or --tokenizer (hub id, pinned
      to a commit here, or a local folder); hub files come as a non-weight snapshot into HF_HUB_CACHE.
   2. source.pick_mode: --tokenizer-mode auto -> mistral (consolidated*.safetensors + tekken.json /

@@ -7,7 +7,7 @@ raise a KeyError, or silently fall back to TokenizersBackend for an unknown clas
 `load(folder, mode, trust_remote_code, where)`: mode "hf" is `AutoTokenizer.from_pretrained` (transformers 5
 always builds the fast backend when it can); mode "mistral" is transformers' MistralCommonBackend, which
 needs the mistral_common package. A repo whose tokenizer is its own code (`auto_map.AutoTokenizer`) loads
-only with --trust-remote-code (T-03).
+only with --trust-remote-code (docs/vllm-rules.md, T-03).
 """
 
 from __future__ import annotations
