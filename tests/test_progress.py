@@ -68,8 +68,10 @@ def test_throttled_download_moves_the_bar_by_bytes_in_the_log_units(hub, hf_env,
     hub.throttle(None)
     assert r.returncode == 0, r.stderr
     total = sum(f["size"] for f in read(manifest_path(arts / "m", "fetch-weights")).outputs["files"])
-    announced = re.search(r"fetch-weights: downloading 1 of 1 file\(s\) of \S+ \((\d+\.\d) MB\)", r.stderr)
-    assert announced and announced.group(1) == size_text(total).split()[0], r.stderr
+    announced = re.search(r"fetch-weights: downloading 1 of 1 file\(s\) of \S+ \(([\d.]+) ([kMG]B)\)", r.stderr)
+    assert announced and " ".join(announced.groups()) == size_text(total), r.stderr
+    # the bar's total is written with the same digits and unit as the log line ("4.00MB" and "4.00 MB")
+    assert f"/{size_text(total).replace(' ', '')} [" in r.stderr, r.stderr
 
     counts = bar_counts(r.stderr)
     assert counts, r.stderr
