@@ -102,3 +102,10 @@ def test_progress_callback_gets_every_network_chunk(hub, hf_env, four_mb_repo):
     calls.clear()  # a blob already in the cache: no transfer, no progress
     hubmod.HubClient(s, QUIET).download(four_mb_repo, shard, commit, progress=calls.append)
     assert calls == []
+
+
+@pytest.mark.parametrize("n", [512, 1000, 9_994, 99_949, 824_123, 4_000_000, 40_200_000, 999_600, 1_200_000_000])
+def test_log_sizes_have_the_digits_and_unit_of_the_bar(n):
+    from tqdm import tqdm
+
+    assert size_text(n).replace(" ", "") == tqdm.format_sizeof(n, "B", 1000)
