@@ -148,6 +148,9 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
                 reason = str(e)
             if reason is None:
                 reporter.info(f"{name}: cached, inputs unchanged ({path})")
+                note = stage.cached_note(run_dir, old, params)
+                if note:
+                    reporter.info(f"{name}: {note}")
                 return Outcome(name, "cached", old, path)
             reporter.info(f"{name}: re-running: {reason}")
         elif old is not None:

@@ -154,7 +154,8 @@ def _stage_command(name: str) -> click.Command:
         else:
             run_dir = state.run_dir(run)
         check_params([name], params)
-        outcome = run_stage(name, run_dir, params, reporter, force=force)
+        params["force"] = force  # resolve: --force asks the hub for a branch's commit, as --refresh does
+        outcome = run_stage(name, run_dir, params, reporter, force=force or bool(params.get("refresh")))
         completions = _completions(outcome.manifest) if name == "launch" else None
         if completions is not None and not reporter.json:
             _print_completions(completions)
@@ -171,7 +172,12 @@ def _stage_command(name: str) -> click.Command:
             is_flag=True,
             help=_LAUNCH_JSON_HELP if name == "launch" else "Print the manifest as JSON on stdout.",
         ),
-        click.Option(["--force"], is_flag=True, help="Re-run even if the manifest is fresh."),
+        click.Option(
+            ["--force"],
+            is_flag=True,
+            help="Re-run even if the manifest is fresh"
+            + (" (and ask the hub for the branch's current commit, as --refresh)." if name == "resolve" else "."),
+        ),
     ]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options([name])]
     summary = _SHORT[name]
@@ -206,8 +212,10 @@ def _run_command() -> click.Command:
         run_dir = state.new_run_dir(model)
         check_params(names, params)  # every flag of every stage, before the first one runs
         results = []
+        params["force"] = force  # resolve: --force asks the hub for a branch's commit, as --refresh does
         for name in names:
-            outcome = run_stage(name, run_dir, params, reporter, force=force or (from_ is not None))
+            again = force or (from_ is not None) or (name == "resolve" and bool(params.get("refresh")))
+            outcome = run_stage(name, run_dir, params, reporter, force=again)
             results.append({"stage": name, "status": outcome.status, "manifest": str(outcome.path)})
         if last != "launch" and not wants_launch:
             reporter.info(f"run {run_dir.name}: ready; `prestage launch {run_dir.name} --prompt TEXT` generates")
@@ -239,7 +247,11 @@ def _run_command() -> click.Command:
             default=None,
             help="Re-run from this stage on (earlier manifests must exist).",
         ),
-        click.Option(["--force"], is_flag=True, help="Re-run every stage in the range."),
+        click.Option(
+            ["--force"],
+            is_flag=True,
+            help="Re-run every stage in the range; resolve asks the hub for the branch's current commit.",
+        ),
         click.Option(["--json", "json_out"], is_flag=True, help=_LAUNCH_JSON_HELP),
     ]
     params += [click.Option(list(o.decls), **o.kwargs) for o in _stage_options(ORDER)]

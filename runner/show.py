@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from prestage.stages.units import size_text
+
 _MAX_ITEMS = 40
 
 
@@ -104,7 +106,7 @@ def _short(v: Any, width: int = _LINE) -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+    return size_text(n)  # the digits and unit of fetch-weights' log lines and bars
 
 
 def _summarize_list(key: str, items: list) -> list[str]:

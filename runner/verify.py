@@ -13,6 +13,7 @@ from pathlib import Path
 from prestage.stages import errors, paths
 from prestage.stages.manifest import manifest_path, read
 from prestage.stages.records import record_of
+from prestage.stages.units import size_text
 
 
 def _rows(run_dir: Path, params: dict) -> list[tuple]:
@@ -52,7 +53,7 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
     rows = _rows(run_dir, params or {})
     present = [p for _, _, p, _ in rows if p.is_file()]
     total = sum(p.stat().st_size for p in present)
-    reporter.info(f"verify: hashing {len(present)} file(s), {total / 1e6:.1f} MB")
+    reporter.info(f"verify: hashing {len(present)} file(s), {size_text(total)}")
     hashed = hash_files(present, workers=8)
     report = []
     for stage, f, p, where in rows:

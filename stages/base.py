@@ -11,6 +11,9 @@ A stage is a class with:
                            (stages/records.py)
     check_outputs(run_dir, m, params)
                            None when what the manifest `m` describes is still there, else the reason
+    cached_note(run_dir, m, params)
+                           a line said when the manifest `m` is reused as it is (resolve: which commit a
+                           branch names, taken from the cache), or None
 
 Stage modules keep torch, transformers and huggingface_hub imports inside functions, so that
 `--help`, `inspect` and `status` stay fast.
@@ -108,6 +111,10 @@ class Stage(ABC):
     @abstractmethod
     def run(self, ctx: Context, inputs: dict) -> StageResult:
         """Do the work; heavy imports live in here."""
+
+    def cached_note(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
+        """A line to say when `manifest` is reused without running (None: nothing beyond "cached")."""
+        return None
 
     def check_outputs(self, run_dir: Path, manifest: Manifest, params: dict | None = None) -> str | None:
         """Why the outputs `manifest` records are no longer there (None: still there). `params`: the current

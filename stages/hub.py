@@ -137,12 +137,29 @@ def read_ref(cache_dir: Path, repo_id: str, revision: str) -> str | None:
     return sha if SHA_RE.match(sha) else None
 
 
-def write_ref(cache_dir: Path, repo_id: str, revision: str, commit: str) -> None:
+def ref_path(cache_dir: Path, repo_id: str, revision: str) -> Path:
+    return repo_folder(cache_dir, repo_id) / "refs" / revision
+
+
+def write_ref(cache_dir: Path, repo_id: str, revision: str, commit: str, *, asked: bool = False) -> None:
+    """Point refs/<revision> at `commit`; the file is rewritten only when it changes (its mtime is when the
+    cache learnt the commit), and `asked` (the hub was just asked) sets its mtime to now."""
     if SHA_RE.match(revision) or revision == commit:
         return
-    ref = repo_folder(cache_dir, repo_id) / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(commit)
+    ref = ref_path(cache_dir, repo_id, revision)
+    if read_ref(cache_dir, repo_id, revision) != commit:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    elif asked:
+        os.utime(ref)
+
+
+def ref_time(cache_dir: Path, repo_id: str, revision: str) -> float | None:
+    """When refs/<revision> was last written or confirmed by the hub (its mtime), or None."""
+    try:
+        return ref_path(cache_dir, repo_id, revision).stat().st_mtime
+    except OSError:
+        return None
 
 
 def snapshot_rel(repo_id: str, commit: str) -> str:

@@ -221,7 +221,9 @@ def test_cached_rerun_and_missing_blob_refetch(hub, hf_env, tmp_path):
 
 def test_disk_space_checked_before_download(hub, hf_env, tmp_path, monkeypatch):
     monkeypatch.setattr(dl, "_free_bytes", lambda path: 1000)
-    with pytest.raises(errors.ResourceError, match=r"need 0.00 GB \(8\d{5} bytes\) more .* only 0.00 GB \(1000 "):
+    with pytest.raises(
+        errors.ResourceError, match=r"need 8\d\d kB \(8\d{5} bytes\) more .* only 1.00 kB \(1000 bytes\) is free"
+    ):
         fetch(tmp_path / "run", "test-org/tiny-single")
     assert weight_bytes_served(hub, "test-org/tiny-single") == {}
 

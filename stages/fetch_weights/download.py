@@ -4,12 +4,15 @@
   <name>.lock`, name = repo id with "/" → "-", mode 0o666), so two prestage processes, or prestage and
   `vllm serve` on the same download dir, download a model once: the second waits, then finds it cached.
 - `missing_files`: which files the snapshot lacks (a cached file with the wrong size counts as missing
-  and is removed); offline, anything missing is an OfflineMissError naming the files.
+  and is removed); a file whose blob is already in the cache (the same LFS sha256 under another commit)
+  is linked into the snapshot, not downloaded nor announced. Offline, anything missing is an
+  OfflineMissError naming the files.
 - `check_disk`: the bytes still to download (minus what `.incomplete` partial blobs already hold) against
   the free space of the cache's filesystem, before any download: ResourceError with both numbers.
 - `fetch_parallel`: every missing file at the pinned commit on a thread pool (`hub.HubClient.download`,
   into the library's cache layout), each file handed to `post(path)` (hashing, header parsing) as soon as
-  it is there, one aggregate tqdm bar on stderr (bytes, rate, ETA). Interrupted downloads resume, even
+  it is there, one aggregate tqdm bar on stderr (bytes, rate, ETA in decimal MB like every log line,
+  moved by every network chunk). Interrupted downloads resume, even
   after a kill: the partial file stays as `blobs/<etag>.incomplete` and the next run asks only for the
   rest (Range); finished files are never fetched again. Ctrl-C stops within about a second.
 """
@@ -27,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
-from prestage.stages import errors, hub
+from prestage.stages import errors, hub, units
+from prestage.stages.units import size_text
 
 
 def lock_file(download_dir: str | Path | None, repo_id: str) -> Path:
@@ -76,7 +80,8 @@ def remove_cached(snapshot: Path, rel: str) -> None:
 
 
 def missing_files(s: hub.HubSettings, repo_id: str, commit: str, files: list[dict]) -> list[dict]:
-    """The files not (completely) in the snapshot; a cached file of the wrong size is removed."""
+    """The files not (completely) in the snapshot; a cached file of the wrong size is removed, and one whose
+    blob the cache already holds (same LFS sha256 and size, e.g. from an earlier commit) is linked in."""
     snap = snapshot_dir(s, repo_id, commit)
     out = []
     for f in files:
@@ -85,8 +90,30 @@ def missing_files(s: hub.HubSettings, repo_id: str, commit: str, files: list[dic
             if f.get("size") is None or p.stat().st_size == f["size"]:
                 continue
             remove_cached(snap, f["path"])
+        if link_cached_blob(s, repo_id, snap, f):
+            continue
         out.append(f)
     return out
+
+
+def link_cached_blob(s: hub.HubSettings, repo_id: str, snap: Path, f: dict) -> bool:
+    """Point snapshots/<commit>/<path> at blobs/<sha256> when that blob is there whole (the library's layout:
+    an LFS file's blob is named by its sha256); whether it was linked. The bytes are hashed afterwards."""
+    sha, size = f.get("sha256"), f.get("size")
+    if not sha or size is None:
+        return False
+    blob = hub.repo_folder(s.cache_dir, repo_id) / "blobs" / sha
+    try:
+        if not blob.is_file() or blob.stat().st_size != size:
+            return False
+        link = snap / f["path"]
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.link")
+        os.symlink(os.path.relpath(blob, link.parent), tmp)
+        os.replace(tmp, link)
+    except OSError:
+        return False
+    return True
 
 
 def offline_check(s: hub.HubSettings, repo_id: str, commit: str, missing: list[dict]) -> None:
@@ -124,14 +151,14 @@ def check_disk(s: hub.HubSettings, repo_id: str, missing: list[dict]) -> int:
     free = _free_bytes(s.cache_dir)
     if need > free:
         raise errors.ResourceError(
-            f"{repo_id}: the weights need {_gb(need)} more in {s.cache_dir} but only "
-            f"{_gb(free)} is free; free space there or pass --download-dir on a larger disk"
+            f"{repo_id}: the weights need {_bytes(need)} more in {s.cache_dir} but only "
+            f"{_bytes(free)} is free; free space there or pass --download-dir on a larger disk"
         )
     return need
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB ({n} bytes)"
+def _bytes(n: int) -> str:
+    return f"{size_text(n)} ({n} bytes)"
 
 
 def fetch_parallel(
@@ -163,7 +190,8 @@ def fetch_parallel(
             total=need_bytes or None,
             unit="B",
             unit_scale=True,
-            unit_divisor=1024,
+            unit_divisor=units.DIVISOR,
+            bar_format=units.BAR_FORMAT if need_bytes else units.BAR_FORMAT_NO_TOTAL,
             file=sys.stderr,
             desc=f"fetch {repo_id}",
             dynamic_ncols=True,

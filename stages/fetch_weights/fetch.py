@@ -20,6 +20,7 @@ from prestage.stages.fetch_weights import selection as sel
 from prestage.stages.fetch_weights import tensors as tx
 from prestage.stages.fetch_weights.file_state import mtimes
 from prestage.stages.records import WeightsRecord
+from prestage.stages.units import size_text
 
 
 def fetch(ctx: Context, inputs: dict) -> StageResult:
@@ -94,7 +95,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
             if missing:
                 rep.info(
                     f"fetch-weights: downloading {len(missing)} of {len(files)} file(s) of {label} "
-                    f"({need / 1e6:.1f} MB) into {s.cache_dir}"
+                    f"({size_text(need)}) into {s.cache_dir}"
                 )
             else:
                 rep.info(f"fetch-weights: all {len(files)} file(s) of {label} are in the cache")
@@ -155,7 +156,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
     secs = time.perf_counter() - t0
     volatile.update(seconds=round(secs, 3), folder_abs=str(base), mtime_ns=mtimes(base, selection.files))
     rep.info(
-        f"fetch-weights: {selection.format}, {len(recorded)} file(s), {outputs['total_bytes'] / 1e6:.1f} MB, "
+        f"fetch-weights: {selection.format}, {len(recorded)} file(s), {size_text(outputs['total_bytes'])}, "
         f"{len(tensors)} tensors, {outputs['param_count']:,} parameters, verified in {secs:.1f}s"
     )
     return StageResult(outputs=_record(outputs), warnings=warnings, volatile=volatile)

@@ -10,6 +10,7 @@ from pathlib import Path
 from prestage.stages.base import Context, StageResult
 from prestage.stages.errors import NotFoundError, UsageError
 from prestage.stages.records import LaunchRecord
+from prestage.stages.units import size_text
 
 DEFAULT_PROMPT = "Hello, my name is"
 
@@ -41,7 +42,7 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
     w = inf.timings["weights"]
     rep.info(
         f"launch: {inf.info['implementation'].get('architecture')} ({inf.info['engine']['kind']}) on "
-        f"{inf.info['device']} {inf.info['dtype']}: weights {w['bytes'] / 1e6:.1f} MB in {w['seconds']:.2f}s "
+        f"{inf.info['device']} {inf.info['dtype']}: weights {size_text(w['bytes'])} in {w['seconds']:.2f}s "
         f"({w['gb_per_s']:.2f} GB/s), KV cache {inf.info['kv_cache_tokens']} tokens"
     )
     sp = SamplingParams(

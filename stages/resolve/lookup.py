@@ -4,13 +4,16 @@
 the revision points to and the repo's listing with sizes and LFS sha256: from the cache's refs/ and the
 listing prestage keeps under `<cache>/.prestage/listings/` when they hold it, else one repo-info call to the
 hub, then config.json into the cache. Offline, only the cache (a partial listing read off the snapshot
-when prestage's own is missing).
+when prestage's own is missing). A branch taken from the cache is said on stderr ("main -> <commit> (from
+the cache, resolved <date>; --refresh asks the hub)"); `--refresh` or `--force` ask the hub for the
+branch's current commit first, as `hf download` does.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 from prestage.stages import errors, hub
@@ -21,6 +24,22 @@ from prestage.stages.records import RepoFile, ResolveRecord
 
 # huggingface_hub's repo-id rule: "name" or "namespace/name", no "--" or "..", not ending in ".git".
 _REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}$")
+
+
+def offline_reason(params: dict) -> str | None:
+    """What turned offline mode on (the flag or the variable), or None when online."""
+    if params.get("offline"):
+        return "--offline"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if hub.env_true(var):
+            return f"{var}=1"
+    return None
+
+
+def from_cache_note(revision: str, commit: str, when: float | None, fallback: str | None = None) -> str:
+    """The line that says a branch's commit came from the cache, not from the hub."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when is not None else (fallback or "earlier")
+    return f"{revision} -> {commit} (from the cache, resolved {date}; --refresh asks the hub)"
 
 
 def is_local(model: str) -> bool:
@@ -88,7 +107,15 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
         )
     s = hub.settings(ctx.params)
     warnings: list[str] = []
-    commit = hub.read_ref(s.cache_dir, repo, rev)
+    branch = not hub.SHA_RE.match(rev)  # a branch or a tag: the commit it names may move
+    if branch and ctx.params.get("refresh") and s.offline:
+        raise errors.OfflineMissError(
+            f"{where}: --refresh asks the hub for the current commit of '{rev}', but offline mode is on; "
+            "drop --refresh to use the cached commit, or go online"
+        )
+    ask = branch and not s.offline and bool(ctx.params.get("refresh") or ctx.params.get("force"))
+    cached_commit = hub.read_ref(s.cache_dir, repo, rev)
+    commit = None if ask else cached_commit
     listing = _cached_listing(s.cache_dir, repo, commit) if commit else None
     source = "full"  # prestage's stored copy of the hub's listing: the same content as asking again
     fetched = False
@@ -107,6 +134,13 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
     if listing is None:
         commit, listing = _hub_listing(client, repo, rev)
         fetched = True
+    if branch:
+        if fetched:
+            moved = f"; the cache had {cached_commit[:12]}" if cached_commit and cached_commit != commit else ""
+            ctx.reporter.info(f"resolve: {rev} -> {commit} (asked the hub{moved})")
+        else:
+            when = hub.ref_time(s.cache_dir, repo, rev)
+            ctx.reporter.info(f"resolve: {from_cache_note(rev, commit, when)}")
     fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in listing}, where)
     path = hub.cached_file(s.cache_dir, repo, commit, cfg)
     if path is None:
@@ -115,7 +149,7 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
                 f"{where}: {cfg} is not in the cache {s.cache_dir} and offline mode is on; run once online to fetch it"
             )
         path = client.download(repo, cfg, commit, revision=rev)
-    hub.write_ref(s.cache_dir, repo, rev, commit)
+    hub.write_ref(s.cache_dir, repo, rev, commit, asked=fetched)
     if fetched:
         lp = _listing_path(s.cache_dir, repo, commit)
         write_atomic(lp, json.dumps(listing, sort_keys=True).encode())
@@ -144,6 +178,9 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
         "token": s.token_state,
         "listing_from": "hub" if fetched else "cache",
     }
+    if branch:  # when the cache learnt (or the hub last confirmed) the branch's commit
+        when = hub.ref_time(s.cache_dir, repo, rev)
+        volatile["ref_written_at"] = None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
     return StageResult(outputs=record, warnings=warnings, volatile=volatile)
 
 

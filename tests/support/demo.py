@@ -2,7 +2,8 @@
 
 Builds a tiny Qwen2-shaped model with a real trained BPE tokenizer, serves it from a local hub on
 127.0.0.1 (the protocol huggingface_hub speaks), and runs `prestage run` on it through all five stages;
-then shows `status`, runs the chain again (all cached), and once more with the hub stopped and
+then shows `status`, runs the chain again (all cached), moves the hub's main (a plain run keeps the
+cached commit and says so; `--refresh` follows the branch), and runs once more with the hub stopped and
 HF_HUB_OFFLINE=1, as an air-gapped machine would. Nothing leaves this machine.
 """
 
@@ -85,6 +86,14 @@ def main() -> None:
         _check_against_transformers(model_dir, WORK / "artifacts" / REPO.replace("/", "--") / "launch.msgpack")
         _prestage(["status", REPO.replace("/", "--")], env)
         _prestage(run, env)  # every stage but launch is cached now
+        hub.commit(REPO, {"README.md": "# tiny-qwen2\n\nA tiny model for the demo.\n"}, message="add a model card")
+        print(
+            "\ndemo: the hub's main moved; a plain run keeps the commit in the cache and says so, "
+            "--refresh asks the hub and the later stages follow:",
+            flush=True,
+        )
+        _prestage(["run", REPO], env)
+        _prestage(["run", REPO, "--refresh"], env)
     finally:
         hub.stop()
     print("\ndemo: hub stopped; the same run offline, as on an air-gapped machine:", flush=True)
