@@ -28,7 +28,6 @@ import click
 from prestage.runner.arguments import check_model, check_run_name
 from prestage.stages import ORDER, STAGES, errors, get_stage
 from prestage.stages.base import Reporter
-from prestage.stages.records import record_of
 
 _EPILOG = "\b\nExit codes:\n" + errors.exit_code_table()
 
@@ -125,6 +124,8 @@ def _emit(reporter: Reporter, payload) -> None:
 
 def _completions(manifest) -> list[dict]:
     """launch's completions as plain maps ({prompt, text, token_ids, finish_reason}), from its record."""
+    from prestage.stages.records import record_of
+
     return [c.to_dict() for c in record_of(manifest).completions]
 
 

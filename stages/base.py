@@ -25,10 +25,12 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prestage.stages.manifest import Manifest
-from prestage.stages.records import Record
+
+if TYPE_CHECKING:  # records are imported by the stages that build them, not by --help
+    from prestage.stages.records import Record
 
 
 @dataclass(frozen=True)
