@@ -46,9 +46,7 @@ def check(value: Any, where: str) -> None:
         else:
             if isinstance(v, int) and not isinstance(v, bool) and not INT_MIN <= v <= INT_MAX:
                 shown = str(v) if len(str(v)) <= 24 else f"{str(v)[:12]}...({len(str(v))} digits)"
-                raise InvalidModelError(
-                    f"{where}: {path or 'value'}={shown} does not fit in 64 bits; fix the file"
-                )
+                raise InvalidModelError(f"{where}: {path or 'value'}={shown} does not fit in 64 bits; fix the file")
             continue
         if depth > MAX_DEPTH:
             raise InvalidModelError(

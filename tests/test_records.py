@@ -71,7 +71,10 @@ def test_round_trip_and_strict_reading():
     cases = [
         ({k: v for k, v in RESOLVE.items() if k != "commit"}, "'commit' is missing"),
         ({**RESOLVE, "commit": 7}, "'commit' is int, expected str"),
-        ({**RESOLVE, "files": [{"path": "x", "size": "10", "sha256": None, "lfs": False, "blob_id": None}]}, r"'files\[0\].size'"),
+        (
+            {**RESOLVE, "files": [{"path": "x", "size": "10", "sha256": None, "lfs": False, "blob_id": None}]},
+            r"'files\[0\].size'",
+        ),
         ({**RESOLVE, "files": {"x": 1}}, "'files' is dict, expected a list"),
         ({**RESOLVE, "extra": 1}, "'extra' is not a field"),
         ({**RESOLVE, "files": [{"path": "x", "size": True, "sha256": None, "lfs": False, "blob_id": None}]}, "is bool"),
