@@ -635,7 +635,7 @@ class HubClient:
         blob = blobs / etag
         with _ETAG_GUARD:
             guard = _ETAG_LOCKS.setdefault(str(blob), threading.Lock())
-        with guard:
+        with guard, _blob_lock(self.s.cache_dir, repo_id, etag):
             if not blob.exists():
                 blobs.mkdir(parents=True, exist_ok=True)
                 partial = blobs / (etag + ".incomplete")
@@ -744,5 +744,17 @@ class HubClient:
         return snap
 
 
-_ETAG_LOCKS: dict = {}
+_ETAG_LOCKS: dict = {}  # threads of one process
 _ETAG_GUARD = threading.Lock()
+
+
+@contextmanager
+def _blob_lock(cache_dir: Path, repo_id: str, etag: str):
+    """The blob's lock across processes, where huggingface_hub keeps its own (<cache>/.locks/models--org--name/
+    <etag>.lock): two processes never append to one partial file, nor one to a blob the other just finished."""
+    from filelock import FileLock
+
+    path = Path(cache_dir) / ".locks" / repo_folder(Path(""), repo_id).name / f"{etag}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        yield

@@ -49,7 +49,8 @@ def test_the_token_is_not_sent_along_a_redirect_to_another_host(bad_hub, cli, hf
     entry = hub.file_entry(REPO, "model.safetensors")
     port = hub.url.rsplit(":", 1)[1]
     # the same server under another host name: a different origin to the client
-    other = f"http://localhost:{port}/_lfs/{entry.sha256}?repo={REPO.replace('/', '%2F')}&commit={sha}&path=model.safetensors"
+    query = f"repo={REPO.replace('/', '%2F')}&commit={sha}&path=model.safetensors"
+    other = f"http://localhost:{port}/_lfs/{entry.sha256}?{query}"
     bad_hub.hostile_location(other, "tiny-single/model.safetensors")
     rc, _out, err = cli(
         ["-q", "--artifacts", tmp_path / "a", "run", REPO, "--to", "fetch-weights", "--hf-token", TOKEN], hf_env
