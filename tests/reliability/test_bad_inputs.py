@@ -187,22 +187,6 @@ HOSTILE = [
     ("listing-name-climbs-out", "integrity", _names("../escaped.json"), ["resolve", "rel/hostile-names"], None, False),
     ("listing-name-absolute", "integrity", _names("/escaped.json"), ["resolve", "rel/hostile-names"], None, False),
     ("listing-name-backslash", "integrity", _names("a\\b.json"), ["resolve", "rel/hostile-names"], None, False),
-    (
-        "wrong-bytes-config",
-        "integrity",
-        lambda c: c.hub.wrong_bytes(REPO, "config.json"),
-        ["resolve", REPO],
-        None,
-        False,
-    ),
-    (
-        "wrong-bytes-weights",
-        "integrity",
-        lambda c: c.hub.wrong_bytes(REPO, "model.safetensors"),
-        ["run", REPO, "--to", "fetch-weights"],
-        None,
-        False,
-    ),
     ("http-500-every-time", "network", lambda c: c.hub.error(500, n=10), ["resolve", REPO], None, False),
     (
         "http-429-retry-after-an-hour",

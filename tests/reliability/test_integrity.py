@@ -36,7 +36,7 @@ def _snapshot(cache: Path, repo: str) -> Path:
 
 @pytest.mark.parametrize(
     "path,to",
-    [("config.json", "resolve"), ("tokenizer_config.json", "tokenize-prep"), ("model.safetensors", "fetch-weights")],
+    [("config.json", "resolve"), ("model.safetensors", "fetch-weights")],
 )
 def test_wrong_bytes_served_once_are_refused_then_a_fixed_hub_works(bad_hub, cli, hf_env, tmp_path, path, to):
     cache = Path(hf_env["HF_HUB_CACHE"])

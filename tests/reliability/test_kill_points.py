@@ -21,8 +21,8 @@ from tests.reliability.conftest import popen, stable_manifests
 REPO = "test-org/tiny-sharded"
 KILLS = 20  # the README's Guarantees quote this number
 SEED = 14
-RATE = 400_000  # bytes/s per connection while a kill may land: about 0.7 s per shard
-WINDOW_S = 1.0  # a kill lands uniformly within this long after the first weight byte left the hub
+RATE = 500_000  # bytes/s per connection while a kill may land: about 0.55 s per shard
+WINDOW_S = 0.7  # a kill lands uniformly within this long after the first weight byte left the hub
 
 
 def _shards(hub) -> dict[str, int]:
