@@ -643,15 +643,20 @@ class HubClient:
                 if urlsplit(location).netloc != urlsplit(url).netloc:
                     headers.pop("authorization", None)  # never send the token to another host
                 headers["Accept-Encoding"] = "identity"
-                with open(partial, "ab") as fh:
-                    if meta.size is not None and fh.tell() > meta.size:
-                        fh.truncate(0)
-                    self.call(
-                        lambda: self._transfer(location, fh, meta.size, headers, progress),
-                        repo_id=repo_id,
-                        revision=revision or commit,
-                        what=path,
-                    )
+                try:
+                    with open(partial, "ab") as fh:
+                        if meta.size is not None and fh.tell() > meta.size:
+                            fh.truncate(0)
+                        self.call(
+                            lambda: self._transfer(location, fh, meta.size, headers, progress),
+                            repo_id=repo_id,
+                            revision=revision or commit,
+                            what=path,
+                        )
+                except BaseException:
+                    if partial.exists() and partial.stat().st_size == 0:
+                        partial.unlink()  # stopped before the first byte: nothing to resume
+                    raise
                 self._check_bytes(partial, etag, want, expect, where)
                 os.chmod(partial, 0o644)
                 os.replace(partial, blob)
