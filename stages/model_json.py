@@ -29,7 +29,7 @@ def loads(text: str | bytes, where: str) -> Any:
             f"{where}: JSON nested deeper than the parser allows; fix or re-download the file"
         ) from None
     except ValueError as e:
-        raise InvalidModelError(f"{where}: not valid JSON ({e}); fix or re-download the file") from None
+        raise InvalidModelError(f"{where} is not valid JSON ({e}); fix or re-download the file") from None
     check(value, where)
     return value
 

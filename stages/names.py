@@ -32,6 +32,16 @@ def _show(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# huggingface_hub's repo-id rule: "name" or "namespace/name" of word characters, "-" and "."; no "--" or "..",
+# not ending in ".git"
+_REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}$")
+
+
+def is_repo_id(value: str) -> bool:
+    """Whether `value` is a valid hub repo id (huggingface_hub's rule)."""
+    return bool(_REPO_ID_RE.match(value)) and "--" not in value and ".." not in value and not value.endswith(".git")
+
+
 def etag(value: object, where: str) -> str:
     """The hub's ETag of a file, which prestage uses as the blob's file name: a lowercase 64-hex sha256 (LFS
     file) or a 40-hex git blob id (regular file); anything else is refused (integrity) before it names a path."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prestage.stages import errors, hub, model_json, paths
+from prestage.stages import errors, hub, model_json, names, paths
 from prestage.stages.base import Context, StageResult
 from prestage.stages.digest import sha256_file
 from prestage.stages.fetch_weights import download as dl
@@ -30,6 +30,8 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
     ignore = inputs["ignore_patterns"]
     # the listing as plain maps: selection and the downloader read {path, size, sha256, lfs}
     listing = {f.path: f.to_dict() for f in resolve.files}
+    for rel in listing:  # an edited resolve manifest never names a path outside the model's folder
+        names.repo_path(rel, "resolve.msgpack files", errors.BadManifestError)
     is_hub = resolve.source == "hub"
     repo_id, commit = resolve.repo_id, resolve.commit
     label = f"{repo_id}@{commit[:12]}" if is_hub else resolve.model or resolve.local_dir

@@ -73,16 +73,19 @@ def normalize_tokenizer_arg(tokenizer: str | None, resolve: ResolveRecord) -> di
     if not tokenizer or tokenizer == resolve.model or tokenizer == resolve.repo_id:
         return {"kind": "model", "value": None}
     p = Path(tokenizer).expanduser()
-    if p.is_dir():
+    try:
+        is_dir, exists = p.is_dir(), p.exists()
+    except OSError:  # a name too long for the file system (ENAMETOOLONG) is no folder
+        is_dir = exists = False
+    if is_dir:
         return {"kind": "local", "value": tokenizer}
-    if p.exists():
+    if exists:
         raise errors.UsageError(
             f"--tokenizer {tokenizer}: is a file, not a folder; pass a tokenizer folder or a hub id"
         )
-    if tokenizer.count("/") > 1 or tokenizer.startswith((".", "/", "~")):
-        raise errors.NotFoundError(
-            f"--tokenizer {tokenizer}: no such folder, and not a hub id (org/name); check the path"
-        )
+    if tokenizer.count("/") > 1 or tokenizer.startswith((".", "/", "~")) or not names.is_repo_id(tokenizer):
+        shown = tokenizer if len(tokenizer) <= 120 else tokenizer[:117] + "..."
+        raise errors.NotFoundError(f"--tokenizer {shown}: no such folder, and not a hub id (org/name); check the path")
     return {"kind": "hub", "value": tokenizer}
 
 

@@ -122,3 +122,14 @@ def test_model_json_passes_a_real_config():
         '{"hidden_size": 64, "rope_scaling": {"factor": 2.0}, "ids": [1, 2, 18446744073709551615]}', "c"
     )
     assert value["ids"][-1] == 2**64 - 1
+
+
+@pytest.mark.parametrize("value", ["t" * 10_000, "org/" + "t" * 10_000, "org/a--b"])
+def test_a_tokenizer_id_too_long_or_malformed_is_not_found(value):
+    from types import SimpleNamespace
+
+    from prestage.stages.tokenize_prep.source import normalize_tokenizer_arg
+
+    with pytest.raises(errors.NotFoundError) as e:
+        normalize_tokenizer_arg(value, SimpleNamespace(model="m", repo_id=None))
+    assert len(str(e.value)) < 300
