@@ -129,6 +129,9 @@ class ConfigureStage(Stage):
             else None
         )
         cache_dir = hub.settings(ctx.params).cache_dir
+        if hub_source is not None:  # the cached config is checked against the listing before it is read
+            root = paths.cache_root(ctx.params, ctx.upstream["resolve"])
+            hub.verify_cached(root, res.repo_id, res.commit, res.config_file, hub_source["files"].get(res.config_file))
         key = memo.key(folder, res.config_file, inputs, self.version, GPU_CAPABILITY)
         found = memo.load(cache_dir, key) if key else None
         if found is not None:

@@ -137,3 +137,16 @@ def test_a_mistyped_manifest_is_bad_manifest_and_run_recovers(cli, hf_env, tmp_p
     rc, _out, err = cli([*args, "run", model, "--to", "fetch-weights"], hf_env)
     assert rc == 0, err
     assert stable_manifests(tmp_path / "a" / "r") == reference
+
+
+def test_configure_checks_the_cached_config_before_reading_it(cli, hf_env, tmp_path):
+    cache = Path(hf_env["HF_HUB_CACHE"])
+    args = ["-q", "--artifacts", tmp_path / "a", "--run", "r"]
+    rc, _out, err = cli([*args, "resolve", REPO], hf_env)
+    assert rc == 0, err
+    blob = (_snapshot(cache, REPO) / "config.json").resolve()
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes().replace(b"64", b"65", 1))  # a valid config, other bytes
+    rc, _out, err = cli([*args, "configure", "r"], hf_env)
+    assert rc == CODE["integrity"], err
+    assert len(error_lines(err)) == 1 and "config.json" in err and not blob.exists()
