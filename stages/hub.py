@@ -6,11 +6,16 @@
 - `prepare_env(s)`: sets the environment huggingface_hub reads at import, before it is imported.
 - Cache reads by the documented layout (refs/, snapshots/), with no import of huggingface_hub: the cached
   path of a stage stays fast and makes no network call.
+- Names from outside checked before they touch a path (stages/names.py): the revision of a refs/ file, the
+  ETag that names a blob, every repo file name. `verify_cached(...)`: a cached file checked against the
+  listing's sha256 (LFS) or git blob id (other files) before it is used; a mismatch deletes it (integrity).
 - `translate(e, ...)`: a huggingface_hub / transformers exception as a one-line PrestageError.
 - `HubClient(s)`: every network call prestage makes (repo info, one file into the cache at a commit,
   resumable and stoppable, the non-weight snapshot), each with connect/read timeouts, bounded retries that
   honour Retry-After, the token given or none (never the library's own lookup), huggingface_hub's log
-  chatter folded into one reporter line per retry, and errors translated. See `STALL_BOUND_S`.
+  chatter folded into one reporter line per retry, and errors translated. See `STALL_BOUND_S`. A download
+  is checked against its ETag and the listing before it becomes a blob, under a per-blob file lock shared
+  with huggingface_hub (two processes never write one partial file).
 """
 
 from __future__ import annotations
