@@ -112,12 +112,6 @@ CASES = [
         None,
     ),
     (
-        "index-shard-absolute",
-        "invalid-model",
-        lambda c: ["run", c.model("sharded", _index_shard("/etc/passwd")), "--to", "fetch-weights"],
-        None,
-    ),
-    (
         "safetensors-header-nested-10000-deep",
         "invalid-model",
         lambda c: [

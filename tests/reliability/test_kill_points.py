@@ -21,8 +21,8 @@ from tests.reliability.conftest import popen, stable_manifests
 REPO = "test-org/tiny-sharded"
 KILLS = 20  # the README's Guarantees quote this number
 SEED = 14
-RATE = 500_000  # bytes/s per connection while a kill may land: about 0.55 s per shard
-WINDOW_S = 0.7  # a kill lands uniformly within this long after the first weight byte left the hub
+RATE = 700_000  # bytes/s per connection while a kill may land: about 0.4 s per shard
+WINDOW_S = 0.5  # a kill lands uniformly within this long after the first weight byte left the hub
 
 
 def _shards(hub) -> dict[str, int]:
@@ -71,7 +71,7 @@ def test_random_kill_points_then_a_plain_rerun(bad_hub, cli, hf_env, tmp_path):
         finally:
             proc.wait(timeout=30)
         landed_mid_download += alive
-        time.sleep(0.3)  # the hub's handlers of the dead connections fail their next write (each sleeps < 0.1 s)
+        time.sleep(0.2)  # the hub's handlers of the dead connections fail their next write (each sleeps < 0.1 s)
         before = _weights_bytes_served(hub, shards)
         hub.throttle(None)
         hub.reset_counters()

@@ -32,8 +32,6 @@ def test_a_token_by_flag_or_env_is_never_written_or_printed(bad_hub, cli, hf_env
         rc, out, err = cli(["--artifacts", artifacts, "inspect", how, "--json", "--full"], env)
         assert rc == 0, err
         outputs += [out, err]
-        rc, out, err = cli(["--artifacts", artifacts, "status", how], env)
-        outputs += [out, err]
     # the hub saw it (it was used) ...
     assert any(auth == f"Bearer {TOKEN}" for _m, _p, auth in hub.authorizations)
     # ... and nothing prestage wrote or printed holds it
