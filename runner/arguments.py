@@ -31,12 +31,15 @@ def check_run_name(name: str, flag: str = "--run") -> str:
         or name in (".", "..")
         or ".." in name.split("/")
         or Path(name).is_absolute()
-        or "\0" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or name.startswith(".")
+        or len(name.encode("utf-8", "surrogatepass")) > 200
     )
     if bad:
+        shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
         raise errors.UsageError(
-            f"{flag} {name!r}: a run name is one folder name under --artifacts (not empty, no '/', not '..'); "
-            "pass e.g. --run my-model"
+            f"{flag} {shown}: a run name is one folder name under --artifacts (not empty, no '/', no leading '.', "
+            "no control characters, at most 200 bytes); pass e.g. --run my-model"
         )
     return name
 
@@ -46,8 +49,11 @@ def looks_like_path(model: str) -> bool:
     existing folder, or it is not a valid hub id."""
     if model.startswith((".", "/", "~")):
         return True
-    if "/" in model and Path(model.split("/", 1)[0]).expanduser().is_dir():
-        return True
+    try:
+        if "/" in model and Path(model.split("/", 1)[0]).expanduser().is_dir():
+            return True
+    except OSError:
+        pass
     return not valid_repo_id(model)
 
 
@@ -56,9 +62,14 @@ def check_model(model: str) -> None:
     if not model or not model.strip():
         raise errors.UsageError("no model given; pass a hub id (org/name) or a local folder")
     path = Path(model).expanduser()
-    if path.exists() or not looks_like_path(model):
+    try:
+        exists = path.exists()
+    except OSError:  # ENAMETOOLONG and friends: no such folder
+        exists = False
+    if exists or not looks_like_path(model):
         return
+    where = str(path.absolute()) if len(model) <= 120 else model[:117] + "..."
+    shown = model if len(model) <= 120 else model[:117] + "..."
     raise errors.NotFoundError(
-        f"no such model folder: {model} ({path.absolute()} does not exist); check the path, "
-        "or pass a hub id as ORG/NAME"
+        f"no such model folder: {shown} ({where} does not exist); check the path, or pass a hub id as ORG/NAME"
     )

@@ -6,11 +6,16 @@
 - `prepare_env(s)`: sets the environment huggingface_hub reads at import, before it is imported.
 - Cache reads by the documented layout (refs/, snapshots/), with no import of huggingface_hub: the cached
   path of a stage stays fast and makes no network call.
+- Names from outside checked before they touch a path (stages/names.py): the revision of a refs/ file, the
+  ETag that names a blob, every repo file name. `verify_cached(...)`: a cached file checked against the
+  listing's sha256 (LFS) or git blob id (other files) before it is used; a mismatch deletes it (integrity).
 - `translate(e, ...)`: a huggingface_hub / transformers exception as a one-line PrestageError.
 - `HubClient(s)`: every network call prestage makes (repo info, one file into the cache at a commit,
   resumable and stoppable, the non-weight snapshot), each with connect/read timeouts, bounded retries that
   honour Retry-After, the token given or none (never the library's own lookup), huggingface_hub's log
-  chatter folded into one reporter line per retry, and errors translated. See `STALL_BOUND_S`.
+  chatter folded into one reporter line per retry, and errors translated. See `STALL_BOUND_S`. A download
+  is checked against its ETag and the listing before it becomes a blob, under a per-blob file lock shared
+  with huggingface_hub (two processes never write one partial file).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from prestage.stages import errors
+from prestage.stages import errors, names
 from prestage.stages.base import opt
 
 # The hub flags every stage command accepts (the runner adds them; a stage may read them from params).
@@ -126,19 +131,32 @@ def repo_folder(cache_dir: Path, repo_id: str) -> Path:
     return Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
 
 
+def _ref_file(cache_dir: Path, repo_id: str, revision: str) -> Path:
+    """The cache's refs/<revision> file, the revision checked by git's ref-name rules and the path kept
+    inside refs/ (a branch named "/tmp/x" or "../x" never names a file elsewhere)."""
+    from prestage.stages.paths import inside
+
+    names.revision(revision)
+    refs = repo_folder(cache_dir, repo_id) / "refs"
+    return inside(
+        refs, revision, f"--revision {revision!r}", error=errors.UsageError, fix="pass a plain branch or tag name"
+    )
+
+
 def read_ref(cache_dir: Path, repo_id: str, revision: str) -> str | None:
     """The commit a revision points to in the cache (a 40-hex revision is its own commit)."""
     if SHA_RE.match(revision):
         return revision
     try:
-        sha = (repo_folder(cache_dir, repo_id) / "refs" / revision).read_text().strip()
+        sha = _ref_file(cache_dir, repo_id, revision).read_text().strip()
     except OSError:
         return None
     return sha if SHA_RE.match(sha) else None
 
 
 def ref_path(cache_dir: Path, repo_id: str, revision: str) -> Path:
-    return repo_folder(cache_dir, repo_id) / "refs" / revision
+    """refs/<revision>, checked (see _ref_file)."""
+    return _ref_file(cache_dir, repo_id, revision)
 
 
 def write_ref(cache_dir: Path, repo_id: str, revision: str, commit: str, *, asked: bool = False) -> None:
@@ -146,10 +164,14 @@ def write_ref(cache_dir: Path, repo_id: str, revision: str, commit: str, *, aske
     cache learnt the commit), and `asked` (the hub was just asked) sets its mtime to now."""
     if SHA_RE.match(revision) or revision == commit:
         return
+    if not SHA_RE.match(commit):
+        raise errors.IntegrityError(f"{repo_id}@{revision}: the hub gave commit {commit[:80]!r}, not a 40-hex sha")
     ref = ref_path(cache_dir, repo_id, revision)
     if read_ref(cache_dir, repo_id, revision) != commit:
         ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(commit)
+        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)
     elif asked:
         os.utime(ref)
 
@@ -168,8 +190,91 @@ def snapshot_rel(repo_id: str, commit: str) -> str:
 
 
 def cached_file(cache_dir: Path, repo_id: str, commit: str, path: str) -> Path | None:
+    names.repo_path(path, f"{repo_id}@{commit[:12]}", errors.BadManifestError)
     p = Path(cache_dir) / snapshot_rel(repo_id, commit) / path
     return p if p.is_file() else None
+
+
+def git_blob_id(path: Path) -> str:
+    """Git's object id of a file's bytes (sha1 of `blob <size>\\0` + bytes): the hub's id of a non-LFS file."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(b"blob %d\0" % os.fstat(f.fileno()).st_size)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_id(path: Path, kind: str) -> str:
+    """The file's sha256 (kind "sha256") or git blob id (kind "git")."""
+    if kind == "git":
+        return git_blob_id(path)
+    from prestage.stages.digest import sha256_hex
+
+    return sha256_hex(path)
+
+
+def expected_id(entry: dict | None, blob_name: str | None = None) -> tuple[str, str] | None:
+    """(kind, id) a cached file must match: the listing's LFS sha256, else its git blob id, else the blob's
+    own name in the cache (blobs/<etag>: a sha256 or a git blob id); None when nothing says."""
+    entry = entry or {}
+    if entry.get("sha256"):
+        return "sha256", entry["sha256"]
+    if entry.get("blob_id") and not entry.get("lfs"):
+        return "git", entry["blob_id"]
+    if blob_name and names.SHA256_RE.match(blob_name):
+        return "sha256", blob_name
+    if blob_name and names.GIT_OID_RE.match(blob_name):
+        return "git", blob_name
+    return None
+
+
+def remove_cached(snapshot: Path, rel: str) -> None:
+    """Delete a cached file: its snapshot symlink and the blob it points to."""
+    link = Path(snapshot) / rel
+    try:
+        target = link.resolve() if link.is_symlink() else None
+    except OSError:
+        target = None
+    for p in (link, target):
+        if p is not None:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def verify_cached(cache_dir: Path, repo_id: str, commit: str, rel: str, entry: dict | None = None) -> Path | None:
+    """The cached snapshot file `rel` after checking its bytes against the listing `entry` ({size, sha256,
+    blob_id, lfs}; else against the blob's own name); None when it is not cached. A mismatch deletes the
+    cached copy (blob and snapshot link), so the next run downloads it again, and raises IntegrityError."""
+    path = cached_file(cache_dir, repo_id, commit, rel)
+    if path is None:
+        return None
+    snap = Path(cache_dir) / snapshot_rel(repo_id, commit)
+    try:
+        blob_name = path.resolve().name if path.is_symlink() else None
+    except OSError:
+        blob_name = None
+    want = expected_id(entry, blob_name)
+    size = (entry or {}).get("size")
+    bad = None
+    if size is not None and path.stat().st_size != size:
+        bad = f"has {path.stat().st_size} bytes, the hub listed {size}"
+    elif want is not None:
+        got = content_id(path, want[0])
+        if got != want[1]:
+            label = "sha256" if want[0] == "sha256" else "git blob id"
+            bad = f"{label} {got} differs from the hub's {want[1]}"
+    if bad:
+        remove_cached(snap, rel)
+        raise errors.IntegrityError(
+            f"{repo_id}@{commit[:12]} ({rel}): the cached copy {bad}; it was deleted from the cache {cache_dir}: "
+            "re-run to download it again"
+        )
+    return path
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -509,39 +614,73 @@ class HubClient:
             )
         return url, meta
 
-    def download(self, repo_id: str, path: str, commit: str, *, revision: str | None = None, progress=None) -> Path:
+    def download(
+        self,
+        repo_id: str,
+        path: str,
+        commit: str,
+        *,
+        revision: str | None = None,
+        progress=None,
+        expect: dict | None = None,
+    ) -> Path:
         """One file of repo@commit into the cache (blobs/<etag> + snapshots/<commit>/<path> symlink, the
         library's layout); the snapshot path. Resumable: the partial file stays as blobs/<etag>.incomplete
         (also after a kill or a Ctrl-C) and the next try or run asks only for the rest (Range).
         `progress(n)` gets every chunk's byte count (negative when a hub ignored the Range); `revision` is
-        the name messages use for the commit (the branch or tag asked for)."""
+        the name messages use for the commit (the branch or tag asked for).
+
+        Nothing the hub says becomes a path unchecked: the file name must be a relative path inside the repo,
+        the ETag a sha256 or a git blob id, the redirect an http(s) URL (the token goes only to the hub's own
+        host). The bytes must match the ETag and, when given, `expect` (the listing's {size, sha256, blob_id,
+        lfs}) before they become the blob; a mismatch deletes the partial file and raises IntegrityError."""
         from urllib.parse import urljoin, urlsplit
 
         from huggingface_hub.utils import build_hf_headers
 
+        where = f"{repo_id}@{(revision or commit)[:40]} ({path})"
+        names.repo_path(path, where)
         url, meta = self.file_metadata(repo_id, path, commit, revision)
-        location = urljoin(url, meta.location)
+        etag = names.etag(meta.etag, where)
+        want = expected_id(expect)
+        if want is not None and want[1] != etag and len(want[1]) == len(etag):
+            raise errors.IntegrityError(
+                f"{where}: the hub's ETag {etag} differs from its listing's {want[1]}; nothing was written; "
+                "re-run resolve (the branch may have moved) or check HF_ENDPOINT"
+            )
+        location = urljoin(url, meta.location or url)
+        if urlsplit(location).scheme not in ("http", "https"):
+            raise errors.IntegrityError(
+                f"{where}: the hub redirected to {location[:120]!r}, not an http(s) URL; nothing was written; "
+                "check HF_ENDPOINT"
+            )
         blobs = repo_folder(self.s.cache_dir, repo_id) / "blobs"
-        blob = blobs / meta.etag
+        blob = blobs / etag
         with _ETAG_GUARD:
             guard = _ETAG_LOCKS.setdefault(str(blob), threading.Lock())
-        with guard:
+        with guard, _blob_lock(self.s.cache_dir, repo_id, etag):
             if not blob.exists():
                 blobs.mkdir(parents=True, exist_ok=True)
-                partial = blobs / (meta.etag + ".incomplete")
+                partial = blobs / (etag + ".incomplete")
                 headers = build_hf_headers(token=self.token)
                 if urlsplit(location).netloc != urlsplit(url).netloc:
                     headers.pop("authorization", None)  # never send the token to another host
                 headers["Accept-Encoding"] = "identity"
-                with open(partial, "ab") as fh:
-                    if meta.size is not None and fh.tell() > meta.size:
-                        fh.truncate(0)
-                    self.call(
-                        lambda: self._transfer(location, fh, meta.size, headers, progress),
-                        repo_id=repo_id,
-                        revision=revision or commit,
-                        what=path,
-                    )
+                try:
+                    with open(partial, "ab") as fh:
+                        if meta.size is not None and fh.tell() > meta.size:
+                            fh.truncate(0)
+                        self.call(
+                            lambda: self._transfer(location, fh, meta.size, headers, progress),
+                            repo_id=repo_id,
+                            revision=revision or commit,
+                            what=path,
+                        )
+                except BaseException:
+                    if partial.exists() and partial.stat().st_size == 0:
+                        partial.unlink()  # stopped before the first byte: nothing to resume
+                    raise
+                self._check_bytes(partial, etag, want, expect, where)
                 os.chmod(partial, 0o644)
                 os.replace(partial, blob)
         link = Path(self.s.cache_dir) / snapshot_rel(repo_id, commit) / path
@@ -550,6 +689,31 @@ class HubClient:
         os.symlink(os.path.relpath(blob, link.parent), tmp)
         os.replace(tmp, link)
         return link
+
+    @staticmethod
+    def _check_bytes(partial: Path, etag: str, want, expect: dict | None, where: str) -> None:
+        """The downloaded bytes against the ETag (their name in the cache) and the listing; a mismatch
+        deletes them (the next try downloads from scratch) and raises IntegrityError."""
+        checks = [("sha256" if len(etag) == 64 else "git", etag, "ETag")]
+        if want is not None and want[1] != etag:
+            checks.append((want[0], want[1], "listing"))
+        size = (expect or {}).get("size")
+        bad = None
+        if size is not None and partial.stat().st_size != size:
+            bad = f"{partial.stat().st_size} bytes arrived, the listing says {size}"
+        else:
+            for kind, value, source in checks:
+                got = content_id(partial, kind)
+                if got != value:
+                    label = "sha256" if kind == "sha256" else "git blob id"
+                    bad = f"the bytes' {label} {got} differs from the hub's {source} {value}"
+                    break
+        if bad:
+            partial.unlink(missing_ok=True)
+            raise errors.IntegrityError(
+                f"{where}: {bad}; the corrupt download was deleted and nothing was cached: re-run to download "
+                "it again, or check HF_ENDPOINT"
+            )
 
     def _transfer(self, url: str, fh, size: int | None, headers: dict, progress) -> None:
         """GET the rest of a file (Range from what `fh` holds) onto its end, chunk by chunk."""
@@ -584,9 +748,10 @@ class HubClient:
             raise ConnectionError(f"the transfer ended at {fh.tell()} of {size} bytes")  # transient: resumed
 
     def snapshot(self, repo_id: str, commit: str, paths, *, ignore_patterns=(), what: str = "") -> Path:
-        """The files of `paths` (the repo listing) not matching `ignore_patterns` (huggingface_hub's rule:
-        fnmatch on the repo path, a trailing "/" means everything under it) into the cache; the snapshot
-        folder. Offline: the cached snapshot folder, or OfflineMissError."""
+        """The files of `paths` (the repo listing: names, or {path, size, sha256, blob_id, lfs} entries) not
+        matching `ignore_patterns` (huggingface_hub's rule: fnmatch on the repo path, a trailing "/" means
+        everything under it) into the cache, each cached copy checked against the listing first (see
+        `verify_cached`); the snapshot folder. Offline: the cached snapshot folder, or OfflineMissError."""
         snap = Path(self.s.cache_dir) / snapshot_rel(repo_id, commit)
         if self.s.offline:
             if not snap.is_dir():
@@ -594,15 +759,30 @@ class HubClient:
                     f"{repo_id}@{commit[:12]}" + (f" ({what})" if what else "") + f": not in the cache "
                     f"{self.s.cache_dir} and offline mode is on; run once online to fetch it"
                 )
-            return snap
         pats = [p + "*" if p.endswith("/") else p for p in ignore_patterns]
-        for rel in paths:
-            if any(fnmatch.fnmatchcase(rel, p) for p in pats) or (snap / rel).is_file():
+        for item in paths:
+            entry = item if isinstance(item, dict) else {"path": item}
+            rel = names.repo_path(entry.get("path"), f"{repo_id}@{commit[:12]} listing")
+            if any(fnmatch.fnmatchcase(rel, p) for p in pats):
                 continue
-            self.download(repo_id, rel, commit)
+            if verify_cached(self.s.cache_dir, repo_id, commit, rel, entry) is not None or self.s.offline:
+                continue
+            self.download(repo_id, rel, commit, expect=entry if isinstance(item, dict) else None)
         snap.mkdir(parents=True, exist_ok=True)
         return snap
 
 
-_ETAG_LOCKS: dict = {}
+_ETAG_LOCKS: dict = {}  # threads of one process
 _ETAG_GUARD = threading.Lock()
+
+
+@contextmanager
+def _blob_lock(cache_dir: Path, repo_id: str, etag: str):
+    """The blob's lock across processes, where huggingface_hub keeps its own (<cache>/.locks/models--org--name/
+    <etag>.lock): two processes never append to one partial file, nor one to a blob the other just finished."""
+    from filelock import FileLock
+
+    path = Path(cache_dir) / ".locks" / repo_folder(Path(""), repo_id).name / f"{etag}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        yield

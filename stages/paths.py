@@ -28,14 +28,27 @@ from pathlib import Path, PurePosixPath
 from prestage.stages import errors, hub
 
 
-def inside(root: Path, rel: str, what: str) -> Path:
-    """`root / rel`, refusing a recorded path that is absolute or climbs out of `root` (edited manifest)."""
+def inside(
+    root: Path,
+    rel: str,
+    what: str,
+    *,
+    error: type[errors.PrestageError] | None = None,
+    fix: str = "the manifest was edited: delete it and re-run",
+    follow_links: bool = False,
+) -> Path:
+    """`root / rel`, refusing a path that is absolute, climbs out of `root` or is empty (an edited manifest
+    by default: BadManifestError; `error` and `fix` for a name from elsewhere). `follow_links`: also refuse a
+    path whose existing part resolves (through symlinks) outside `root`."""
     p = PurePosixPath(str(rel))
-    if p.is_absolute() or ".." in p.parts or not str(rel):
-        raise errors.BadManifestError(
-            f"{what}: recorded path {rel!r} is not inside {root}; the manifest was edited: delete it and re-run"
-        )
-    return Path(root) / p
+    bad = p.is_absolute() or ".." in p.parts or not str(rel) or "\\" in str(rel) or "\0" in str(rel)
+    out = Path(root) / p
+    if not bad and follow_links:
+        base = Path(root).resolve()
+        bad = not out.resolve().is_relative_to(base)
+    if bad:
+        raise (error or errors.BadManifestError)(f"{what}: path {str(rel)[:200]!r} is not inside {root}; {fix}")
+    return out
 
 
 def cache_root(params: dict | None, resolve=None) -> Path:

@@ -191,6 +191,7 @@ class RepoFile(Record):
     size: int | None  # None: not known (offline listing of a file not downloaded)
     sha256: str | None  # the hub's LFS sha256; None for small git files
     lfs: bool
+    blob_id: str | None = None  # the hub's git blob id (a non-LFS file's content id); None when not known
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,7 @@ from prestage.stages.records import RECORDS, ConfigureRecord, GenerationDefaults
 # stage -> (stage version, record shape). When a record changes, bump the stage's `version` (older manifests
 # then read as stale and re-run) and put both new values here: this test fails until both are done.
 PINNED = {
-    "resolve": (2, "fc2072c1b4171792"),
+    "resolve": (3, "e254b9790ec9304f"),
     "configure": (2, "cc9d2c5904fae48d"),
     "tokenize-prep": (2, "fc24eba6cd124b5e"),
     "fetch-weights": (2, "c6110407af896bd2"),
@@ -61,7 +61,7 @@ RESOLVE = {
     "config_file": "config.json",
     "config_sha256": "b" * 64,
     "listing": "full",
-    "files": [{"path": "config.json", "size": 10, "sha256": None, "lfs": False}],
+    "files": [{"path": "config.json", "size": 10, "sha256": None, "lfs": False, "blob_id": None}],
 }
 
 
@@ -71,10 +71,13 @@ def test_round_trip_and_strict_reading():
     cases = [
         ({k: v for k, v in RESOLVE.items() if k != "commit"}, "'commit' is missing"),
         ({**RESOLVE, "commit": 7}, "'commit' is int, expected str"),
-        ({**RESOLVE, "files": [{"path": "x", "size": "10", "sha256": None, "lfs": False}]}, r"'files\[0\].size'"),
+        (
+            {**RESOLVE, "files": [{"path": "x", "size": "10", "sha256": None, "lfs": False, "blob_id": None}]},
+            r"'files\[0\].size'",
+        ),
         ({**RESOLVE, "files": {"x": 1}}, "'files' is dict, expected a list"),
         ({**RESOLVE, "extra": 1}, "'extra' is not a field"),
-        ({**RESOLVE, "files": [{"path": "x", "size": True, "sha256": None, "lfs": False}]}, "is bool"),
+        ({**RESOLVE, "files": [{"path": "x", "size": True, "sha256": None, "lfs": False, "blob_id": None}]}, "is bool"),
     ]
     for data, match in cases:
         with pytest.raises(errors.BadManifestError, match=match) as e:

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prestage.stages import model_json, names
 from prestage.stages.configure import configs
 from prestage.stages.digest import sha256_hex
 from prestage.stages.errors import (
@@ -43,10 +44,7 @@ def read_json(folder: Path, name: str) -> dict:
         raise NotFoundError(f"{path}: missing (it was there at resolve); re-run resolve") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidModelError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); re-download it") from None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise InvalidModelError(f"{name} is not valid JSON ({e}); fix or re-download {path}") from None
+    data = model_json.loads(text, f"{name} ({path})")  # bounded: depth and 64-bit integers
     if not isinstance(data, dict):
         raise InvalidModelError(f"{name} holds a JSON {type(data).__name__}, not an object; fix or re-download {path}")
     return data
@@ -133,21 +131,31 @@ def _fetch_remote_files(folder: Path, ref: str, hub_source: dict | None, params:
         name = wanted.pop()
         if name in done:
             continue
+        names.repo_path(name, f"auto_map.AutoConfig={ref}", InvalidModelError)
         path = folder / name
-        if not path.is_file():
-            if not hub_source or not hub_source.get("repo_id"):
-                raise InvalidModelError(
-                    f"auto_map.AutoConfig={ref} needs {name}, which is not in {folder}; copy "
-                    "the repo's code files into the model folder"
-                )
-            path = _download(hub_source, name, params)
+        if hub_source and hub_source.get("repo_id"):
+            # a cached code file is checked against the listing before it can be imported
+            entry = (hub_source.get("files") or {}).get(name)
+            path = _verified(hub_source, name, entry, params) or _download(hub_source, name, params, entry)
+        elif not path.is_file():
+            raise InvalidModelError(
+                f"auto_map.AutoConfig={ref} needs {name}, which is not in {folder}; copy "
+                "the repo's code files into the model folder"
+            )
         done.append(name)
         for rel in get_relative_imports(str(path)):
             wanted.append(rel.replace(".", "/") + ".py")
     return sorted(done)
 
 
-def _download(hub_source: dict, name: str, params: dict) -> Path:
+def _verified(hub_source: dict, name: str, entry: dict | None, params: dict) -> Path | None:
+    from prestage.stages import hub
+
+    s = hub.settings(params)
+    return hub.verify_cached(s.cache_dir, hub_source["repo_id"], hub_source["commit"], name, entry)
+
+
+def _download(hub_source: dict, name: str, params: dict, entry: dict | None = None) -> Path:
     from prestage.stages import hub
 
     s = hub.settings(params)
@@ -157,7 +165,7 @@ def _download(hub_source: dict, name: str, params: dict) -> Path:
             f"{hub_source['repo_id']}: remote code file {name} is not in the cache and offline "
             "mode is on; run configure once online"
         )
-    return hub.HubClient(s).download(hub_source["repo_id"], name, hub_source["commit"])
+    return hub.HubClient(s).download(hub_source["repo_id"], name, hub_source["commit"], expect=entry)
 
 
 def _translate_build_error(e: Exception, name: str) -> Exception:

@@ -123,8 +123,15 @@ class ConfigureStage(Stage):
 
         res = ctx.upstream["resolve"].record
         folder = paths.model_dir(ctx.run_dir, ctx.upstream["resolve"], ctx.params)
-        hub_source = {"repo_id": res.repo_id, "commit": res.commit} if res.source == "hub" else None
+        hub_source = (
+            {"repo_id": res.repo_id, "commit": res.commit, "files": {f.path: f.to_dict() for f in res.files}}
+            if res.source == "hub"
+            else None
+        )
         cache_dir = hub.settings(ctx.params).cache_dir
+        if hub_source is not None:  # the cached config is checked against the listing before it is read
+            root = paths.cache_root(ctx.params, ctx.upstream["resolve"])
+            hub.verify_cached(root, res.repo_id, res.commit, res.config_file, hub_source["files"].get(res.config_file))
         key = memo.key(folder, res.config_file, inputs, self.version, GPU_CAPABILITY)
         found = memo.load(cache_dir, key) if key else None
         if found is not None:

@@ -66,17 +66,7 @@ def snapshot_dir(s: hub.HubSettings, repo_id: str, commit: str) -> Path:
 
 def remove_cached(snapshot: Path, rel: str) -> None:
     """Delete a cached file: its snapshot symlink and the blob it points to."""
-    link = snapshot / rel
-    try:
-        target = link.resolve() if link.is_symlink() else None
-    except OSError:
-        target = None
-    for p in (link, target):
-        if p is not None:
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+    hub.remove_cached(snapshot, rel)
 
 
 def missing_files(s: hub.HubSettings, repo_id: str, commit: str, files: list[dict]) -> list[dict]:
@@ -261,11 +251,12 @@ def _exit_on_next_interrupt() -> None:
     signal.signal(signal.SIGINT, now)
 
 
-def download_one(s: hub.HubSettings, repo_id: str, commit: str, rel: str, reporter=None) -> Path:
-    """One small file (an index JSON) at the pinned commit, from the cache when it is there."""
-    cached = hub.cached_file(s.cache_dir, repo_id, commit, rel)
+def download_one(s: hub.HubSettings, repo_id: str, commit: str, rel: str, reporter=None, entry=None) -> Path:
+    """One small file (an index JSON) at the pinned commit, from the cache when it is there; either way its
+    bytes are checked against the listing `entry` first (a corrupt cached copy is deleted: IntegrityError)."""
+    cached = hub.verify_cached(s.cache_dir, repo_id, commit, rel, entry)
     if cached is not None:
         return cached
     if s.offline:
         offline_check(s, repo_id, commit, [{"path": rel}])
-    return hub.HubClient(s, reporter).download(repo_id, rel, commit)
+    return hub.HubClient(s, reporter).download(repo_id, rel, commit, expect=entry)

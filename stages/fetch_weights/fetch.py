@@ -8,11 +8,10 @@ verification in place (nothing is ever deleted there). Outputs per docs/manifest
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from prestage.stages import errors, hub, paths
+from prestage.stages import errors, hub, model_json, names, paths
 from prestage.stages.base import Context, StageResult
 from prestage.stages.digest import sha256_file
 from prestage.stages.fetch_weights import download as dl
@@ -32,6 +31,8 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
     ignore = inputs["ignore_patterns"]
     # the listing as plain maps: selection and the downloader read {path, size, sha256, lfs}
     listing = {f.path: f.to_dict() for f in resolve.files}
+    for rel in listing:  # an edited resolve manifest never names a path outside the model's folder
+        names.repo_path(rel, "resolve.msgpack files", errors.BadManifestError)
     is_hub = resolve.source == "hub"
     repo_id, commit = resolve.repo_id, resolve.commit
     label = f"{repo_id}@{commit[:12]}" if is_hub else resolve.model or resolve.local_dir
@@ -85,7 +86,7 @@ def fetch(ctx: Context, inputs: dict) -> StageResult:
                 index_rel,
                 label,
                 resolve,
-                lambda rel: dl.download_one(s, repo_id, commit, rel, rep),
+                lambda rel: dl.download_one(s, repo_id, commit, rel, rep, listing.get(rel)),
             )
             files = [listing[p] for p in selection.files]
             missing = dl.missing_files(s, repo_id, commit, files)
@@ -173,11 +174,12 @@ def _select(asked, listing, ignore, index_rel, label, resolve, get_index):
         if index_rel:
             path = get_index(index_rel)
             try:
-                index = json.loads(Path(path).read_text())
+                text = Path(path).read_text(encoding="utf-8")
             except (OSError, ValueError) as e:
                 raise errors.InvalidModelError(
-                    f"{label}: {index_rel} is not readable JSON ({e}); fix or remove the index file"
+                    f"{label}: {index_rel} is not readable ({e}); fix or remove the index file"
                 ) from None
+            index = model_json.loads(text, f"{label}: {index_rel}")
         selection = sel.select(asked, listing, index=index, ignore_patterns=ignore, model=label)
     except errors.UnsupportedError:
         if resolve.listing == "snapshot":

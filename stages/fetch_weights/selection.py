@@ -30,6 +30,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from prestage.stages import names
 from prestage.stages.errors import InvalidModelError, UnsupportedError, UsageError
 
 LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "mistral", "npcache", "dummy")
@@ -143,7 +144,13 @@ def select(
         if index is not None and name in top:
             if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                 raise InvalidModelError(f"{model}: {name} has no 'weight_map' object; fix or remove the index file")
-            needed = {str(v) for v in index["weight_map"].values()}
+            for v in index["weight_map"].values():  # shard names from a model file: never a path outside
+                if not isinstance(v, str):
+                    raise InvalidModelError(
+                        f"{model}: {name} maps a tensor to {str(v)[:80]!r}, not a file name; fix the index file"
+                    )
+                names.repo_path(v, f"{model}: {name} weight_map", InvalidModelError)
+            needed = set(index["weight_map"].values())
             missing = sorted(needed - set(matched))
             if missing:
                 raise InvalidModelError(

@@ -16,7 +16,7 @@ import re
 import time
 from pathlib import Path
 
-from prestage.stages import errors, hub
+from prestage.stages import errors, hub, names
 from prestage.stages.base import Context, StageResult
 from prestage.stages.digest import sha256_hex
 from prestage.stages.manifest import write_atomic
@@ -43,7 +43,10 @@ def from_cache_note(revision: str, commit: str, when: float | None, fallback: st
 
 
 def is_local(model: str) -> bool:
-    return Path(model).expanduser().exists()
+    try:
+        return Path(model).expanduser().exists()
+    except OSError:  # a name too long for the file system (ENAMETOOLONG) is no folder
+        return False
 
 
 def detect_format(requested: str, paths: set[str], where: str) -> tuple[str, str]:
@@ -102,9 +105,11 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
     repo, rev = inputs["repo_id"], inputs["revision"]
     where = f"{repo}@{rev}"
     if not _REPO_ID_RE.match(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
+        shown = repo if len(repo) <= 120 else repo[:117] + "..."
         raise errors.NotFoundError(
-            f"{repo}: not a local folder and not a valid hub id (org/name); check the path or the id"
+            f"{shown}: not a local folder and not a valid hub id (org/name); check the path or the id"
         )
+    names.revision(rev)
     s = hub.settings(ctx.params)
     warnings: list[str] = []
     branch = not hub.SHA_RE.match(rev)  # a branch or a tag: the commit it names may move
@@ -142,13 +147,15 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
             when = hub.ref_time(s.cache_dir, repo, rev)
             ctx.reporter.info(f"resolve: {from_cache_note(rev, commit, when)}")
     fmt, cfg = detect_format(inputs["config_format"], {f["path"] for f in listing}, where)
-    path = hub.cached_file(s.cache_dir, repo, commit, cfg)
+    entry = next((f for f in listing if f["path"] == cfg), None)
+    # a cached config is checked against the listing before it is used (a corrupt copy is deleted: integrity)
+    path = hub.verify_cached(s.cache_dir, repo, commit, cfg, entry)
     if path is None:
         if s.offline:
             raise errors.OfflineMissError(
                 f"{where}: {cfg} is not in the cache {s.cache_dir} and offline mode is on; run once online to fetch it"
             )
-        path = client.download(repo, cfg, commit, revision=rev)
+        path = client.download(repo, cfg, commit, revision=rev, expect=entry)
     hub.write_ref(s.cache_dir, repo, rev, commit, asked=fetched)
     if fetched:
         lp = _listing_path(s.cache_dir, repo, commit)
@@ -166,7 +173,13 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
         config_sha256=sha256_hex(path),
         listing=source,
         files=[
-            RepoFile(path=f["path"], size=f.get("size"), sha256=f.get("sha256"), lfs=bool(f.get("lfs")))
+            RepoFile(
+                path=f["path"],
+                size=f.get("size"),
+                sha256=f.get("sha256"),
+                lfs=bool(f.get("lfs")),
+                blob_id=f.get("blob_id"),
+            )
             for f in listing
         ],
     )
@@ -189,8 +202,20 @@ def _cached_listing(cache_dir: Path, repo: str, commit: str) -> list | None:
         data = json.loads(_listing_path(cache_dir, repo, commit).read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(data, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in data)
-    return data if ok else None
+    ok = isinstance(data, list) and all(_listing_entry_ok(f) for f in data)
+    return data if ok else None  # an edited or older listing is asked again
+
+
+def _listing_entry_ok(f) -> bool:
+    if not isinstance(f, dict) or "blob_id" not in f:
+        return False
+    try:
+        names.repo_path(f.get("path"), "listing")
+    except errors.PrestageError:
+        return False
+    return all(f.get(k) is None or isinstance(f[k], str) for k in ("sha256", "blob_id")) and (
+        f.get("size") is None or (isinstance(f["size"], int) and not isinstance(f["size"], bool))
+    )
 
 
 def _snapshot_listing(cache_dir: Path, repo: str, commit: str) -> list:
@@ -199,13 +224,14 @@ def _snapshot_listing(cache_dir: Path, repo: str, commit: str) -> list:
     for p in sorted(snap.rglob("*")):
         if p.is_file():
             blob = p.resolve().name
-            sha = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
+            sha = blob if names.SHA256_RE.match(blob) else None
             files.append(
                 {
                     "path": p.relative_to(snap).as_posix(),
                     "size": p.stat().st_size,
                     "sha256": sha,
                     "lfs": sha is not None,
+                    "blob_id": blob if names.GIT_OID_RE.match(blob) else None,
                 }
             )
     return files
@@ -215,15 +241,20 @@ def _hub_listing(client: hub.HubClient, repo: str, rev: str) -> tuple[str, list]
     info = client.repo_info(repo, rev, files_metadata=True)
     files = []
     for sib in info.siblings or []:
+        # every name and id the hub sends is checked before it can become a path or a comparison
+        path = names.repo_path(sib.rfilename, f"{repo}@{rev} listing")
         lfs = getattr(sib, "lfs", None)
-        files.append(
-            {
-                "path": sib.rfilename,
-                "size": sib.size,
-                "sha256": getattr(lfs, "sha256", None) if lfs else None,
-                "lfs": lfs is not None,
-            }
-        )
+        sha = getattr(lfs, "sha256", None) if lfs else None
+        blob_id = getattr(sib, "blob_id", None)
+        if (sha is not None and not names.SHA256_RE.match(str(sha))) or (
+            blob_id is not None and not names.GIT_OID_RE.match(str(blob_id))
+        ):
+            raise errors.IntegrityError(
+                f"{repo}@{rev} listing: {path} has sha256 {str(sha)[:80]!r} / blob id {str(blob_id)[:80]!r}, not "
+                "hex digests; check HF_ENDPOINT points at a Hugging Face hub"
+            )
+        size = sib.size if isinstance(sib.size, int) and not isinstance(sib.size, bool) and sib.size >= 0 else None
+        files.append({"path": path, "size": size, "sha256": sha, "lfs": lfs is not None, "blob_id": blob_id})
     files.sort(key=lambda f: f["path"])
     if not isinstance(info.sha, str) or not hub.SHA_RE.match(info.sha):
         raise errors.NetworkError(f"{repo}@{rev}: the hub did not give a commit for this revision; check HF_ENDPOINT")

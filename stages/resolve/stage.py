@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prestage.stages import errors, hub, paths
+from prestage.stages import errors, hub, names, paths
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.digest import sha256_hex
 from prestage.stages.manifest import Manifest
@@ -50,10 +50,14 @@ OPTIONS = (
 
 class ResolveStage(Stage):
     name = "resolve"
-    version = 2  # 2: typed record; `listing` replaces `listing_source`; no cache path, endpoint or token input
+    # 2: typed record; `listing` replaces `listing_source`; no cache path, endpoint or token input
+    # 3: each listed file's git blob id (`blob_id`), so non-LFS files are checked too
+    version = 3
     options = OPTIONS
 
     def check_params(self, params: dict) -> None:
+        if params.get("revision") is not None:
+            names.revision(params["revision"])
         if params.get("refresh") and not hub.SHA_RE.match(params.get("revision") or "main"):
             why = offline_reason(params)
             if why:
@@ -86,7 +90,7 @@ class ResolveStage(Stage):
             "model": model,
             "source": "hub",
             "repo_id": model,
-            "revision": params.get("revision") or "main",
+            "revision": names.revision(params.get("revision") or "main"),
             "config_format": fmt,
         }
 

@@ -27,15 +27,19 @@ def _model_json(ctx: Context, src: TokenizerSource, name: str, warnings: list) -
     if src.kind == "model":  # the tokenizer folder is the model's folder / non-weight snapshot
         return read_json(src.folder / name, resolve.repo_id or resolve.model)
     path = paths.model_dir(ctx.run_dir, ctx.upstream["resolve"], ctx.params) / name
-    if path.is_file() or resolve.source != "hub":
+    if resolve.source != "hub":
         return read_json(path, resolve.repo_id or resolve.model)
-    if name not in {f.path for f in resolve.files}:
-        return None
+    entry = next((f.to_dict() for f in resolve.files if f.path == name), None)
+    if entry is None:
+        return read_json(path, resolve.repo_id) if path.is_file() else None
     s = hub.settings(ctx.params)  # the model's own cache (resolve's), --download-dir included
+    cached = hub.verify_cached(s.cache_dir, resolve.repo_id, resolve.commit, name, entry)
+    if cached is not None:
+        return read_json(cached, resolve.repo_id)
     try:
         if s.offline:
             raise errors.OfflineMissError(f"{resolve.repo_id}: {name} is not in the cache")
-        got = hub.HubClient(s, ctx.reporter).download(resolve.repo_id, name, resolve.commit)
+        got = hub.HubClient(s, ctx.reporter).download(resolve.repo_id, name, resolve.commit, expect=entry)
     except errors.PrestageError as err:
         # the class only: the full message can hold this machine's cache path, and warnings are not volatile
         warnings.append(f"could not read the model's {name} ({err.kind}); going on without it")

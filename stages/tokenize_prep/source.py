@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from prestage.stages import errors, hub
+from prestage.stages import errors, hub, names
 from prestage.stages.paths import model_dir
 from prestage.stages.records import ResolveRecord
 
@@ -73,16 +73,19 @@ def normalize_tokenizer_arg(tokenizer: str | None, resolve: ResolveRecord) -> di
     if not tokenizer or tokenizer == resolve.model or tokenizer == resolve.repo_id:
         return {"kind": "model", "value": None}
     p = Path(tokenizer).expanduser()
-    if p.is_dir():
+    try:
+        is_dir, exists = p.is_dir(), p.exists()
+    except OSError:  # a name too long for the file system (ENAMETOOLONG) is no folder
+        is_dir = exists = False
+    if is_dir:
         return {"kind": "local", "value": tokenizer}
-    if p.exists():
+    if exists:
         raise errors.UsageError(
             f"--tokenizer {tokenizer}: is a file, not a folder; pass a tokenizer folder or a hub id"
         )
-    if tokenizer.count("/") > 1 or tokenizer.startswith((".", "/", "~")):
-        raise errors.NotFoundError(
-            f"--tokenizer {tokenizer}: no such folder, and not a hub id (org/name); check the path"
-        )
+    if tokenizer.count("/") > 1 or tokenizer.startswith((".", "/", "~")) or not names.is_repo_id(tokenizer):
+        shown = tokenizer if len(tokenizer) <= 120 else tokenizer[:117] + "..."
+        raise errors.NotFoundError(f"--tokenizer {shown}: no such folder, and not a hub id (org/name); check the path")
     return {"kind": "hub", "value": tokenizer}
 
 
@@ -107,8 +110,9 @@ def _walk(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def _pin(client: hub.HubClient, repo_id: str, revision: str) -> tuple[str, list[str] | None]:
-    """(commit, listing or None) for repo@revision: the cached ref offline, the hub's answer online."""
+def _pin(client: hub.HubClient, repo_id: str, revision: str) -> tuple[str, list[dict] | None]:
+    """(commit, listing or None) for repo@revision: the cached ref offline, the hub's answer online (entries
+    {path, size, sha256, blob_id, lfs}, every name checked to stay inside the repo)."""
     s = client.s
     if s.offline:
         commit = hub.read_ref(s.cache_dir, repo_id, revision)
@@ -118,16 +122,29 @@ def _pin(client: hub.HubClient, repo_id: str, revision: str) -> tuple[str, list[
                 f"{s.cache_dir} and offline mode is on; run once online to fetch it"
             )
         return commit, None
-    info = client.repo_info(repo_id, revision, what="tokenizer")
+    info = client.repo_info(repo_id, revision, files_metadata=True, what="tokenizer")
     hub.write_ref(s.cache_dir, repo_id, revision, info.sha)
-    return info.sha, sorted(x.rfilename for x in (info.siblings or []))
+    entries = []
+    for x in info.siblings or []:
+        lfs = getattr(x, "lfs", None)
+        entries.append(
+            {
+                "path": names.repo_path(x.rfilename, f"{repo_id}@{revision} listing"),
+                "size": x.size,
+                "sha256": getattr(lfs, "sha256", None) if lfs else None,
+                "lfs": lfs is not None,
+                "blob_id": getattr(x, "blob_id", None),
+            }
+        )
+    return info.sha, sorted(entries, key=lambda e: e["path"])
 
 
-def _snapshot(client: hub.HubClient, repo_id: str, commit: str, paths: list[str] | None) -> Path:
-    """Download the non-weight files of repo@commit into the cache; the snapshot folder."""
-    if paths is None:  # offline: what the cache holds
+def _snapshot(client: hub.HubClient, repo_id: str, commit: str, entries: list[dict] | None) -> Path:
+    """Download the non-weight files of repo@commit into the cache, each checked against the listing (a
+    cached copy too); the snapshot folder."""
+    if entries is None:  # offline: what the cache holds
         return client.snapshot(repo_id, commit, [], what="tokenizer files")
-    return client.snapshot(repo_id, commit, paths, ignore_patterns=WEIGHT_PATTERNS, what="tokenizer files")
+    return client.snapshot(repo_id, commit, entries, ignore_patterns=WEIGHT_PATTERNS, what="tokenizer files")
 
 
 def locate(run_dir: Path, params: dict, inputs: dict, resolve_manifest, reporter=None) -> TokenizerSource:
@@ -159,12 +176,12 @@ def locate(run_dir: Path, params: dict, inputs: dict, resolve_manifest, reporter
     repo_id = resolve.repo_id if tok["kind"] == "model" else tok["value"]
     same_pin = tok["kind"] == "model" and revision in (resolve.revision, resolve.commit)
     if same_pin:
-        commit, paths = resolve.commit, [f.path for f in resolve.files]
+        commit, entries = resolve.commit, [f.to_dict() for f in resolve.files]
     else:
-        commit, paths = _pin(client, repo_id, revision)
-    folder = _snapshot(client, repo_id, commit, paths)
-    if paths is None:  # offline, another repo: what the cached snapshot holds
-        paths = _walk(folder)
+        commit, entries = _pin(client, repo_id, revision)
+    folder = _snapshot(client, repo_id, commit, entries)
+    # offline, another repo: what the cached snapshot holds
+    paths = _walk(folder) if entries is None else [e["path"] for e in entries]
     return TokenizerSource(
         kind="model" if same_pin else "hub",
         folder=folder,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prestage.stages import errors
+from prestage.stages import errors, names
 from prestage.stages.base import Context, Stage, StageResult, opt
 from prestage.stages.manifest import Manifest
 from prestage.stages.records import record_of
@@ -83,6 +83,8 @@ class TokenizePrepStage(Stage):
     def check_params(self, params: dict) -> None:
         _mode(params)
         template_input(params.get("chat_template"))
+        if params.get("tokenizer_revision") is not None:
+            names.revision(params["tokenizer_revision"], "--tokenizer-revision")
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
         resolve = upstream["resolve"].record

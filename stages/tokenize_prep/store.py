@@ -14,6 +14,7 @@ compares sha256 (launch and verify).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -106,10 +107,7 @@ def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
             else:
                 (tmp / RESOLVED_TEMPLATE).write_text(template, encoding="utf-8")
                 template_file = RESOLVED_TEMPLATE
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        _install(tmp, final, old)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
             raise errors.ResourceError(f"{run_dir}: no space left to store the tokenizer; free disk space") from None
@@ -121,6 +119,29 @@ def save(run_dir: Path, tok, source_folder: Path, template: str | None) -> dict:
         "chat_template_file": f"{TOKENIZER_DIR}/{template_file}" if template_file else None,
         "tokenizer_json_sha256": tj_sha,
     }
+
+
+def _install(tmp: Path, final: Path, old: Path, tries: int = 100) -> None:
+    """Rename the finished `tmp` folder to `final`, atomically: a folder already there (an earlier save, or
+    another process saving the same tokenizer at the same moment) is moved aside to this process's `old`
+    first. When two processes race, each retries until its own rename lands; both succeed, and the folder
+    left is one whole save."""
+    for _ in range(tries):
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(final, old)
+        except FileNotFoundError:  # another process moved it aside first: try our rename again
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    raise errors.ResourceError(f"{final}: could not replace the stored tokenizer ({tries} tries); re-run")
 
 
 def check_outputs(run_dir: Path, record: TokenizerRecord) -> str | None:

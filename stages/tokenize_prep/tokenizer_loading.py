@@ -13,10 +13,9 @@ only with --trust-remote-code (docs/vllm-rules.md, T-03).
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
-from prestage.stages import errors
+from prestage.stages import errors, model_json
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -27,10 +26,10 @@ def _short(e: BaseException, limit: int = 300) -> str:
 def read_json(path: Path, what: str) -> dict | None:
     """A JSON object file, None when absent; anything else is InvalidModelError naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = model_json.loads(path.read_text(encoding="utf-8"), f"{what}: {path.name}")
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise errors.InvalidModelError(
             f"{what}: {path.name} is not valid JSON ({_short(e, 120)}); fix or re-upload the file"
         ) from None

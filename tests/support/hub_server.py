@@ -12,7 +12,8 @@ protocol huggingface_hub 2.4 and transformers 5.24 use (see /work/shared/referen
                                                                LFS files redirect (302) to /_lfs/{sha256}
 Errors carry the X-Error-Code the clients map to their exception classes. Test hooks: throttle(),
 corrupt(), fail_next() (optionally with a Retry-After), cut_next(), stall() (a hub that accepts the
-connection and never answers, or answers the headers and never sends the body), allow_token(), and the
+connection and never answers, or answers the headers and never sends the body), override_header() (a
+hostile ETag or Location), allow_token(), and the
 bytes_served / requests / authorizations records.
 
 `python -m tests.support.hub_server --storage DIR [--port N] [--seed-demo]` serves in the foreground.
@@ -137,6 +138,7 @@ class LocalHub:
         self._fail: list[tuple[int, str | None, str | None]] = []  # (status, path substring, Retry-After)
         self._cut: list[tuple[int, str | None]] = []  # (bytes, file key substring) per upcoming file GET
         self._stall: list[tuple[str, str | None]] = []  # (mode, path substring): every matching request
+        self._headers: list[tuple[str, str, str | None]] = []  # (header, value, path substring): file answers
         self._release = threading.Event()  # set: stalled handlers give up and close their connection
         self._auth: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header or None)
         self._bytes_served: collections.Counter[str] = collections.Counter()
@@ -362,6 +364,19 @@ class LocalHub:
             self._release.clear()
             self._stall.append((mode, match))
 
+    def override_header(self, header: str, value: str, match: str | None = None) -> None:
+        """Send `header: value` instead of the real one in every file answer (HEAD/GET of /resolve/ and the LFS
+        redirect) whose "{repo_id}/{path}" contains `match`: a hostile ETag, X-Linked-Etag or Location."""
+        with self._lock:
+            self._headers.append((header, value, match))
+
+    def _overridden(self, key: str, headers: dict[str, str]) -> dict[str, str]:
+        with self._lock:
+            for header, value, match in self._headers:
+                if match is None or match in key:
+                    headers = {**headers, header: value}
+        return headers
+
     def _stalled(self, mode: str, path: str) -> bool:
         with self._lock:
             return any(m == mode and (match is None or match in path) for m, match in self._stall)
@@ -422,6 +437,7 @@ class LocalHub:
             self._fail.clear()
             self._cut.clear()
             self._stall.clear()
+            self._headers.clear()
             self._release.set()
             self.tree_page_size = 1000
         self.reset_counters()
@@ -828,17 +844,21 @@ class _HubHandler(BaseHTTPRequestHandler):
             )
             self._send(
                 302,
-                {
-                    **common,
-                    "Location": location,
-                    "ETag": f'"{e.blob_id}"',
-                    "X-Linked-Etag": f'"{e.sha256}"',
-                    "X-Linked-Size": str(e.size),
-                    "Content-Type": "text/plain; charset=utf-8",
-                },
+                hub._overridden(
+                    f"{repo_id}/{path}",
+                    {
+                        **common,
+                        "Location": location,
+                        "ETag": f'"{e.blob_id}"',
+                        "X-Linked-Etag": f'"{e.sha256}"',
+                        "X-Linked-Size": str(e.size),
+                        "Content-Type": "text/plain; charset=utf-8",
+                    },
+                ),
             )
             return
-        self._serve_bytes(method, repo_id, path, e, {**common, "ETag": f'"{e.blob_id}"'})
+        headers = hub._overridden(f"{repo_id}/{path}", {**common, "ETag": f'"{e.blob_id}"'})
+        self._serve_bytes(method, repo_id, path, e, headers)
 
     def _lfs(self, method: str, sha256: str) -> None:
         hub = self.hub
@@ -855,6 +875,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             "Accept-Ranges": "bytes",
             "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"',
         }
+        headers = {k: v for k, v in hub._overridden(f"{repo_id}/{path}", headers).items() if k != "Location"}
+        if "X-Linked-Etag" in hub._overridden(f"{repo_id}/{path}", {}):  # the LFS file's hostile id, here too
+            headers["ETag"] = hub._overridden(f"{repo_id}/{path}", {})["X-Linked-Etag"]
         self._serve_bytes(method, repo_id, path, e, headers)
 
     def _serve_bytes(self, method: str, repo_id: str, path: str, e: FileEntry, headers: dict[str, str]) -> None:
