@@ -10,10 +10,11 @@ The cache root is decided here, from the current flags and environment first, so
 cache copied to another machine work there:
 
     1. `--download-dir DIR` given now: DIR.
-    2. Otherwise the first of these that holds the resolved model's config file: the cache root resolve
-       used (kept in resolve's `volatile` section as a hint: it is a host path, never part of a decision),
-       then the environment's (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
-    3. Neither holds it yet: the one resolve used when that folder still exists, else the environment's.
+    2. Otherwise the first of these that holds the resolved model's config file: the cache the environment
+       names explicitly (HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE or HF_HOME set), the cache root resolve used
+       (kept in resolve's `volatile` section as a hint: a host path, never part of a decision), then the
+       default cache (~/.cache/huggingface/hub).
+    3. None holds it yet: the one resolve used when that folder still exists, else the environment's.
 
 So `prestage resolve M --download-dir A` is followed by later stages in A without repeating the flag, and a
 run moved with its cache to B is found in B with `HF_HUB_CACHE=B` (or `--download-dir B`).
@@ -23,6 +24,7 @@ Importable without torch, transformers or huggingface_hub.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from prestage.stages import errors, hub
@@ -62,7 +64,10 @@ def cache_root(params: dict | None, resolve=None) -> Path:
     if resolve is None:
         return env
     hint = (resolve.volatile or {}).get("cache_dir")
-    candidates = ([Path(hint)] if isinstance(hint, str) and hint else []) + [env]
+    hinted = [Path(hint)] if isinstance(hint, str) and hint else []
+    named = any(os.environ.get(v) for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"))
+    # an explicitly named cache that holds the model wins over the hint; the default one does not
+    candidates = [env] + hinted + [env] if named else hinted + [env]
     rec = resolve.record if resolve.record is not None else None
     outputs = resolve.outputs if rec is None else rec.to_dict()
     snapshot, config_file = outputs.get("snapshot"), outputs.get("config_file")
@@ -70,7 +75,7 @@ def cache_root(params: dict | None, resolve=None) -> Path:
         for root in candidates:
             if (root / snapshot / config_file).is_file():
                 return root
-    for root in candidates[:-1]:
+    for root in hinted:
         if root.is_dir():
             return root
     return env

@@ -1,7 +1,7 @@
 """A run is relocatable: manifests hold no absolute path (stages/paths.py decides where the cache is).
 
 Made against the local hub with `--download-dir A`, then the run folder and the cache are moved elsewhere
-(the cache to B, A is gone) and the hub is out of reach: launch works offline from B, found through
+(the cache to B; A is left without its weights) and the hub is out of reach: launch works offline from B, found through
 HF_HUB_CACHE=B or `--download-dir B`, and every stage stays fresh (nothing re-runs, nothing is fetched).
 """
 
@@ -59,8 +59,13 @@ def test_moved_run_and_cache_launch_offline_from_the_new_place(hub, hf_env, pres
 
     b, moved = tmp_path / "elsewhere" / "cache-b", tmp_path / "elsewhere" / "arts"
     b.parent.mkdir()
-    shutil.move(a, b)
+    shutil.copytree(a, b, symlinks=True)
     shutil.move(arts, moved)
+    # A stays behind on this host without its weights: a cache named by HF_HUB_CACHE / --download-dir that holds
+    # the model wins over the hint resolve kept (A), so nothing is found missing
+    for blob in (a / "models--test-org--tiny-single" / "blobs").iterdir():
+        if blob.stat().st_size > 100_000:
+            blob.unlink()
     empty = tmp_path / "empty-cache"
     empty.mkdir()
     offline = {**hf_env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": _dead_endpoint()}
