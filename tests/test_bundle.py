@@ -1,10 +1,10 @@
 """Air-gapped pre-staging: `prestage bundle`, `unbundle`, `verify BUNDLE` and `diff`, end to end.
 
-The connected side runs resolve -> fetch-weights -> launch against the local hub once per module; its run is
-bundled as a folder and as a tar. The air-gapped side has no hub (HF_HUB_OFFLINE=1, a dead endpoint, the
-connected cache hidden), a fresh artifacts folder and a fresh empty cache: unbundle, then launch gives the
-same greedy tokens and `diff` shows only volatile fields. Tampered bundles are each refused in one line with
-the integrity exit code, and nothing is placed.
+The connected side (tests/support/airgap.py) runs resolve -> fetch-weights -> launch against the local hub once
+per module; its run is bundled as a folder and as a tar. The air-gapped side has no hub (HF_HUB_OFFLINE=1, a
+dead endpoint, the connected cache hidden), a fresh artifacts folder and a fresh empty cache: unbundle, then
+launch gives the same greedy tokens and `diff` shows only volatile fields. Tampered bundles are each refused in
+one line with the integrity exit code, and nothing is placed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -25,83 +24,16 @@ import pytest
 from prestage.stages.errors import CODE
 from prestage.stages.manifest import read
 from tests.conftest import REPO_ROOT
+from tests.support.airgap import PROMPT, REPO, Connected, build_connected, dead_endpoint
+from tests.support.airgap import cli as _cli
+from tests.support.airgap import show as _show
 
-REPO = "test-org/tiny-single"
-PROMPT = ["--prompt", "Hello", "--max-tokens", "6", "--device", "cpu"]
-
-
-def _dead_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def _cli(args, env, timeout=300):
-    argv = [str(a) for a in args]
-    full = {**env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    p = subprocess.run(
-        [sys.executable, "-m", "prestage", *argv],
-        env=full,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    p.args = argv
-    return p
-
-
-def _show(p) -> str:
-    return (
-        f"prestage {' '.join(p.args)} -> {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
-    )
-
-
-def _env(root: Path, hub_url: str, cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
-    (root / "hf_home").mkdir(parents=True, exist_ok=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    env.update(
-        HF_ENDPOINT=hub_url,
-        HF_HOME=str(root / "hf_home"),
-        HF_HUB_CACHE=str(cache),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",
-        DISABLE_SAFETENSORS_CONVERSION="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-    )
-    return env
-
-
-class Connected:
-    """The connected side: a run made against the hub, and its bundles."""
-
-    def __init__(self, root, env, arts, cache, tokens, commit, dir_bundle, tar_bundle):
-        self.root, self.env, self.arts, self.cache = root, env, arts, cache
-        self.tokens, self.commit, self.dir, self.tar = tokens, commit, dir_bundle, tar_bundle
-
-    def offline_env(self, cache: Path) -> dict:
-        cache.mkdir(parents=True, exist_ok=True)
-        return {**self.env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": _dead_endpoint(), "HF_HUB_CACHE": str(cache)}
+_dead_endpoint = dead_endpoint
 
 
 @pytest.fixture(scope="module")
 def connected(hub_session, tmp_path_factory) -> Connected:
-    root = tmp_path_factory.mktemp("connected")
-    cache, arts = root / "cache", root / "arts"
-    env = _env(root, hub_session.url, cache)
-    made = _cli(["--artifacts", arts, "--run", "r", "run", REPO, "--json", *PROMPT], env)
-    assert made.returncode == 0, _show(made)
-    tokens = json.loads(made.stdout)["completions"][0]["token_ids"]
-    commit = read(arts / "r" / "resolve.msgpack").to_dict()["outputs"]["commit"]
-    out = root / "out"
-    out.mkdir()
-    for fmt, name in (("dir", "b"), ("tar", "b.tar")):
-        r = _cli(["--artifacts", arts, "bundle", "r", "-o", out / name, "--format", fmt, "--json"], env)
-        assert r.returncode == 0, _show(r)
-        summary = json.loads(r.stdout)
-        assert summary["format"] == fmt and summary["files"] > 10, summary
-    return Connected(root, env, arts, cache, tokens, commit, out / "b", out / "b.tar")
+    return build_connected(hub_session, tmp_path_factory)
 
 
 @pytest.fixture
