@@ -2,7 +2,8 @@
 
 Every connection attempt on an Internet socket (IPv4 or IPv6, loopback included: on the air-gapped side not even
 a local hub may be asked) is refused with ConnectionRefusedError and recorded, one JSON line per attempt, in the
-file PRESTAGE_SOCKET_GUARD_LOG names (and each guarded process's pid in that name + ".loaded"); so is every name lookup (getaddrinfo) of a host that is not a literal
+file PRESTAGE_SOCKET_GUARD_LOG names (each guarded process's pid goes
+to that name + ".loaded"); so is every name lookup (getaddrinfo) of a host that is not a literal
 address. Unix sockets are left alone. Listening (bind/accept, as `prestage serve` does) is not a connection.
 Used by tests/test_no_network.py; it never changes anything without PRESTAGE_SOCKET_GUARD_LOG set.
 """
