@@ -342,3 +342,85 @@ u.unbundle(Path({str(connected.tar)!r}), Path({str(arts)!r}), Path({str(cache)!r
     r = _cli(["--artifacts", arts, "unbundle", connected.tar], env)
     assert r.returncode == 0, _show(r)
     assert sorted(x.name for x in arts.iterdir()) == ["r"]  # the dead run's staging folder is gone
+
+
+# ---- a local-folder model -------------------------------------------------------------------------------
+
+
+def test_local_folder_model_bundles_under_model_and_unbundles_where_the_run_records_it(checkpoint_dirs, tmp_path):
+    src_root = tmp_path / "src"
+    shutil.copytree(checkpoint_dirs["single"], src_root / "ckpt")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE",)}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "unused-cache"), HF_ENDPOINT=dead_endpoint())
+    arts = src_root / "arts"
+    made = _cli(["--artifacts", arts, "--run", "loc", "run", src_root / "ckpt", "--json", *PROMPT], env)
+    assert made.returncode == 0, _show(made)
+    tokens = json.loads(made.stdout)["completions"][0]["token_ids"]
+    out = tmp_path / "loc.tar"
+    r = _cli(["--artifacts", arts, "bundle", "loc", "-o", out], env)
+    assert r.returncode == 0, _show(r)
+    assert "local-folder model" in r.stderr and "model/" in r.stderr
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    assert "model/model.safetensors" in names and not any(n.startswith("hub/") for n in names)
+    shutil.rmtree(src_root)  # the source machine is gone
+
+    # the run records its model folder as ../../ckpt from the run folder: outside a fresh --artifacts
+    dst_arts = tmp_path / "dst" / "arts"
+    refused = _cli(["--artifacts", dst_arts, "unbundle", out], env)
+    assert refused.returncode == CODE["usage"] and "--model-dir" in refused.stderr, _show(refused)
+    assert not dst_arts.exists() or not list(dst_arts.iterdir())
+    wrong = _cli(["--artifacts", dst_arts, "unbundle", out, "--model-dir", tmp_path / "elsewhere"], env)
+    assert wrong.returncode == CODE["usage"], _show(wrong)
+    where = tmp_path / "dst" / "ckpt"
+    placed = _cli(["--artifacts", dst_arts, "unbundle", out, "--model-dir", where, "--json"], env)
+    assert placed.returncode == 0, _show(placed)
+    assert json.loads(placed.stdout)["model_dir"] == str(where) and (where / "model.safetensors").is_file()
+    launched = _cli(["--artifacts", dst_arts, "launch", "loc", "--json", *PROMPT], env)
+    assert launched.returncode == 0, _show(launched)
+    assert json.loads(launched.stdout)["completions"][0]["token_ids"] == tokens
+
+
+def test_diff_names_each_differing_field():
+    from prestage.runner.diff import diff, flatten
+
+    a = {
+        "configure": {
+            "inputs": {"dtype": "auto"},
+            "outputs": {"max_model_len": 32, "files": [{"p": "x", "sha256": "1"}], "ids": [1, 2]},
+            "volatile": {"host": "a"},
+        }
+    }
+    b = json.loads(json.dumps(a))
+    assert diff(a, b) == [] and diff(a, b, volatile=True) == []
+    b["configure"]["outputs"]["max_model_len"] = 16
+    b["configure"]["outputs"]["files"][0]["sha256"] = "2"
+    b["configure"]["outputs"]["ids"] = [1, 3]
+    b["configure"]["volatile"]["host"] = "b"
+    fields = [r["field"] for r in diff(a, b)]
+    assert fields == ["outputs.files[0].sha256", "outputs.ids", "outputs.max_model_len"]
+    assert "volatile.host" in [r["field"] for r in diff(a, b, volatile=True)]
+    assert diff(a, {}) == [{"stage": "configure", "field": "(manifest)", "a": "present", "b": "<absent>"}]
+    assert flatten({"a": {}, "b": []}) == {"a": {}, "b": []}
+
+
+def test_diff_of_two_manifest_files_on_the_command_line(connected, tmp_path):
+    import msgpack
+
+    from prestage.stages.manifest import Manifest, write
+
+    doc = read(connected.arts / "r" / "configure.msgpack")
+    changed = Manifest(
+        stage=doc.stage,
+        stage_version=doc.stage_version,
+        inputs=doc.inputs,
+        upstream=doc.upstream,
+        outputs={**doc.outputs, "max_model_len": 7},
+        warnings=doc.warnings,
+        volatile=doc.volatile,
+    )
+    write(tmp_path / "configure.msgpack", changed)
+    assert msgpack.unpackb((tmp_path / "configure.msgpack").read_bytes())["outputs"]["max_model_len"] == 7
+    r = _cli(["diff", connected.arts / "r" / "configure.msgpack", tmp_path / "configure.msgpack"], connected.env)
+    assert r.returncode == 0, _show(r)
+    assert "1 difference(s)" in r.stdout and "configure: outputs.max_model_len: a=" in r.stdout and "b=7" in r.stdout
