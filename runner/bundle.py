@@ -13,6 +13,7 @@ A bundle (a folder, or the same tree as one `.tar`) holds:
     model/...                    a local-folder model's files instead of hub/ (resolve source "local")
     SHA256SUMS                   sha256sum's format, every file above (snapshot links included, with the
                                  sha256 of the blob they point to)
+    SHA256SUMS.sig               with `--sign KEY`: SHA256SUMS signed in the OpenSSF model-signing format
 
 The sha256 of each weight file and tokenizer file is the one the manifests recorded: nothing the run
 already hashed is hashed again (`prestage verify BUNDLE` re-reads every byte). Blobs keep the names they
@@ -42,6 +43,7 @@ FORMAT = "prestage.bundle"
 FORMAT_VERSION = 1
 FORMATS = ("dir", "tar")
 NEEDED = ("resolve", "configure", "tokenize-prep", "fetch-weights")
+SIG = checksums.NAME + ".sig"  # the signature of SHA256SUMS (runner/signing.py), beside it
 MTIME_KEY = "PRESTAGE.mtime_ns"  # pax header keeping a file's exact mtime (status compares it on one host)
 _COPY_BUF = 8 * 1024 * 1024
 
@@ -287,7 +289,7 @@ def _check_size(e: Entry) -> None:
         )
 
 
-def write_dir(entries: list[Entry], out: Path, link: bool) -> int:
+def write_dir(entries: list[Entry], out: Path, link: bool, sig: bytes | None = None) -> int:
     """The bundle as a folder at `out` (built under a temporary name, then renamed); how many files were linked."""
     tmp = _partial(out)
     linked = 0
@@ -304,6 +306,8 @@ def write_dir(entries: list[Entry], out: Path, link: bool) -> int:
                 _check_size(e)
                 linked += _copy(e.src, dst, e.mtime_ns, link and e.weight)
         (tmp / checksums.NAME).write_bytes(checksums.render({e.name: e.sha256 for e in entries}))
+        if sig is not None:
+            (tmp / SIG).write_bytes(sig)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -320,8 +324,9 @@ def _info(name: str, size: int, mtime_ns: int | None) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(entries: list[Entry], out: Path) -> None:
-    """The bundle as one uncompressed tar at `out`, streamed from the sources (SHA256SUMS first)."""
+def write_tar(entries: list[Entry], out: Path, sig: bytes | None = None) -> None:
+    """The bundle as one uncompressed tar at `out`, streamed from the sources (SHA256SUMS and its signature
+    first, so a reader checks them before any other byte)."""
     import io
 
     tmp = _partial(out)
@@ -332,6 +337,8 @@ def write_tar(entries: list[Entry], out: Path) -> None:
             tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BUF) as tar,
         ):
             tar.addfile(_info(checksums.NAME, len(sums), None), io.BytesIO(sums))
+            if sig is not None:
+                tar.addfile(_info(SIG, len(sig), None), io.BytesIO(sig))
             for e in entries:
                 if e.link is not None:
                     info = _info(e.name, 0, None)
@@ -355,7 +362,7 @@ def write_tar(entries: list[Entry], out: Path) -> None:
         raise
 
 
-def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, reporter) -> dict:
+def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, reporter, sign_key=None) -> dict:
     """Write the bundle of `run_dir` to `out`; a summary {bundle, format, files, bytes, linked, ...}."""
     out = Path(out)
     fmt = fmt or ("tar" if out.suffix == ".tar" else "dir")
@@ -368,15 +375,22 @@ def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, 
     if not out.parent.is_dir():
         raise errors.UsageError(f"-o {out}: folder {out.parent} does not exist; create it first")
     entries, meta = plan(run_dir, params)
+    sig = None
+    if sign_key is not None:
+        from prestage.runner import signing
+
+        sig = signing.sign(checksums.render({e.name: e.sha256 for e in entries}), sign_key)
     reporter.info(
         f"bundle: {meta['files']} files, {meta['bytes'] / 1e6:.1f} MB of {meta['source']} model "
         f"{meta['model']} -> {out} ({fmt})"
     )
     linked = 0
     if fmt == "dir":
-        linked = write_dir(entries, out, link)
+        linked = write_dir(entries, out, link, sig)
     else:
-        write_tar(entries, out)
+        write_tar(entries, out, sig)
+    if sig is not None:
+        reporter.info(f"bundle: {checksums.NAME} signed with {sign_key} ({SIG}, OpenSSF model-signing format)")
     if meta["source"] == "local":
         reporter.info("bundle: a local-folder model: its files are under model/ (no Hugging Face cache)")
     if link:
@@ -389,4 +403,5 @@ def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, 
         "files": meta["files"],
         "bytes": meta["bytes"],
         "linked": linked,
+        "signed": sig is not None,
     }

@@ -1,10 +1,11 @@
 """Reading a bundle, folder or tar, without trusting it: its checksum list and its entries, each checked.
 
-`open_bundle(path)` gives a reader with `listing` ({name: sha256} from SHA256SUMS), `meta` (bundle.json,
-checked against its listed sha256) and `members()` (every entry but SHA256SUMS: regular files, symlinks,
-folders and anything else, as found). `problem(member, listing)` says why an entry may not be placed: an
-unsafe name (absolute, `..`), a name SHA256SUMS does not list, a device file, a hard link, a FIFO, or a
-symlink that is not a snapshot link to a listed blob of the same repo with the same sha256.
+`open_bundle(path)` gives a reader with `listing` ({name: sha256} from SHA256SUMS), `sums` (its bytes),
+`signature` (SHA256SUMS.sig's bytes, or None) and `members()` (every entry but those two: regular files,
+symlinks, folders and anything else, as found); `meta_of(reader)` is bundle.json, checked against its sha256.
+`problem(member, listing)` says why an entry may not be placed: an unsafe name (absolute, `..`), a name
+SHA256SUMS does not list, a device file, a hard link, a FIFO, or a symlink that is not a snapshot link to a
+listed blob of the same repo with the same sha256.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prestage.runner import checksums
 from prestage.stages import errors
 
 MTIME_KEY = "PRESTAGE.mtime_ns"
+SIG = checksums.NAME + ".sig"
 
 
 @dataclass
@@ -91,7 +93,10 @@ class DirBundle:
         sums = self.root / checksums.NAME
         if sums.is_symlink() or not sums.is_file():
             raise errors.IntegrityError(f"{root}: no {checksums.NAME} file; this is not a complete prestage bundle")
-        self.listing = checksums.parse(sums.read_bytes(), self.where)
+        self.sums = sums.read_bytes()
+        self.listing = checksums.parse(self.sums, self.where)
+        sig = self.root / SIG
+        self.signature = sig.read_bytes() if sig.is_file() and not sig.is_symlink() else None
 
     def members(self) -> Iterator[Member]:
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
@@ -99,9 +104,9 @@ class DirBundle:
             for n in sorted(dirnames) + sorted(filenames):
                 p = Path(dirpath) / n
                 name = n if rel_dir == "." else f"{rel_dir}/{n}"
-                if name == checksums.NAME:
-                    continue
                 st = p.lstat()
+                if name == checksums.NAME or (name == SIG and stat.S_ISREG(st.st_mode)):
+                    continue
                 if stat.S_ISLNK(st.st_mode):
                     yield Member(name, "link", link=os.readlink(p), path=p)
                 elif stat.S_ISDIR(st.st_mode):
@@ -147,7 +152,10 @@ class TarBundle:
             raise errors.IntegrityError(
                 f"{path}: no {checksums.NAME} in the tar; this is not a prestage bundle, or it is truncated"
             )
-        self.listing = checksums.parse(self._bytes(sums), self.where)
+        self.sums = self._bytes(sums)
+        self.listing = checksums.parse(self.sums, self.where)
+        sig = self.by_name.get(SIG)
+        self.signature = self._bytes(sig) if sig is not None and sig.isreg() else None
 
     def _bytes(self, info: tarfile.TarInfo) -> bytes:
         try:
@@ -165,7 +173,7 @@ class TarBundle:
         seen = set()
         for info in self.infos:
             name = _norm(info.name)
-            if name == checksums.NAME:
+            if name == checksums.NAME or (name == SIG and info.isreg()):
                 continue
             if name in seen:
                 yield Member(name, "other", detail="a second entry with the same name")

@@ -312,15 +312,18 @@ def status_cmd(state: _State, run: str, json_out: bool, download_dir):
 @click.argument("run", metavar="RUN|BUNDLE")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
 @click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
+@click.option(
+    "--verify-key", default=None, metavar="PUB", help="BUNDLE: refuse it unless SHA256SUMS is signed by this key."
+)
 @click.pass_obj
-def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
+def verify_cmd(state: _State, run: str, json_out: bool, download_dir, verify_key):
     """Re-hash every weight and tokenizer file of RUN and report each one; for a BUNDLE (folder or .tar), every
     file against its SHA256SUMS, and every entry checked to be one a bundle may hold. Offline, in parallel."""
     from prestage.runner.show import dumps, verify_text
     from prestage.runner.verify import is_bundle, verify_bundle, verify_run
 
     if is_bundle(run):
-        ok, report = verify_bundle(run, state.reporter(json_out))
+        ok, report = verify_bundle(run, state.reporter(json_out), verify_key)
         click.echo(dumps({"bundle": run, "ok": ok, "files": report}) if json_out else verify_text(report))
         if not ok:
             bad = [r for r in report if not r.get("ok")]
@@ -329,6 +332,8 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
                 f"{str(bad[0]['reason'])[:120]}); copy the bundle again from its source"
             )
         return
+    if verify_key:
+        raise errors.UsageError(f"--verify-key checks a bundle's signature; {run} is a run, not a bundle")
     run_dir = state.run_dir(run)
     ok, report = verify_run(run_dir, {"download_dir": download_dir}, state.reporter(json_out))
     click.echo(dumps({"run": run_dir.name, "ok": ok, "files": report}) if json_out else verify_text(report))
@@ -356,17 +361,25 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
     help="dir (a folder) or tar (one uncompressed .tar, streamed) [default: tar when PATH ends in .tar, else dir].",
 )
 @click.option("--link", is_flag=True, help="Hard-link the weight files into a folder bundle (same filesystem).")
+@click.option(
+    "--sign",
+    "sign_key",
+    default=None,
+    metavar="KEY",
+    help="Sign SHA256SUMS with this PEM elliptic-curve private key (OpenSSF model-signing; offline).",
+)
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
 @click.pass_obj
-def bundle_cmd(state: _State, run: str, output: str, fmt, link: bool, json_out: bool, download_dir):
+def bundle_cmd(state: _State, run: str, output: str, fmt, link: bool, sign_key, json_out: bool, download_dir):
     """Write RUN (fresh up to fetch-weights) as one self-contained bundle for a machine with no network: its
     manifests, stored tokenizer and model files as a Hugging Face cache under hub/ (a local folder model under
     model/), with a SHA256SUMS list reusing the sha256 the manifests recorded."""
     from prestage.runner.bundle import bundle
 
     reporter = state.reporter(json_out)
-    summary = bundle(state.run_dir(run), Path(output), fmt, link, {"download_dir": download_dir}, reporter)
+    params = {"download_dir": download_dir}
+    summary = bundle(state.run_dir(run), Path(output), fmt, link, params, reporter, sign_key)
     _emit(reporter, summary)
 
 
@@ -384,9 +397,12 @@ def bundle_cmd(state: _State, run: str, output: str, fmt, link: bool, json_out: 
     metavar="DIR",
     help="Local-folder models: confirm where the model folder goes (the place the run records).",
 )
+@click.option(
+    "--verify-key", default=None, metavar="PUB", help="Refuse the bundle unless SHA256SUMS is signed by this key."
+)
 @click.option("--json", "json_out", is_flag=True, help="Print what was placed as JSON on stdout.")
 @click.pass_obj
-def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, json_out: bool):
+def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, verify_key, json_out: bool):
     """Check every file of BUNDLE against its SHA256SUMS, then place the run under --artifacts (name: the
     bundle's run, or --run NAME) and the model files in the cache. Nothing is placed unless everything checks."""
     from prestage.runner.unbundle import unbundle
@@ -394,7 +410,7 @@ def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, json_out: bool)
 
     reporter = state.reporter(json_out)
     cache = Path(hub_cache).expanduser() if hub_cache else hub.default_cache_dir()
-    report = unbundle(path, state.artifacts, cache, state.run, model_dir, reporter)
+    report = unbundle(path, state.artifacts, cache, state.run, model_dir, reporter, verify_key)
     _emit(reporter, report)
 
 

@@ -1,7 +1,8 @@
 """`prestage unbundle PATH`: place a bundle's run and model files, checking everything before placing anything.
 
 Order of work:
-    1. read SHA256SUMS and bundle.json; refuse a run name or model folder that is already taken (usage);
+    1. read SHA256SUMS (with --verify-key, check its signature first) and bundle.json; refuse a run name
+       or a model folder that is already taken (usage);
     2. check every entry: a safe name SHA256SUMS lists, a regular file or a snapshot link to a listed blob
        (no absolute path, no `..`, no link leading outside, no device file, no hard link);
     3. copy each file into a staging folder (`.prestage-unbundle-<pid>` inside the target artifacts folder
@@ -187,10 +188,16 @@ def _place_link(final: Path, target: str) -> bool:
     return True
 
 
-def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir, reporter) -> dict:
-    """Check the bundle at `path` in full, then place it; a report {run, run_dir, placed, skipped, ...}."""
+def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir, reporter, verify_key=None) -> dict:
+    """Check the bundle at `path` in full (with `verify_key`, its signature first), then place it; a report
+    {run, run_dir, placed, skipped, ...}."""
     b = open_bundle(path)
     try:
+        if verify_key is not None:
+            from prestage.runner import signing
+
+            signing.verify(b.sums, b.signature, verify_key, b.where)
+            reporter.info(f"unbundle: the signature of {checksums.NAME} verifies with {verify_key}")
         listing = b.listing
         meta = meta_of(b)
         name, local_target = _check_target(meta, b.where, artifacts, run, model_dir)

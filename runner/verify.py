@@ -79,9 +79,10 @@ def is_bundle(target) -> bool:
     return (p.is_dir() and (p / "SHA256SUMS").exists()) or p.is_file()
 
 
-def verify_bundle(path, reporter) -> tuple[bool, list[dict]]:
+def verify_bundle(path, reporter, verify_key=None) -> tuple[bool, list[dict]]:
     """Re-hash every file of a bundle against its SHA256SUMS (folder: in parallel; tar: in one pass) and check
-    every entry is one a bundle may hold; (all ok, a row per listed file and per refused entry)."""
+    every entry is one a bundle may hold (with `verify_key`, the signature of SHA256SUMS first: IntegrityError
+    when it does not verify); (all ok, a row per listed file and per refused entry)."""
     import tarfile
 
     from prestage.runner import checksums
@@ -90,6 +91,11 @@ def verify_bundle(path, reporter) -> tuple[bool, list[dict]]:
 
     b = open_bundle(path)
     try:
+        if verify_key is not None:
+            from prestage.runner import signing
+
+            signing.verify(b.sums, b.signature, verify_key, b.where)
+            reporter.info(f"verify: the signature of {checksums.NAME} verifies with {verify_key}")
         listing = b.listing
         members = list(b.members())
         files = [m for m in members if m.kind == "file" and m.name in listing and not problem(m, listing)]

@@ -424,3 +424,66 @@ def test_diff_of_two_manifest_files_on_the_command_line(connected, tmp_path):
     r = _cli(["diff", connected.arts / "r" / "configure.msgpack", tmp_path / "configure.msgpack"], connected.env)
     assert r.returncode == 0, _show(r)
     assert "1 difference(s)" in r.stdout and "configure: outputs.max_model_len: a=" in r.stdout and "b=7" in r.stdout
+
+
+# ---- signing (OpenSSF model-signing, private-key method) -------------------------------------------------
+
+
+def _keypair(folder: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = folder / f"{name}.pem", folder / f"{name}.pub"
+    priv.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return priv, pub
+
+
+def test_signed_bundle_verifies_and_unsigned_resigned_or_altered_ones_are_refused(connected, tmp_path):
+    priv, pub = _keypair(tmp_path, "ours")
+    other_priv, _ = _keypair(tmp_path, "theirs")
+    env = connected.env
+    signed_dir, signed_tar, resigned = tmp_path / "signed", tmp_path / "signed.tar", tmp_path / "resigned"
+    for out, key in ((signed_dir, priv), (signed_tar, priv), (resigned, other_priv)):
+        r = _cli(["--artifacts", connected.arts, "bundle", "r", "-o", out, "--sign", key, "--json"], env)
+        assert r.returncode == 0 and json.loads(r.stdout)["signed"] is True, _show(r)
+    assert (signed_dir / "SHA256SUMS.sig").is_file()
+    with tarfile.open(signed_tar) as tar:
+        assert tar.getnames()[:2] == ["SHA256SUMS", "SHA256SUMS.sig"]
+
+    for bundle in (signed_dir, signed_tar):
+        v = _cli(["verify", bundle, "--verify-key", pub], env)
+        assert v.returncode == 0, _show(v)
+        arts, cache = tmp_path / f"arts-{bundle.name}", tmp_path / f"cache-{bundle.name}"
+        u = _cli(["--artifacts", arts, "unbundle", bundle, "--verify-key", pub], connected.offline_env(cache))
+        assert u.returncode == 0 and "signature of SHA256SUMS verifies" in u.stderr, _show(u)
+
+    altered = tmp_path / "altered"
+    shutil.copytree(signed_dir, altered, symlinks=True)
+    (altered / "run" / "extra").write_text("x")
+    with open(altered / "SHA256SUMS", "a") as fh:  # listed, so only the signature can catch it
+        fh.write(f"{hashlib.sha256(b'x').hexdigest()}  run/extra\n")
+    cases = [
+        (connected.dir, "not signed"),
+        (resigned, "another key"),
+        (altered, "SHA256SUMS was altered"),
+    ]
+    for bundle, says in cases:
+        arts, cache = tmp_path / "arts-bad", tmp_path / "cache-bad"
+        r = _cli(["--artifacts", arts, "unbundle", bundle, "--verify-key", pub], connected.offline_env(cache))
+        lines = [x for x in r.stderr.splitlines() if x.startswith("prestage: error:")]
+        assert r.returncode == CODE["integrity"] and len(lines) == 1 and says in lines[0], (says, _show(r))
+        _nothing_placed(arts, cache)
+        v = _cli(["verify", bundle, "--verify-key", pub], env)
+        assert v.returncode == CODE["integrity"] and says in v.stderr, (says, _show(v))
+    # without a key the altered bundle is self-consistent: the signature is what catches it
+    assert _cli(["verify", altered], env).returncode == 0
+    nokey = _cli(
+        ["--artifacts", connected.arts, "bundle", "r", "-o", tmp_path / "n", "--sign", tmp_path / "none.pem"], env
+    )
+    assert nokey.returncode == CODE["not-found"] and "--sign" in nokey.stderr, _show(nokey)
