@@ -112,21 +112,34 @@ def _check_target(meta: dict, where: str, artifacts: Path, run: str | None, mode
     return name, recorded
 
 
-def _stage_file(b, m, t: _Targets, listing: dict, skipped: list) -> None:
-    """Copy one listed file into staging, hashing it; a matching blob already in the target cache is skipped."""
+def _stage_file(b, m, t: _Targets, listing: dict, skipped: list, hashing=None):
+    """Copy one listed file into staging, hashing it; a matching blob already in the target cache is skipped.
+    With `hashing` (a thread pool) the copy is not hashed here: the staged file is hashed on the pool while
+    the next one is read (a tar is read in order, one file at a time), and the future of the check returned."""
     want = listing[m.name]
     final = t.final(m.name)
     if m.name.startswith("hub/") and "/blobs/" in m.name and final.is_file() and not final.is_symlink():
         if sha256_file(final)[1] == want:
             skipped.append(m.name)
-            return
+            return None
     dst = t.staged(m.name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with b.open(m) as src, open(dst, "wb") as out:
-            size, sha = hash_stream(src, out)
+        if hashing is None:
+            with b.open(m) as src, open(dst, "wb") as out:
+                size, sha = hash_stream(src, out)
+        else:
+            with open(dst, "wb") as out:
+                b.copy_to(m, out)
     except (tarfile.TarError, EOFError) as e:
         raise errors.IntegrityError(f"{b.where}: {m.name}: cannot be read ({e}); the tar is truncated") from None
+    if hashing is not None:
+        return hashing.submit(lambda: _check_staged(b, m, dst, *sha256_file(dst), want))
+    _check_staged(b, m, dst, size, sha, want)
+    return None
+
+
+def _check_staged(b, m, dst: Path, size: int, sha: str, want: str) -> None:
     if size != m.size:
         raise errors.IntegrityError(f"{b.where}: {m.name}: {size} of {m.size} bytes; the bundle is truncated")
     if sha != want:
@@ -228,8 +241,11 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
                 with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
                     list(pool.map(lambda m: _stage_file(b, m, t, listing, skipped), files))
             else:
-                for m in files:
-                    _stage_file(b, m, t, listing, skipped)
+                with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+                    checks = [_stage_file(b, m, t, listing, skipped, pool) for m in files]
+                    for c in checks:
+                        if c is not None:
+                            c.result()
             stages = _check_manifests(t, listing, meta, b.where)
             placed = _place(t, files, links, skipped)
         finally:
