@@ -18,8 +18,9 @@ A bundle (a folder, or the same tree as one `.tar`) holds:
 The sha256 of each weight file and tokenizer file is the one the manifests recorded: nothing the run
 already hashed is hashed again (`prestage verify BUNDLE` re-reads every byte). Blobs keep the names they
 have in the source cache. The tar is streamed with tarfile straight into PATH (written under a temporary
-name, then renamed); `--link` hard-links weight blobs into a folder bundle when both are on one
-filesystem. The bundle is reproducible: the same run gives the same file list and checksums.
+name, then renamed); `--format oci` writes the same files as an OCI image layout (runner/oci.py); `--link`
+hard-links weight blobs into a folder or OCI bundle when both are on one filesystem. The bundle is
+reproducible: the same run gives the same file list and checksums.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from prestage.stages.records import record_of
 
 FORMAT = "prestage.bundle"
 FORMAT_VERSION = 1
-FORMATS = ("dir", "tar")
+FORMATS = ("dir", "tar", "oci")
 NEEDED = ("resolve", "configure", "tokenize-prep", "fetch-weights")
 SIG = checksums.NAME + ".sig"  # the signature of SHA256SUMS (runner/signing.py), beside it
 MTIME_KEY = "PRESTAGE.mtime_ns"  # pax header keeping a file's exact mtime (status compares it on one host)
@@ -368,8 +369,8 @@ def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, 
     fmt = fmt or ("tar" if out.suffix == ".tar" else "dir")
     if fmt not in FORMATS:
         raise errors.UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if link and fmt != "dir":
-        raise errors.UsageError("--link hard-links files into a folder bundle; drop it or use --format dir")
+    if link and fmt == "tar":
+        raise errors.UsageError("--link hard-links files into a folder bundle; drop it or use --format dir or oci")
     if out.exists() or out.is_symlink():
         raise errors.UsageError(f"-o {out}: already exists; remove it or pick another path (a bundle is never merged)")
     if not out.parent.is_dir():
@@ -387,6 +388,10 @@ def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, 
     linked = 0
     if fmt == "dir":
         linked = write_dir(entries, out, link, sig)
+    elif fmt == "oci":
+        from prestage.runner.oci import write_layout
+
+        linked = write_layout(entries, meta, out, link, sig)
     else:
         write_tar(entries, out, sig)
     if sig is not None:

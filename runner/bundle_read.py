@@ -238,9 +238,13 @@ class TarBundle:
         self.tar.close()
 
 
-def open_bundle(path) -> DirBundle | TarBundle:
-    """A reader for the bundle at `path` (a folder holding SHA256SUMS, or a tar file)."""
+def open_bundle(path):
+    """A reader for the bundle at `path` (a folder holding SHA256SUMS, an OCI image layout, or a tar file)."""
     p = Path(path)
+    from prestage.runner.oci import OciBundle, is_layout
+
+    if is_layout(p):
+        return OciBundle(p)
     if p.is_dir():
         return DirBundle(p)
     if not p.exists():

@@ -5,6 +5,7 @@
     prestage inspect FILE|RUN       prestage status RUN          prestage verify RUN
     prestage serve RUN              (the OpenAI API over the launch engine)
     prestage bundle RUN -o PATH     prestage unbundle BUNDLE     prestage diff A B
+    prestage push RUN|BUNDLE REF    prestage pull REF -o PATH
     (verify also takes a BUNDLE)
 
 Global options (--artifacts, --run, -v, -q) go before or after the subcommand. Every flag of every stage a
@@ -356,11 +357,12 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir, verify_key
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["dir", "tar"]),
+    type=click.Choice(["dir", "tar", "oci"]),
     default=None,
-    help="dir (a folder) or tar (one uncompressed .tar, streamed) [default: tar when PATH ends in .tar, else dir].",
+    help="dir (a folder), tar (one uncompressed .tar, streamed) or oci (an OCI image layout, ModelPack media types) "
+    "[default: tar when PATH ends in .tar, else dir].",
 )
-@click.option("--link", is_flag=True, help="Hard-link the weight files into a folder bundle (same filesystem).")
+@click.option("--link", is_flag=True, help="Hard-link the weight files into a folder or OCI bundle (same filesystem).")
 @click.option(
     "--sign",
     "sign_key",
@@ -412,6 +414,61 @@ def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, verify_key, jso
     cache = Path(hub_cache).expanduser() if hub_cache else hub.default_cache_dir()
     report = unbundle(path, state.artifacts, cache, state.run, model_dir, reporter, verify_key)
     _emit(reporter, report)
+
+
+_PLAIN_HTTP = "Talk to the registry over plain HTTP (a local registry without TLS)."
+
+
+@click.command("push")
+@click.argument("source", metavar="RUN|BUNDLE")
+@click.argument("ref", metavar="REGISTRY/NAME:TAG")
+@click.option("--plain-http", is_flag=True, help=_PLAIN_HTTP)
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
+@click.pass_obj
+def push_cmd(state: _State, source: str, ref: str, plain_http: bool, json_out: bool, download_dir):
+    """Push RUN (bundled on the way as an OCI layout, weights hard-linked where possible) or an OCI BUNDLE to an
+    OCI registry with the oras SDK; blobs the registry holds are not sent again."""
+    import shutil
+    import tempfile
+
+    from prestage.runner import oci
+    from prestage.runner.verify import is_bundle
+
+    reporter = state.reporter(json_out)
+    if oci.is_layout(source):
+        result = oci.push(Path(source), ref, plain_http, reporter)
+    elif is_bundle(source):
+        raise errors.UsageError(
+            f"{source}: a folder or tar bundle; push takes a run or an OCI bundle (`prestage bundle RUN --format oci`)"
+        )
+    else:
+        from prestage.runner.bundle import bundle
+
+        run_dir = state.run_dir(source)
+        tmp = Path(tempfile.mkdtemp(prefix=".prestage-push-", dir=run_dir.parent if run_dir.parent.is_dir() else None))
+        try:
+            layout = tmp / "layout"
+            bundle(run_dir, layout, "oci", True, {"download_dir": download_dir}, reporter)
+            result = oci.push(layout, ref, plain_http, reporter)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _emit(reporter, result)
+
+
+@click.command("pull")
+@click.argument("ref", metavar="REGISTRY/NAME:TAG")
+@click.option("-o", "--output", "output", required=True, metavar="PATH", help="OCI layout to write (must not exist).")
+@click.option("--plain-http", is_flag=True, help=_PLAIN_HTTP)
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@click.pass_obj
+def pull_cmd(state: _State, ref: str, output: str, plain_http: bool, json_out: bool):
+    """Pull a bundle pushed with `prestage push` into a new OCI layout at PATH (every blob's sha256 checked);
+    then `prestage unbundle PATH` places it."""
+    from prestage.runner import oci
+
+    reporter = state.reporter(json_out)
+    _emit(reporter, oci.pull(ref, Path(output), plain_http, reporter))
 
 
 @click.command("diff")
@@ -514,6 +571,8 @@ _BUILTIN = {
     "bundle": lambda: bundle_cmd,
     "unbundle": lambda: unbundle_cmd,
     "diff": lambda: diff_cmd,
+    "push": lambda: push_cmd,
+    "pull": lambda: pull_cmd,
 }
 _SHORT = {
     "resolve": "Find MODEL, pin its revision, record its files.",
@@ -529,6 +588,8 @@ _SHORT = {
     "bundle": "Write RUN as one self-contained bundle (folder or .tar) for a machine with no network.",
     "unbundle": "Check a bundle in full, then place its run and model files.",
     "diff": "Show field by field what differs between two runs, bundles or manifests.",
+    "push": "Push a run or an OCI bundle to an OCI registry (oras).",
+    "pull": "Pull a pushed bundle from an OCI registry into an OCI layout.",
 }
 
 
@@ -536,7 +597,7 @@ class _Group(click.Group):
     """Builds commands on demand, so `--help` and `inspect` don't import every stage."""
 
     def list_commands(self, ctx):
-        return [*ORDER, "run", "serve", "inspect", "status", "verify", "bundle", "unbundle", "diff"]
+        return [*ORDER, "run", "serve", "inspect", "status", "verify", "bundle", "unbundle", "diff", "push", "pull"]
 
     def get_command(self, ctx, name):
         if name in STAGES:

@@ -75,8 +75,10 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
 
 def is_bundle(target) -> bool:
     """Whether `target` names a bundle (a folder holding SHA256SUMS, or a file: a bundle tar) rather than a run."""
+    from prestage.runner.oci import is_layout
+
     p = Path(target)
-    return (p.is_dir() and (p / "SHA256SUMS").exists()) or p.is_file()
+    return (p.is_dir() and (p / "SHA256SUMS").exists()) or is_layout(p) or p.is_file()
 
 
 def verify_bundle(path, reporter, verify_key=None) -> tuple[bool, list[dict]]:
