@@ -269,13 +269,32 @@ def _ref(ref: str):
     return m.group("host"), ref if m.group("tag") else ref + ":latest"
 
 
-def _client(host: str, insecure: bool):
+def _client(host: str, insecure: bool, ref: str):
+    """An oras Registry for `host`, its console logging off (errors come back as one line from here), checked
+    to answer /v2/ within 10 s: the SDK retries a refused connection for minutes, so an unreachable registry
+    fails here at once."""
     provider = _oras()
-    return provider.Registry(hostname=host, insecure=insecure, auth_backend="basic")
+    import oras.logger
+
+    oras.logger.logger.log_handler = []  # the SDK prints its errors on stdout; they are reported here instead
+    client = provider.Registry(hostname=host, insecure=insecure, auth_backend="basic")
+    url = f"{client.prefix}://{host}/v2/"
+    try:
+        r = client.session.get(url, timeout=10, verify=client._tls_verify)
+    except Exception as e:
+        hint = "; pass --plain-http for a registry without TLS" if not insecure else ""
+        raise errors.NetworkError(f"{ref}: registry {url} cannot be reached ({type(e).__name__}){hint}") from None
+    if r.status_code not in (200, 401):
+        raise errors.NetworkError(f"{ref}: {url} answered {r.status_code}; is {host} an OCI registry?")
+    return client
 
 
 def _registry_error(e: Exception, ref: str) -> errors.PrestageError:
     msg = " ".join(str(e).split())[:200]
+    if "Not Found" in msg or "404" in msg:
+        return errors.NotFoundError(f"{ref}: the registry has no such repository or tag; check REGISTRY/NAME:TAG")
+    if "Unauthorized" in msg or "Forbidden" in msg or "401" in msg or "403" in msg:
+        return errors.AuthError(f"{ref}: the registry refused access ({msg[:80]}); log in with `oras login`")
     return errors.NetworkError(f"{ref}: the registry refused or could not be reached ({type(e).__name__}: {msg})")
 
 
@@ -283,7 +302,7 @@ def push(layout: Path, ref: str, insecure: bool, reporter) -> dict:
     """Upload a layout's blobs (each skipped when the registry has it) and its manifest to REGISTRY/NAME:TAG."""
     host, target = _ref(ref)
     manifest = read_manifest(layout)
-    client = _client(host, insecure)
+    client = _client(host, insecure, ref)
     blobs = layout / "blobs" / "sha256"
     sent = 0
     try:
@@ -311,7 +330,7 @@ def pull(ref: str, out: Path, insecure: bool, reporter) -> dict:
     host, target = _ref(ref)
     if out.exists():
         raise errors.UsageError(f"-o {out}: already exists; pick a new path for the pulled layout")
-    client = _client(host, insecure)
+    client = _client(host, insecure, ref)
     from prestage.runner.bundle import _partial
     from prestage.runner.bundle_read import hash_stream
 

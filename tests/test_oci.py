@@ -121,7 +121,15 @@ def test_push_pull_through_a_registry_then_launch(connected, registry, tmp_path)
     d = _cli(["diff", connected.arts / "r", pulled, "--json"], env)
     assert json.loads(d.stdout)["same"] is True, d.stdout
     missing = _cli(["pull", f"{registry}/prestage/none:v1", "-o", tmp_path / "none", "--plain-http"], env)
-    assert missing.returncode != 0 and len([x for x in missing.stderr.splitlines() if "error" in x]) == 1, _show(
-        missing
-    )
+    assert missing.returncode == CODE["not-found"] and missing.stdout == "", _show(missing)
+    assert len(missing.stderr.strip().splitlines()) == 1 and "no such repository or tag" in missing.stderr
     assert not (tmp_path / "none").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    t0 = time.monotonic()
+    down = _cli(["push", connected.dir, f"127.0.0.1:{closed}/p/t:v1", "--plain-http"], env)
+    assert down.returncode == CODE["usage"] and "--format oci" in down.stderr, _show(down)  # a folder bundle
+    down = _cli(["pull", f"127.0.0.1:{closed}/p/t:v1", "-o", tmp_path / "d", "--plain-http"], env)
+    assert down.returncode == CODE["network"] and "cannot be reached" in down.stderr, _show(down)
+    assert time.monotonic() - t0 < 30  # no minutes of library retries
