@@ -138,6 +138,7 @@ def _print_completions(completions: list[dict]) -> None:
 
 
 _JSON_HELP = "Print the result as JSON on stdout."
+_PLAIN_HTTP = "Talk to the registry over plain HTTP (a local registry without TLS)."
 _LAUNCH_JSON_HELP = (
     "Print the result as JSON on stdout; the completions are at its top-level `completions` key "
     "(a list of {prompt, text, token_ids, finish_reason})."
@@ -386,7 +387,7 @@ def bundle_cmd(state: _State, run: str, output: str, fmt, link: bool, sign_key, 
 
 
 @click.command("unbundle")
-@click.argument("path", metavar="BUNDLE")
+@click.argument("path", metavar="BUNDLE|REF")
 @click.option(
     "--hub-cache",
     default=None,
@@ -402,21 +403,39 @@ def bundle_cmd(state: _State, run: str, output: str, fmt, link: bool, sign_key, 
 @click.option(
     "--verify-key", default=None, metavar="PUB", help="Refuse the bundle unless SHA256SUMS is signed by this key."
 )
+@click.option("--plain-http", is_flag=True, help="REF: " + _PLAIN_HTTP)
 @click.option("--json", "json_out", is_flag=True, help="Print what was placed as JSON on stdout.")
 @click.pass_obj
-def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, verify_key, json_out: bool):
-    """Check every file of BUNDLE against its SHA256SUMS, then place the run under --artifacts (name: the
-    bundle's run, or --run NAME) and the model files in the cache. Nothing is placed unless everything checks."""
+def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, verify_key, plain_http: bool, json_out: bool):
+    """Check every file of BUNDLE (a folder, a .tar, an OCI layout, or REGISTRY/NAME:TAG: pulled first) against
+    its SHA256SUMS, then place the run under --artifacts (name: the bundle's run, or --run NAME) and the model
+    files in the cache. Nothing is placed unless everything checks."""
+    import shutil
+    import tempfile
+
     from prestage.runner.unbundle import unbundle
     from prestage.stages import hub
 
     reporter = state.reporter(json_out)
     cache = Path(hub_cache).expanduser() if hub_cache else hub.default_cache_dir()
-    report = unbundle(path, state.artifacts, cache, state.run, model_dir, reporter, verify_key)
+    pulled = None
+    if not Path(path).exists() and ":" in path and "/" in path:  # a registry reference, not a local bundle
+        from prestage.runner import oci
+
+        state.artifacts.mkdir(parents=True, exist_ok=True)
+        pulled = Path(tempfile.mkdtemp(prefix=".prestage-pull-", dir=state.artifacts))
+        try:
+            oci.pull(path, pulled / "layout", plain_http, reporter)
+        except BaseException:
+            shutil.rmtree(pulled, ignore_errors=True)
+            raise
+    try:
+        source = pulled / "layout" if pulled else path
+        report = unbundle(source, state.artifacts, cache, state.run, model_dir, reporter, verify_key)
+    finally:
+        if pulled is not None:
+            shutil.rmtree(pulled, ignore_errors=True)
     _emit(reporter, report)
-
-
-_PLAIN_HTTP = "Talk to the registry over plain HTTP (a local registry without TLS)."
 
 
 @click.command("push")

@@ -118,6 +118,11 @@ def test_push_pull_through_a_registry_then_launch(connected, registry, tmp_path)
     launched = _cli(["--artifacts", arts, "launch", "r", "--json", *PROMPT], env)
     assert launched.returncode == 0, _show(launched)
     assert json.loads(launched.stdout)["completions"][0]["token_ids"] == connected.tokens
+    # unbundle straight from the registry: pulled into a temporary layout, checked, placed, the layout removed
+    arts3 = tmp_path / "arts3"
+    direct = _cli(["--artifacts", arts3, "--run", "r3", "unbundle", ref, "--plain-http", "--json"], env)
+    assert direct.returncode == 0, _show(direct)
+    assert sorted(p.name for p in arts3.iterdir()) == ["r3"] and json.loads(direct.stdout)["skipped"]
     d = _cli(["diff", connected.arts / "r", pulled, "--json"], env)
     assert json.loads(d.stdout)["same"] is True, d.stdout
     missing = _cli(["pull", f"{registry}/prestage/none:v1", "-o", tmp_path / "none", "--plain-http"], env)
