@@ -6,6 +6,7 @@ fetch-weights (no hub: a local model's bundle holds the same bytes under model/ 
 each timed as the whole command (process start included), best of `--repeat`:
 
     bundle --format dir       beside  cp -r MODEL
+    bundle --format oci       beside  cp -r MODEL
     bundle --format tar       beside  tar -cf of MODEL
     unbundle of the tar       beside  tar -xf (unbundle hashes every byte against SHA256SUMS on the way)
     unbundle of the folder    beside  cp -r
@@ -88,10 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
 
             return prepare
 
-        r = {}
+        r = {"startup": _best(args.repeat, lambda i: None, lambda i: prestage_cmd("--version"), env)}
         bundle = prestage_cmd("--artifacts", str(arts), "-q", "bundle", "big")
         r["bundle_dir"] = _best(args.repeat, clear(out / "d"), lambda i: [*bundle, "-o", str(out / "d")], env)
         r["cp_r"] = _best(args.repeat, clear(out / "cp"), lambda i: ["cp", "-r", str(model), str(out / "cp")])
+        r["bundle_oci"] = _best(
+            args.repeat, clear(out / "o"), lambda i: [*bundle, "-o", str(out / "o"), "--format", "oci"], env
+        )
         r["bundle_tar"] = _best(args.repeat, clear(out / "b.tar"), lambda i: [*bundle, "-o", str(out / "b.tar")], env)
         r["tar_c"] = _best(
             args.repeat,
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         rows = [
             ("bundle --format dir", "bundle_dir", "cp -r", "cp_r"),
+            ("bundle --format oci", "bundle_oci", "cp -r", "cp_r"),
             ("bundle --format tar", "bundle_tar", "tar -cf", "tar_c"),
             ("unbundle (tar, checks every sha256)", "unbundle_tar", "tar -xf", "tar_x"),
             ("unbundle (folder, checks every sha256)", "unbundle_dir", "cp -r", "cp_r_again"),
@@ -154,8 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "speed_ratio": round(ratio, 3),
                 }
             )
+        print(f"  (prestage's fixed cost, `prestage --version`: {r['startup']:.2f}s of each prestage figure)")
         result = {
             "size_bytes": nbytes,
+            "prestage_startup_s": round(r["startup"], 3),
             "shards": args.shards,
             "cpu_count": os.cpu_count(),
             "repeat": args.repeat,

@@ -122,6 +122,10 @@ class DirBundle:
     def open(self, m: Member) -> BinaryIO:
         return open(m.path, "rb", buffering=0)
 
+    def copy_to(self, m: Member, dst: Path) -> None:
+        """Copy a member's bytes to `dst` (in the kernel where the OS allows)."""
+        shutil.copyfile(m.path, dst, follow_symlinks=False)
+
     def read(self, name: str) -> bytes:
         p = self.root / name
         if p.is_symlink() or not p.is_file():
@@ -205,9 +209,13 @@ class TarBundle:
     def open(self, m: Member) -> BinaryIO:
         return self.tar.extractfile(m.tar_info)
 
-    def copy_to(self, m: Member, out: BinaryIO) -> None:
-        """Copy a regular member's bytes into `out`: in the kernel (copy_file_range) from an uncompressed tar,
+    def copy_to(self, m: Member, dst: Path) -> None:
+        """Copy a regular member's bytes to `dst`: in the kernel (copy_file_range) from an uncompressed tar,
         else through tarfile. A tar cut short is a tarfile.ReadError either way."""
+        with open(dst, "wb") as out:
+            self._copy(m, out)
+
+    def _copy(self, m: Member, out: BinaryIO) -> None:
         info = m.tar_info
         raw = getattr(self.tar.fileobj, "fileno", None)
         if self.plain and raw is not None and hasattr(os, "copy_file_range"):

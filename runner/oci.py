@@ -238,6 +238,9 @@ class OciBundle:
     def open(self, m: Member):
         return open(m.path, "rb", buffering=0)
 
+    def copy_to(self, m: Member, dst: Path) -> None:
+        shutil.copyfile(m.path, dst, follow_symlinks=False)
+
     def read(self, name: str) -> bytes:
         for m in self.members_:
             if m.name == name and m.kind == "file":

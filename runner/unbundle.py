@@ -6,7 +6,8 @@ Order of work:
     2. check every entry: a safe name SHA256SUMS lists, a regular file or a snapshot link to a listed blob
        (no absolute path, no `..`, no link leading outside, no device file, no hard link);
     3. copy each file into a staging folder (`.prestage-unbundle-<pid>` inside the target artifacts folder
-       and inside the target cache, so the final renames stay on one filesystem) hashing it on the way; a
+       and inside the target cache, so the final renames stay on one filesystem), in the kernel where the
+       OS allows, and hash each copy on a thread pool while the next one is copied; a
        blob the target cache already holds is hashed there and skipped when it matches;
     4. check the staged manifests: each one whole, and each one's upstream digests equal to the manifests
        beside it (an edited manifest is refused), and the weight files' listed sha256 equal to what
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from prestage.runner import checksums
 from prestage.runner.arguments import check_run_name
-from prestage.runner.bundle_read import hash_stream, meta_of, open_bundle, problem
+from prestage.runner.bundle_read import meta_of, open_bundle, problem
 from prestage.stages import ORDER, errors
 from prestage.stages.digest import sha256_file
 from prestage.stages.manifest import loads, pid_alive
@@ -112,10 +113,10 @@ def _check_target(meta: dict, where: str, artifacts: Path, run: str | None, mode
     return name, recorded
 
 
-def _stage_file(b, m, t: _Targets, listing: dict, skipped: list, hashing=None):
-    """Copy one listed file into staging, hashing it; a matching blob already in the target cache is skipped.
-    With `hashing` (a thread pool) the copy is not hashed here: the staged file is hashed on the pool while
-    the next one is read (a tar is read in order, one file at a time), and the future of the check returned."""
+def _stage_file(b, m, t: _Targets, listing: dict, skipped: list, hashing):
+    """Copy one listed file into staging and hand its check (size, sha256) to the `hashing` pool, which hashes
+    the staged copy while the next file is copied; the future of the check. A blob the target cache already
+    holds with the listed sha256 is skipped (None)."""
     want = listing[m.name]
     final = t.final(m.name)
     if m.name.startswith("hub/") and "/blobs/" in m.name and final.is_file() and not final.is_symlink():
@@ -125,18 +126,10 @@ def _stage_file(b, m, t: _Targets, listing: dict, skipped: list, hashing=None):
     dst = t.staged(m.name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if hashing is None:
-            with b.open(m) as src, open(dst, "wb") as out:
-                size, sha = hash_stream(src, out)
-        else:
-            with open(dst, "wb") as out:
-                b.copy_to(m, out)
+        b.copy_to(m, dst)
     except (tarfile.TarError, EOFError) as e:
         raise errors.IntegrityError(f"{b.where}: {m.name}: cannot be read ({e}); the tar is truncated") from None
-    if hashing is not None:
-        return hashing.submit(lambda: _check_staged(b, m, dst, *sha256_file(dst), want))
-    _check_staged(b, m, dst, size, sha, want)
-    return None
+    return hashing.submit(lambda: _check_staged(b, m, dst, *sha256_file(dst), want))
 
 
 def _check_staged(b, m, dst: Path, size: int, sha: str, want: str) -> None:
@@ -237,15 +230,12 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
         t.stage_art = _staging(t.artifacts)
         t.stage_hub = _staging(t.hub_cache) if any(m.name.startswith("hub/") for m in files) else None
         try:
-            if b.kind == "dir":
-                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                    list(pool.map(lambda m: _stage_file(b, m, t, listing, skipped), files))
-            else:
-                with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
-                    checks = [_stage_file(b, m, t, listing, skipped, pool) for m in files]
-                    for c in checks:
-                        if c is not None:
-                            c.result()
+            # one file copied at a time (in the kernel where it can), each hashed on the pool meanwhile
+            with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+                checks = [_stage_file(b, m, t, listing, skipped, pool) for m in files]
+                for c in checks:
+                    if c is not None:
+                        c.result()
             stages = _check_manifests(t, listing, meta, b.where)
             placed = _place(t, files, links, skipped)
         finally:
