@@ -386,14 +386,19 @@ def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, 
         f"{meta['model']} -> {out} ({fmt})"
     )
     linked = 0
-    if fmt == "dir":
-        linked = write_dir(entries, out, link, sig)
-    elif fmt == "oci":
-        from prestage.runner.oci import write_layout
+    try:
+        if fmt == "dir":
+            linked = write_dir(entries, out, link, sig)
+        elif fmt == "oci":
+            from prestage.runner.oci import write_layout
 
-        linked = write_layout(entries, meta, out, link, sig)
-    else:
-        write_tar(entries, out, sig)
+            linked = write_layout(entries, meta, out, link, sig)
+        else:
+            write_tar(entries, out, sig)
+    except OSError as e:
+        from prestage.runner.unbundle import write_error
+
+        raise write_error(e, str(out.parent)) from None
     if sig is not None:
         reporter.info(f"bundle: {checksums.NAME} signed with {sign_key} ({SIG}, OpenSSF model-signing format)")
     if meta["source"] == "local":

@@ -209,6 +209,27 @@ class TarBundle:
     def open(self, m: Member) -> BinaryIO:
         return self.tar.extractfile(m.tar_info)
 
+    def hash_member(self, m: Member) -> tuple[int, str]:
+        """(size, sha256) of a member's bytes; from an uncompressed tar each call reads its own byte range
+        (positioned reads on its own descriptor), so members hash in parallel threads."""
+        info = m.tar_info
+        if not self.plain:
+            with self.open(m) as fh:
+                return hash_stream(fh)
+        h, size, chunk = hashlib.sha256(), 0, 8 * 1024 * 1024
+        fd = os.open(self.where, os.O_RDONLY)
+        try:
+            offset, left = info.offset_data, info.size
+            while left:
+                block = os.pread(fd, min(chunk, left), offset)
+                if not block:
+                    break  # cut short: the size differs from the header's
+                h.update(block)
+                size, offset, left = size + len(block), offset + len(block), left - len(block)
+        finally:
+            os.close(fd)
+        return size, h.hexdigest()
+
     def copy_to(self, m: Member, dst: Path) -> None:
         """Copy a regular member's bytes to `dst`: in the kernel (copy_file_range) from an uncompressed tar,
         else through tarfile. A tar cut short is a tarfile.ReadError either way."""

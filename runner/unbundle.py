@@ -22,6 +22,7 @@ manifests hold no absolute path (stages/paths.py finds the cache through HF_HUB_
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -227,17 +228,19 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
             raise errors.IntegrityError(f"{b.where}: model/ files in a bundle of a hub model; the bundle is damaged")
         reporter.info(f"unbundle: checking {len(files)} file(s), {sum(m.size for m in files) / 1e6:.1f} MB")
         skipped: list[str] = []
-        t.stage_art = _staging(t.artifacts)
-        t.stage_hub = _staging(t.hub_cache) if any(m.name.startswith("hub/") for m in files) else None
         try:
+            t.stage_art = _staging(t.artifacts)
+            t.stage_hub = _staging(t.hub_cache) if any(m.name.startswith("hub/") for m in files) else None
             # one file copied at a time (in the kernel where it can), each hashed on the pool meanwhile
-            with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1))) as pool:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
                 checks = [_stage_file(b, m, t, listing, skipped, pool) for m in files]
                 for c in checks:
                     if c is not None:
                         c.result()
             stages = _check_manifests(t, listing, meta, b.where)
             placed = _place(t, files, links, skipped)
+        except OSError as e:
+            raise write_error(e, f"{t.artifacts} or {t.hub_cache}") from None
         finally:
             for d in (t.stage_art, t.stage_hub):
                 if d is not None:
@@ -261,6 +264,15 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
         + (f"; model files in {t.hub_cache}" if report["hub_cache"] else f"; model folder {local_target}")
     )
     return report
+
+
+def write_error(e: OSError, where: str) -> errors.PrestageError:
+    """A failed write as one line: no space left is `resource`, anything else (permissions) `usage`."""
+    if e.errno == errno.ENOSPC:
+        return errors.ResourceError(f"no space left writing into {where}; free disk space (nothing was placed)")
+    return errors.UsageError(
+        f"{e.filename or where}: {e.strerror}; check that {where} is writable and the sources readable"
+    )
 
 
 def _place(t: _Targets, files, links, skipped: list) -> list[str]:

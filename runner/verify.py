@@ -8,6 +8,8 @@ reason}; `ok` is False for a missing file, a size or a sha256 that differs from 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prestage.stages import errors, paths
@@ -88,7 +90,7 @@ def verify_bundle(path, reporter, verify_key=None) -> tuple[bool, list[dict]]:
     import tarfile
 
     from prestage.runner import checksums
-    from prestage.runner.bundle_read import hash_stream, open_bundle, problem
+    from prestage.runner.bundle_read import open_bundle, problem
     from prestage.stages.fetch_weights.verify import hash_files
 
     b = open_bundle(path)
@@ -107,12 +109,15 @@ def verify_bundle(path, reporter, verify_key=None) -> tuple[bool, list[dict]]:
             by_path = hash_files([m.path for m in files], workers=8)
             hashed = {m.name: by_path[m.path] for m in files}
         else:
-            for m in files:
+
+            def one(m):
                 try:
-                    with b.open(m) as fh:
-                        hashed[m.name] = hash_stream(fh)
+                    return b.hash_member(m)
                 except (tarfile.TarError, EOFError) as e:
-                    hashed[m.name] = f"cannot be read ({e}): truncated tar"
+                    return f"cannot be read ({e}): truncated tar"
+
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                hashed = dict(zip([m.name for m in files], pool.map(one, files), strict=True))
     finally:
         b.close()
     report = []

@@ -201,6 +201,12 @@ def test_verify_bundle_rehashes_every_file(connected, tmp_path):
     assert any(x.startswith("FAIL") and "/blobs/" in x and "sha256" in x for x in r.stdout.splitlines()), r.stdout
     errors_ = [x for x in r.stderr.splitlines() if x.startswith("prestage: error:")]
     assert len(errors_) == 1 and "fail verification" in errors_[0], r.stderr
+    cut = tmp_path / "cut.tar"  # a tar cut inside the weights: the member reads short
+    data = connected.tar.read_bytes()
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    r = _cli(["verify", cut, "--json"], connected.env)
+    assert r.returncode == CODE["integrity"], _show(r)
+    assert not json.loads(r.stdout)["ok"] if r.stdout else "truncated" in r.stderr
 
 
 # ---- tampering: one line, the integrity code, nothing placed ------------------------------------------------
