@@ -233,7 +233,12 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
             t.stage_hub = _staging(t.hub_cache) if any(m.name.startswith("hub/") for m in files) else None
             # one file copied at a time (in the kernel where it can), each hashed on the pool meanwhile
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                checks = [_stage_file(b, m, t, listing, skipped, pool) for m in files]
+                checks = []
+                for m in files:
+                    checks.append(_stage_file(b, m, t, listing, skipped, pool))
+                    for c in checks:  # a mismatch found meanwhile stops the copying at once
+                        if c is not None and c.done():
+                            c.result()
                 for c in checks:
                     if c is not None:
                         c.result()

@@ -493,3 +493,21 @@ def test_signed_bundle_verifies_and_unsigned_resigned_or_altered_ones_are_refuse
         ["--artifacts", connected.arts, "bundle", "r", "-o", tmp_path / "n", "--sign", tmp_path / "none.pem"], env
     )
     assert nokey.returncode == CODE["not-found"] and "--sign" in nokey.stderr, _show(nokey)
+
+
+def test_a_run_not_fresh_up_to_fetch_weights_is_not_bundled_and_hub_cache_picks_the_cache(connected, tmp_path):
+    arts = tmp_path / "arts"
+    shutil.copytree(connected.arts, arts)
+    (arts / "r" / "fetch-weights.msgpack").unlink()
+    r = _cli(["--artifacts", arts, "bundle", "r", "-o", tmp_path / "b"], connected.env)
+    assert r.returncode == CODE["stale-upstream"] and "fetch-weights" in r.stderr, _show(r)
+    assert not (tmp_path / "b").exists()
+    # --hub-cache wins over HF_HUB_CACHE for where the model files go
+    chosen, env_cache = tmp_path / "chosen", tmp_path / "env-cache"
+    u = _cli(
+        ["--artifacts", tmp_path / "arts2", "unbundle", connected.dir, "--hub-cache", chosen],
+        connected.offline_env(env_cache),
+    )
+    assert u.returncode == 0, _show(u)
+    assert (chosen / "models--test-org--tiny-single" / "snapshots" / connected.commit / "config.json").is_file()
+    assert not list(env_cache.iterdir())
