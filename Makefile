@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" \
 	  || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e ".[serve,test]"
+	$(BIN)/pip install -q -e ".[serve,test,bundle]"
 	touch $(STAMP)
 
 setup: $(STAMP)

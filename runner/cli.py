@@ -4,6 +4,9 @@
     prestage fetch-weights RUN      prestage launch RUN          prestage run MODEL [--to/--from/--force]
     prestage inspect FILE|RUN       prestage status RUN          prestage verify RUN
     prestage serve RUN              (the OpenAI API over the launch engine)
+    prestage bundle RUN -o PATH     prestage unbundle BUNDLE     prestage diff A B
+    prestage push RUN|BUNDLE REF    prestage pull REF -o PATH
+    (verify also takes a BUNDLE)
 
 Global options (--artifacts, --run, -v, -q) go before or after the subcommand. Every flag of every stage a
 command will run is checked before the first stage starts. `launch` and `run --prompt` print the
@@ -136,6 +139,7 @@ def _print_completions(completions: list[dict]) -> None:
 
 
 _JSON_HELP = "Print the result as JSON on stdout."
+_PLAIN_HTTP = "Talk to the registry over plain HTTP (a local registry without TLS)."
 _LAUNCH_JSON_HELP = (
     "Print the result as JSON on stdout; the completions are at its top-level `completions` key "
     "(a list of {prompt, text, token_ids, finish_reason})."
@@ -320,15 +324,31 @@ def status_cmd(state: _State, run: str, json_out: bool, download_dir):
 
 
 @click.command("verify")
-@click.argument("run")
+@click.argument("run", metavar="RUN|BUNDLE")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON on stdout.")
 @click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
+@click.option(
+    "--verify-key", default=None, metavar="PUB", help="BUNDLE: refuse it unless SHA256SUMS is signed by this key."
+)
 @click.pass_obj
-def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
-    """Re-hash every weight and tokenizer file of RUN and report each one."""
+def verify_cmd(state: _State, run: str, json_out: bool, download_dir, verify_key):
+    """Re-hash every weight and tokenizer file of RUN and report each one; for a BUNDLE (folder or .tar), every
+    file against its SHA256SUMS, and every entry checked to be one a bundle may hold. Offline, in parallel."""
     from prestage.runner.show import dumps, verify_text
-    from prestage.runner.verify import verify_run
+    from prestage.runner.verify import is_bundle, verify_bundle, verify_run
 
+    if is_bundle(run):
+        ok, report = verify_bundle(run, state.reporter(json_out), verify_key)
+        click.echo(dumps({"bundle": run, "ok": ok, "files": report}) if json_out else verify_text(report))
+        if not ok:
+            bad = [r for r in report if not r.get("ok")]
+            raise errors.IntegrityError(
+                f"{len(bad)} of {len(report)} entries of bundle {run} fail verification (first: {bad[0]['path']}: "
+                f"{str(bad[0]['reason'])[:120]}); copy the bundle again from its source"
+            )
+        return
+    if verify_key:
+        raise errors.UsageError(f"--verify-key checks a bundle's signature; {run} is a run, not a bundle")
     run_dir = state.run_dir(run)
     ok, report = verify_run(run_dir, {"download_dir": download_dir}, state.reporter(json_out))
     click.echo(dumps({"run": run_dir.name, "ok": ok, "files": report}) if json_out else verify_text(report))
@@ -343,6 +363,164 @@ def verify_cmd(state: _State, run: str, json_out: bool, download_dir):
             f"(first: {bad[0].get('path')}: {reason}); re-run "
             f"`prestage {stage} {run_dir.name} --force`"
         )
+
+
+@click.command("bundle")
+@click.argument("run")
+@click.option("-o", "--output", "output", required=True, metavar="PATH", help="Bundle to write (must not exist).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["dir", "tar", "oci"]),
+    default=None,
+    help="dir (a folder), tar (one uncompressed .tar, streamed) or oci (an OCI image layout, ModelPack media types) "
+    "[default: tar when PATH ends in .tar, else dir].",
+)
+@click.option("--link", is_flag=True, help="Hard-link the weight files into a folder or OCI bundle (same filesystem).")
+@click.option(
+    "--sign",
+    "sign_key",
+    default=None,
+    metavar="KEY",
+    help="Sign SHA256SUMS with this PEM elliptic-curve private key (OpenSSF model-signing; offline).",
+)
+@click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
+@click.pass_obj
+def bundle_cmd(state: _State, run: str, output: str, fmt, link: bool, sign_key, json_out: bool, download_dir):
+    """Write RUN (fresh up to fetch-weights) as one self-contained bundle for a machine with no network: its
+    manifests, stored tokenizer and model files as a Hugging Face cache under hub/ (a local folder model under
+    model/), with a SHA256SUMS list reusing the sha256 the manifests recorded."""
+    from prestage.runner.bundle import bundle
+
+    reporter = state.reporter(json_out)
+    params = {"download_dir": download_dir}
+    summary = bundle(state.run_dir(run), Path(output), fmt, link, params, reporter, sign_key)
+    _emit(reporter, summary)
+
+
+@click.command("unbundle")
+@click.argument("path", metavar="BUNDLE|REF")
+@click.option(
+    "--hub-cache",
+    default=None,
+    metavar="DIR",
+    help="Hugging Face cache to place the model files in [default: HF_HUB_CACHE, else HF_HOME/hub].",
+)
+@click.option(
+    "--model-dir",
+    default=None,
+    metavar="DIR",
+    help="Local-folder models: confirm where the model folder goes (the place the run records).",
+)
+@click.option(
+    "--verify-key", default=None, metavar="PUB", help="Refuse the bundle unless SHA256SUMS is signed by this key."
+)
+@click.option("--plain-http", is_flag=True, help="REF: " + _PLAIN_HTTP)
+@click.option("--json", "json_out", is_flag=True, help="Print what was placed as JSON on stdout.")
+@click.pass_obj
+def unbundle_cmd(state: _State, path: str, hub_cache, model_dir, verify_key, plain_http: bool, json_out: bool):
+    """Check every file of BUNDLE (a folder, a .tar, an OCI layout, or REGISTRY/NAME:TAG: pulled first) against
+    its SHA256SUMS, then place the run under --artifacts (name: the bundle's run, or --run NAME) and the model
+    files in the cache. Nothing is placed unless everything checks."""
+    import shutil
+    import tempfile
+
+    from prestage.runner.unbundle import unbundle
+    from prestage.stages import hub
+
+    reporter = state.reporter(json_out)
+    cache = Path(hub_cache).expanduser() if hub_cache else hub.default_cache_dir()
+    pulled = None
+    if not Path(path).exists() and ":" in path and "/" in path:  # a registry reference, not a local bundle
+        from prestage.runner import oci
+
+        state.artifacts.mkdir(parents=True, exist_ok=True)
+        pulled = Path(tempfile.mkdtemp(prefix=".prestage-pull-", dir=state.artifacts))
+        try:
+            oci.pull(path, pulled / "layout", plain_http, reporter)
+        except BaseException:
+            shutil.rmtree(pulled, ignore_errors=True)
+            raise
+    try:
+        source = pulled / "layout" if pulled else path
+        report = unbundle(source, state.artifacts, cache, state.run, model_dir, reporter, verify_key)
+    finally:
+        if pulled is not None:
+            shutil.rmtree(pulled, ignore_errors=True)
+    _emit(reporter, report)
+
+
+@click.command("push")
+@click.argument("source", metavar="RUN|BUNDLE")
+@click.argument("ref", metavar="REGISTRY/NAME:TAG")
+@click.option("--plain-http", is_flag=True, help=_PLAIN_HTTP)
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--download-dir", default=None, metavar="DIR", help="Hugging Face cache root (default HF_HUB_CACHE).")
+@click.pass_obj
+def push_cmd(state: _State, source: str, ref: str, plain_http: bool, json_out: bool, download_dir):
+    """Push RUN (bundled on the way as an OCI layout, weights hard-linked where possible) or an OCI BUNDLE to an
+    OCI registry with the oras SDK; blobs the registry holds are not sent again."""
+    import shutil
+    import tempfile
+
+    from prestage.runner import oci
+    from prestage.runner.verify import is_bundle
+
+    reporter = state.reporter(json_out)
+    if oci.is_layout(source):
+        result = oci.push(Path(source), ref, plain_http, reporter)
+    elif is_bundle(source):
+        raise errors.UsageError(
+            f"{source}: a folder or tar bundle; push takes a run or an OCI bundle (`prestage bundle RUN --format oci`)"
+        )
+    else:
+        from prestage.runner.bundle import bundle
+
+        run_dir = state.run_dir(source)
+        tmp = Path(tempfile.mkdtemp(prefix=".prestage-push-", dir=run_dir.parent if run_dir.parent.is_dir() else None))
+        try:
+            layout = tmp / "layout"
+            bundle(run_dir, layout, "oci", True, {"download_dir": download_dir}, reporter)
+            result = oci.push(layout, ref, plain_http, reporter)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _emit(reporter, result)
+
+
+@click.command("pull")
+@click.argument("ref", metavar="REGISTRY/NAME:TAG")
+@click.option("-o", "--output", "output", required=True, metavar="PATH", help="OCI layout to write (must not exist).")
+@click.option("--plain-http", is_flag=True, help=_PLAIN_HTTP)
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@click.pass_obj
+def pull_cmd(state: _State, ref: str, output: str, plain_http: bool, json_out: bool):
+    """Pull a bundle pushed with `prestage push` into a new OCI layout at PATH (every blob's sha256 checked);
+    then `prestage unbundle PATH` places it."""
+    from prestage.runner import oci
+
+    reporter = state.reporter(json_out)
+    _emit(reporter, oci.pull(ref, Path(output), plain_http, reporter))
+
+
+@click.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--volatile", is_flag=True, help="Compare the volatile sections too (times, host, versions).")
+@click.option("--json", "json_out", is_flag=True, help="Print the differences as JSON on stdout.")
+@click.pass_obj
+def diff_cmd(state: _State, a: str, b: str, volatile: bool, json_out: bool):
+    """Show field by field what differs between A and B: two runs, bundles or manifest files."""
+    from prestage.runner.diff import diff, diff_text, load_side
+    from prestage.runner.show import dumps
+
+    kind_a, docs_a = load_side(a, state.run_dir)
+    kind_b, docs_b = load_side(b, state.run_dir)
+    rows = diff(docs_a, docs_b, volatile)
+    if json_out:
+        click.echo(dumps({"a": a, "b": b, "kinds": [kind_a, kind_b], "same": not rows, "differences": rows}))
+    else:
+        click.echo(diff_text(a, b, rows, volatile))
 
 
 def _serve_command() -> click.Command:
@@ -422,6 +600,11 @@ _BUILTIN = {
     "inspect": lambda: inspect_cmd,
     "status": lambda: status_cmd,
     "verify": lambda: verify_cmd,
+    "bundle": lambda: bundle_cmd,
+    "unbundle": lambda: unbundle_cmd,
+    "diff": lambda: diff_cmd,
+    "push": lambda: push_cmd,
+    "pull": lambda: pull_cmd,
 }
 _SHORT = {
     "resolve": "Find MODEL, pin its revision, record its files.",
@@ -433,7 +616,12 @@ _SHORT = {
     "serve": "Serve the model of RUN over the OpenAI API (FastAPI + uvicorn).",
     "inspect": "Show a manifest FILE, or every manifest of a RUN.",
     "status": "Say fresh, stale (and why) or missing for every stage of RUN.",
-    "verify": "Re-hash every weight and tokenizer file of RUN and report each one.",
+    "verify": "Re-hash every weight and tokenizer file of RUN, or every file of a BUNDLE, and report each one.",
+    "bundle": "Write RUN as one self-contained bundle (folder or .tar) for a machine with no network.",
+    "unbundle": "Check a bundle in full, then place its run and model files.",
+    "diff": "Show field by field what differs between two runs, bundles or manifests.",
+    "push": "Push a run or an OCI bundle to an OCI registry (oras).",
+    "pull": "Pull a pushed bundle from an OCI registry into an OCI layout.",
 }
 
 
@@ -441,7 +629,7 @@ class _Group(click.Group):
     """Builds commands on demand, so `--help` and `inspect` don't import every stage."""
 
     def list_commands(self, ctx):
-        return [*ORDER, "run", "serve", "inspect", "status", "verify"]
+        return [*ORDER, "run", "serve", "inspect", "status", "verify", "bundle", "unbundle", "diff", "push", "pull"]
 
     def get_command(self, ctx, name):
         if name in STAGES:

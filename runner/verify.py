@@ -8,6 +8,8 @@ reason}; `ok` is False for a missing file, a size or a sha256 that differs from 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prestage.stages import errors, paths
@@ -71,4 +73,91 @@ def verify_run(run_dir, params: dict, reporter) -> tuple[bool, list[dict]]:
         report.append(row)
     ok = all(r["ok"] for r in report)
     reporter.info(f"verify: {sum(r['ok'] for r in report)}/{len(report)} file(s) ok")
+    return ok, report
+
+
+def is_bundle(target) -> bool:
+    """Whether `target` names a bundle (a folder holding SHA256SUMS, or a file: a bundle tar) rather than a run."""
+    from prestage.runner.oci import is_layout
+
+    p = Path(target)
+    return (p.is_dir() and (p / "SHA256SUMS").exists()) or is_layout(p) or p.is_file()
+
+
+def verify_bundle(path, reporter, verify_key=None) -> tuple[bool, list[dict]]:
+    """Re-hash every file of a bundle against its SHA256SUMS (folder: in parallel; tar: in one pass) and check
+    every entry is one a bundle may hold (with `verify_key`, the signature of SHA256SUMS first: IntegrityError
+    when it does not verify); (all ok, a row per listed file and per refused entry)."""
+    import tarfile
+
+    from prestage.runner import checksums
+    from prestage.runner.bundle_read import open_bundle, problem
+    from prestage.stages.fetch_weights.verify import hash_files
+
+    b = open_bundle(path)
+    try:
+        if verify_key is not None:
+            from prestage.runner import signing
+
+            signing.verify(b.sums, b.signature, verify_key, b.where)
+            reporter.info(f"verify: the signature of {checksums.NAME} verifies with {verify_key}")
+        listing = b.listing
+        members = list(b.members())
+        files = [m for m in members if m.kind == "file" and m.name in listing and not problem(m, listing)]
+        reporter.info(f"verify: hashing {len(files)} file(s), {sum(m.size for m in files) / 1e6:.1f} MB in {b.where}")
+        hashed: dict[str, tuple[int, str] | str] = {}
+        if b.kind == "dir":
+            by_path = hash_files([m.path for m in files], workers=8)
+            hashed = {m.name: by_path[m.path] for m in files}
+        else:
+
+            def one(m):
+                try:
+                    return b.hash_member(m)
+                except (tarfile.TarError, EOFError) as e:
+                    return f"cannot be read ({e}): truncated tar"
+
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                hashed = dict(zip([m.name for m in files], pool.map(one, files), strict=True))
+    finally:
+        b.close()
+    report = []
+    seen = set()
+    for m in members:
+        if m.kind == "dir" and not problem(m, listing):
+            continue
+        seen.add(m.name)
+        top = m.name.split("/", 1)[0]
+        row = {"stage": top, "path": m.name, "where": b.where, "size": m.size if m.kind == "file" else None}
+        row["sha256"] = listing.get(m.name)
+        why = problem(m, listing)
+        if why:
+            row.update(ok=False, reason=why)
+        elif m.kind == "link":
+            row.update(ok=True, reason=None, link=m.link)
+        else:
+            got = hashed[m.name]
+            if isinstance(got, str):
+                row.update(ok=False, reason=got)
+            elif got[0] != m.size:
+                row.update(ok=False, reason=f"size {got[0]} != {m.size} in the tar header")
+            elif got[1] != listing[m.name]:
+                row.update(ok=False, reason=f"sha256 {got[1]} != listed {listing[m.name]}")
+            else:
+                row.update(ok=True, reason=None)
+        report.append(row)
+    for name in sorted(set(listing) - seen):
+        report.append(
+            {
+                "stage": name.split("/", 1)[0],
+                "path": name,
+                "where": b.where,
+                "size": None,
+                "sha256": listing[name],
+                "ok": False,
+                "reason": f"missing (listed in {checksums.NAME})",
+            }
+        )
+    ok = all(r["ok"] for r in report)
+    reporter.info(f"verify: {sum(r['ok'] for r in report)}/{len(report)} entries ok")
     return ok, report
