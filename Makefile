@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup registry test demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+# Debian's docker-registry, for the OCI push/pull test (it skips with its reason where apt cannot install it).
+registry:
+	@command -v docker-registry >/dev/null || [ ! -w /var/lib/dpkg ] \
+	  || (apt-get update -qq && apt-get install -y -qq docker-registry >/dev/null) \
+	  || echo "docker-registry could not be installed: the OCI registry test will skip"
+
+test: setup registry
 	$(BIN)/python -m pytest -q
 
 demo: setup
