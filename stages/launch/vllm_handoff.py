@@ -67,7 +67,7 @@ def expand(value, roots: dict):
         for name, root in roots.items():
             token = "${" + name + "}"
             if value == token or value.startswith(token + "/"):
-                return str(Path(root)) + value[len(token) :]
+                return os.path.normpath(str(Path(root)) + value[len(token) :])
         return value
     if isinstance(value, list):
         return [expand(v, roots) for v in value]
@@ -84,7 +84,8 @@ def _symbolic(path: Path, roots: dict) -> str:
         except ValueError:
             continue
         return "${" + name + "}" + ("" if str(rel) == "." else "/" + rel.as_posix())
-    return str(path)  # a local model outside the run folder: only its real path exists
+    # a local model outside the run folder: relative to the run folder, as resolve records it
+    return "${PRESTAGE_RUN}/" + Path(os.path.relpath(path, Path(roots["PRESTAGE_RUN"]).absolute())).as_posix()
 
 
 def engine_args(run_dir: Path, upstream: dict, params: dict, *, device: str = "cuda") -> VllmArgs:

@@ -5,6 +5,8 @@
                                               max_model_len, dtype, architecture resolution, runner
     python oracle.py tokenizer FOLDER         vLLM's get_tokenizer: class, encodings, special ids, template
     python oracle.py generate FOLDER JSON     greedy tokens from vLLM's LLM (float32) for the prompts in JSON
+    python oracle.py batch SPEC.json          [{"what": "config"|"tokenizer", "folder": ..., "opts": {...}}]
+                                              in one process (vLLM's import paid once): a JSON list
 
 Each prints one JSON object on stdout (logs go to stderr). JSON options: {"trust_remote_code": bool,
 "dtype": str, "max_model_len": int|null, "hf_overrides": {...}, "tokenizer": path, "prompts": [...],
@@ -157,6 +159,9 @@ def main(argv: list[str]) -> int:
     what = argv[0]
     if what == "registry":
         out = registry()
+    elif what == "batch":
+        cases = json.loads(open(argv[1], encoding="utf-8").read())
+        out = [{"config": config, "tokenizer": tokenizer}[c["what"]](c["folder"], c.get("opts") or {}) for c in cases]
     else:
         folder = argv[1]
         opts = json.loads(argv[2]) if len(argv) > 2 else {}
