@@ -29,7 +29,8 @@ def staged(wide_model, tmp_path_factory):
 
 
 def _launch(prestage, arts, *extra, env=None):
-    args = ["--artifacts", arts, "launch", "w", "--max-tokens", "16", "--json"]
+    # greedy: the tiny model's generation_config.json samples (temperature 0.7), so it is set aside
+    args = ["--artifacts", arts, "launch", "w", "--max-tokens", "16", "--generation-config", "vllm", "--json"]
     for p in PROMPTS:
         args += ["--prompt", p]
     return prestage([*args, *extra], env=env, timeout=900)
@@ -54,6 +55,7 @@ def test_vllm_launch_equals_prestage_and_transformers_offline(staged, wide_model
     env = vllm_env(PYTHONPATH=str(NETGUARD), PRESTAGE_NETGUARD_LOG=str(log))
     r = _launch(prestage, staged, "--engine", "vllm", "--vllm", VLLM_PY, "--device", "cpu", env=env)
     assert r.rc == 0, r
+    rec = read(manifest_path(staged / "w", "launch")).outputs  # before prestage's own launch replaces it
     ours = _launch(prestage, staged)
     assert ours.rc == 0, ours
     got = [c["token_ids"] for c in json.loads(r.stdout)["completions"]]
@@ -63,7 +65,6 @@ def test_vllm_launch_equals_prestage_and_transformers_offline(staged, wide_model
     assert got == expected, "vLLM's greedy tokens differ from transformers'"
     assert native == expected, "prestage's greedy tokens differ from transformers'"
 
-    rec = read(manifest_path(staged / "w", "launch")).outputs
     assert rec["engine"]["kind"] == "vllm" and rec["device"] == "cpu" and rec["dtype"] == "float32"
     assert rec["vllm"]["version"] == "0.32.0"
     command = rec["vllm"]["command"]
