@@ -465,12 +465,9 @@ def _exec_vllm_serve(run_dir, upstream, params, host, port, extra, reporter) -> 
     from prestage.stages.launch import vllm_handoff as handoff
 
     install = handoff.require_vllm(params)
-    exe = install.executable or install.python
-    argv, env, _ = _vllm_command(
-        run_dir, upstream, params, host, port, params.get("served_model_name"), extra, exe=exe or "vllm"
-    )
-    if install.executable is None:  # only the Python is known: its module entry point
-        argv = [install.python, "-m", "vllm.entrypoints.cli.main", *argv[1:]]
+    _version, _cuda, dist = handoff.probe(install, with_dist=True)
+    argv, env, _ = _vllm_command(run_dir, upstream, params, host, port, params.get("served_model_name"), extra)
+    argv = handoff.runnable_serve_argv(argv, install, dist)
     reporter.info("serve: " + handoff.shell_text(argv, env))
     sys.stdout.flush()
     sys.stderr.flush()

