@@ -5,7 +5,7 @@
                                               max_model_len, dtype, architecture resolution, runner
     python oracle.py tokenizer FOLDER         vLLM's get_tokenizer: class, encodings, special ids, template
     python oracle.py generate FOLDER JSON     greedy tokens from vLLM's LLM (float32) for the prompts in JSON
-    python oracle.py batch SPEC.json          [{"what": "config"|"tokenizer", "folder": ..., "opts": {...}}]
+    python oracle.py batch SPEC.json          [{"what": "config"|"tokenizer"|"weights", "folder": ..., "opts": {}}]
                                               in one process (vLLM's import paid once): a JSON list
 
 Each prints one JSON object on stdout (logs go to stderr). JSON options: {"trust_remote_code": bool,
@@ -139,6 +139,20 @@ def tokenizer(folder: str, opts: dict) -> dict:
     }
 
 
+def weights(folder: str, opts: dict) -> dict:
+    """The weight files vLLM's default loader picks in a local folder for opts["load_format"]."""
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    try:
+        loader = DefaultModelLoader(LoadConfig(load_format=opts.get("load_format", "auto")))
+        got = loader._prepare_weights(folder, None, None, True, None)
+    except Exception as e:
+        return {"error": type(e).__name__, "message": " ".join(str(e).split())[:300]}
+    hf_folder, files = got[0], got[1]
+    return {"files": sorted(os.path.relpath(f, hf_folder) for f in files), "safetensors": bool(got[2])}
+
+
 def generate(folder: str, opts: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -161,7 +175,10 @@ def main(argv: list[str]) -> int:
         out = registry()
     elif what == "batch":
         cases = json.loads(open(argv[1], encoding="utf-8").read())
-        out = [{"config": config, "tokenizer": tokenizer}[c["what"]](c["folder"], c.get("opts") or {}) for c in cases]
+        out = [
+            {"config": config, "tokenizer": tokenizer, "weights": weights}[c["what"]](c["folder"], c.get("opts") or {})
+            for c in cases
+        ]
     else:
         folder = argv[1]
         opts = json.loads(argv[2]) if len(argv) > 2 else {}
