@@ -181,7 +181,7 @@ def deepseek_v3_config_class(model_type: str = "kimi_k2"):
     from transformers import DeepseekV3Config
 
     return type(
-        "KimiK2Config" if model_type == "kimi_k2" else "DeepseekV3Config",
+        "DeepseekV3Config",  # vLLM's class name: it reads kimi_k2 with DeepSeek-V3's class
         (DeepseekV3Config,),
         {
             "model_type": model_type,
