@@ -206,7 +206,7 @@ def _prestage_weights(folder: Path, fmt: str) -> dict:
         sel = selection.select(fmt, paths, index=index)
     except Exception as e:
         return {"error": type(e).__name__}
-    return {"files": sorted(sel.files), "safetensors": sel.format == "safetensors"}
+    return {"files": sorted(sel.files), "safetensors": sel.format in ("safetensors", "mistral")}
 
 
 @pytest.fixture(scope="module")
