@@ -359,7 +359,8 @@ def _serve_command() -> click.Command:
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
         if engine == "vllm":
-            _exec_vllm_serve(run_dir, upstream, stage_params(params, run_dir, upstream), host, port, extra, reporter)
+            params = stage_params(params, run_dir, upstream)
+            _exec_vllm_serve(run_dir, upstream, params, host, port, served_model_name, extra, reporter)
             return
         if extra or any(params.get(k) not in (None, False) for k in _SCALE_OUT_DESTS):
             raise errors.UsageError("scale-out flags and arguments after -- are for --engine vllm")
@@ -461,12 +462,12 @@ def _vllm_command(run_dir, upstream, params, host=None, port=None, served=None, 
     return argv, handoff.real_env(args), args
 
 
-def _exec_vllm_serve(run_dir, upstream, params, host, port, extra, reporter) -> None:
+def _exec_vllm_serve(run_dir, upstream, params, host, port, served, extra, reporter) -> None:
     from prestage.stages.launch import vllm_handoff as handoff
 
     install = handoff.require_vllm(params)
     _version, _cuda, dist = handoff.probe(install, with_dist=True)
-    argv, env, _ = _vllm_command(run_dir, upstream, params, host, port, params.get("served_model_name"), extra)
+    argv, env, _ = _vllm_command(run_dir, upstream, params, host, port, served, extra)
     argv = handoff.runnable_serve_argv(argv, install, dist)
     reporter.info("serve: " + handoff.shell_text(argv, env))
     sys.stdout.flush()
