@@ -8,6 +8,9 @@
     engine.py            continuous batching over a static KV cache, CUDA graphs on GPU
     sampling.py          SamplingParams and the on-device sampler; detokenizer.py: incremental text
     inference.py         load_for_inference(): manifests -> ready engine (the stage and the server share it)
+    vllm_table.py        vLLM's architecture and config-class tables, as data (configure reads them)
+    vllm_handoff.py      the `vllm serve` command and environment for a run; finding vLLM
+    vllm_launch.py       --engine vllm: the completions from vLLM's Python API (vllm_offline.py, in its Python)
 
 `LaunchStage` runs the prompts given with --prompt / --prompts-file through the engine and records the
 completions. Sampling follows vLLM's `--generation-config auto`: a flag the user gives wins, else the value the
