@@ -79,7 +79,7 @@ def test_vllm_launch_equals_prestage_and_transformers_offline(staged, native, wi
     assert ours == expected, "prestage's greedy tokens differ from transformers'"
 
     assert rec["engine"]["kind"] == "vllm" and rec["device"] == "cpu" and rec["dtype"] == "float32"
-    assert rec["vllm"]["version"] == "0.32.0"
+    assert rec["vllm"]["version"] == "0.32.0" and rec["kv_cache_tokens"] > 0  # from vLLM's engine
     command = rec["vllm"]["command"]
     assert command[:2] == ["vllm", "serve"] and command[2].startswith("${PRESTAGE_RUN}/")
     assert "--served-model-name" in command and str(staged) not in " ".join(command)  # no absolute path
