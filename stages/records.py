@@ -231,6 +231,13 @@ class Implementation(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EngineSupport(Record):
+    prestage: str  # prestage's engine: "native" | "transformers" | "none"
+    vllm: str  # "yes" | "no"
+    vllm_how: str  # "vllm:<module.Class>" (vLLM's own class), "transformers" (its backend), or why not
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec(Record):
     """The shapes and switches the native decoder and the weight checks read instead of config.json."""
 
@@ -272,6 +279,7 @@ class ConfigureRecord(Record):
     derived_max_model_len: float | None  # the model's own maximum (may be inf when no key is set)
     dtype: DtypeDecision
     implementation: Implementation
+    engines: EngineSupport  # which engine can run the model
     spec: ModelSpec
     trust_remote_code: bool
     remote_code: dict | None  # trusted auto_map modules with their sha256
@@ -332,6 +340,7 @@ class TokenizerRecord(Record):
     mode_reason: str
     class_name: str = key("class")
     trust_remote_code: bool
+    remote_code: dict | None  # trusted auto_map tokenizer code: {auto_map, files: [{path, sha256}]}
     all_special_ids: list[int]
     all_special_tokens: list[str]
     len: int
@@ -429,13 +438,21 @@ class Completion(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class VllmRun(Record):
+    version: str  # vLLM's version
+    command: list[str]  # the `vllm serve` command the same decisions make (paths as ${PRESTAGE_RUN}/${HF_HUB_CACHE})
+    env: dict[str, str]  # its environment
+
+
+@dataclass(frozen=True, kw_only=True)
 class LaunchRecord(Record):
     stage: ClassVar[str] = "launch"
     implementation: Implementation
     device: str
     dtype: str
     kv_cache_tokens: int
-    engine: EngineInfo
+    engine: EngineInfo  # kind: "native" | "transformers" (prestage's engine) | "vllm"
+    vllm: VllmRun | None  # when vLLM ran the launch
     completions: list[Completion]
 
 

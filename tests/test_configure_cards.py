@@ -30,6 +30,7 @@ OUTPUT_KEYS = {
     "derived_max_model_len",
     "dtype",
     "implementation",
+    "engines",
     "spec",
     "trust_remote_code",
     "remote_code",

@@ -83,6 +83,23 @@ CUSTOM = dict(
     auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"},
 )
 CUSTOM_PY = REMOTE_CONFIG_PY.replace("InternLM2Config", "XConfig").replace('"internlm2"', '"my_custom"')
+# The repo's model class: Llama's, which supports transformers' attention backends (vLLM's compatibility check)
+MODELING_PY = (
+    "from transformers import LlamaForCausalLM\n"
+    "from .configuration_x import XConfig\n\n\n"
+    "class XForCausalLM(LlamaForCausalLM):\n"
+    "    config_class = XConfig\n"
+)
+# A model class with its own attention module that bypasses the attention interface: not backend-compatible
+MODELING_OLD_PY = (
+    "import torch.nn as nn\n"
+    "from transformers import PreTrainedModel\n"
+    "from .configuration_x import XConfig\n\n\n"
+    "class XAttention(nn.Module):\n"
+    "    pass\n\n\n"
+    "class XForCausalLM(PreTrainedModel):\n"
+    "    config_class = XConfig\n"
+)
 
 
 def test_C01_untrusted_remote_code_is_refused_naming_the_module(tmp_path):
@@ -95,7 +112,7 @@ def test_C01_untrusted_remote_code_is_refused_naming_the_module(tmp_path):
 
 
 def test_C02_trusted_remote_code_builds_the_repo_class(tmp_path):
-    d = folder_with(tmp_path, CUSTOM, files={"configuration_x.py": CUSTOM_PY})
+    d = folder_with(tmp_path, CUSTOM, files={"configuration_x.py": CUSTOM_PY, "modeling_x.py": MODELING_PY})
     out, _ = run(d, trust_remote_code=True)
     assert out["config_class"] == "remote:configuration_x.XConfig"
     assert out["trust_remote_code"] is True
@@ -103,9 +120,24 @@ def test_C02_trusted_remote_code_builds_the_repo_class(tmp_path):
     assert rc["auto_map"]["AutoConfig"] == "configuration_x.XConfig" and rc["commit"] is None
     import hashlib
 
-    assert rc["files"] == [{"path": "configuration_x.py", "sha256": hashlib.sha256(CUSTOM_PY.encode()).hexdigest()}]
-    # auto_map.AutoModelForCausalLM with trust: the Transformers backend can build it
+    assert rc["files"] == [
+        {"path": "configuration_x.py", "sha256": hashlib.sha256(CUSTOM_PY.encode()).hexdigest()},
+        {"path": "modeling_x.py", "sha256": hashlib.sha256(MODELING_PY.encode()).hexdigest()},
+    ]
+    # auto_map.AutoModelForCausalLM with trust, a backend-compatible class: the Transformers backend builds it
     assert out["implementation"]["impl"] == "transformers"
+    assert out["engines"] == {"prestage": "transformers", "vllm": "yes", "vllm_how": "transformers"}
+
+
+def test_trusted_remote_code_must_be_backend_compatible(tmp_path):
+    """vLLM runs the repo's class on its Transformers backend only when that class supports attention backends
+    (or its module calls the attention interface): otherwise neither engine runs it."""
+    d = folder_with(tmp_path, CUSTOM, files={"configuration_x.py": CUSTOM_PY, "modeling_x.py": MODELING_OLD_PY})
+    with pytest.raises(UnsupportedError, match="XForCausalLM"):
+        run(d, trust_remote_code=True)
+    (d / "modeling_x.py").unlink()  # the model code is missing: no class to check, refused the same way
+    with pytest.raises(UnsupportedError, match="XForCausalLM"):
+        run(d, trust_remote_code=True)
 
 
 def test_C03_known_model_type_ignores_auto_map_without_trust(tmp_path):
@@ -328,18 +360,22 @@ def test_remote_code_card_internlm2_local(tmp_path):
     assert out["model_type"] == "internlm2"
     assert out["max_model_len"] == 65536  # dynamic rope factor 2 on 32768 (L-02)
     assert out["spec"]["rope"]["rope_type"] == "dynamic" and out["spec"]["rope"]["rope_theta"] == 1000000
-    assert out["implementation"] == {
-        "architecture": "InternLM2ForCausalLM",
-        "impl": "transformers",
-        "class": "prestage.stages.launch.hf_backend:TransformersForCausalLM",
-    }
-    assert out["spec"]["param_count"] is None  # modeling code not in the folder: no meta count
-    with pytest.raises(UnsupportedError, match="InternLM2ForCausalLM"):
-        run(d, trust_remote_code=True, model_impl="native")
+    # the repo's modeling code is not in the folder: prestage's Transformers backend has no class to build, while
+    # vLLM registers InternLM2ForCausalLM itself: configure accepts it, for vLLM only
+    assert out["implementation"] == {"architecture": "InternLM2ForCausalLM", "impl": "none", "class": ""}
+    assert out["engines"] == {"prestage": "none", "vllm": "yes", "vllm_how": "vllm:internlm2.InternLM2ForCausalLM"}
+    assert out["spec"]["param_count"] is None
+    out, warnings = run(d, trust_remote_code=True, model_impl="native")
+    assert out["engines"]["vllm"] == "yes" and out["implementation"]["impl"] == "none"
+    assert any("prestage's engine has no InternLM2ForCausalLM" in w and "--engine vllm" in w for w in warnings)
 
 
 def test_remote_code_fetched_from_hub_at_pinned_commit(tmp_path, hub, hf_env, prestage, artifacts_dir):
-    files = {"config.json": json.dumps(CUSTOM).encode(), "configuration_x.py": CUSTOM_PY.encode()}
+    files = {
+        "config.json": json.dumps(CUSTOM).encode(),
+        "configuration_x.py": CUSTOM_PY.encode(),
+        "modeling_x.py": MODELING_PY.encode(),
+    }
     sha = hub.commit("test-org/remote-x", files, message="remote code")
     r = prestage(["--artifacts", artifacts_dir, "--run", "rx", "resolve", "test-org/remote-x"], env=hf_env)
     assert r.rc == 0, r
@@ -350,8 +386,9 @@ def test_remote_code_fetched_from_hub_at_pinned_commit(tmp_path, hub, hf_env, pr
     m = manifest.read(artifacts_dir / "rx" / "configure.msgpack")
     rc = m.outputs["remote_code"]
     assert (rc["repo_id"], rc["commit"]) == ("test-org/remote-x", sha)
-    assert rc["files"][0]["path"] == "configuration_x.py" and rc["files"][0]["sha256"]
-    assert m.inputs["trust_remote_code"] is True
+    assert [f["path"] for f in rc["files"]] == ["configuration_x.py", "modeling_x.py"]  # the model code too
+    assert all(f["sha256"] for f in rc["files"])
+    assert m.inputs["trust_remote_code"] is True and m.outputs["implementation"]["impl"] == "transformers"
 
 
 # ---- CLI end to end on a real tiny checkpoint --------------------------------------------------------

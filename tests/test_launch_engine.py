@@ -74,7 +74,10 @@ def test_launch_text_is_the_decoded_tokens(model, tokenizer):
     prompts = [tokenizer.encode(p) for p in ("import os", "def main():\n", "x")]
     for out in engine.generate(prompts, SamplingParams(max_tokens=20, **GREEDY)):
         assert out["finish_reason"] == "length" and len(out["token_ids"]) == 20
-        assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+        full = tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+        # as vLLM: a trailing incomplete UTF-8 character (and what was held back with it) is not emitted
+        assert full.startswith(out["text"])
+        assert full == out["text"] or (full.endswith("\ufffd") and len(full) - len(out["text"]) <= 8), (out, full)
 
 
 def test_launch_stop_string_cuts_text(model, tokenizer):

@@ -213,13 +213,25 @@ def test_T03_custom_tokenizer_class_needs_trust_remote_code(model_copy, tmp_path
     tok = load_stored_tokenizer(run, TokenizerRecord.from_dict(out))
     assert type(tok).__name__ == "CachedTinyCustomTokenizer"
     check_golden(tok, TokenizerRecord.from_dict(out))
+    # the code that ran is recorded by sha256, as configure records its remote config code
+    import hashlib
+
+    digest = hashlib.sha256((tok_dir / "tiny_tok.py").read_bytes()).hexdigest()
+    assert out["remote_code"] == {
+        "auto_map": "tiny_tok.TinyCustomTokenizer",
+        "files": [{"path": "tiny_tok.py", "sha256": digest}],
+    }
 
 
 def test_T03_custom_class_with_a_known_model_type_loads_the_builtin_class_untrusted(model_copy, tmp_path):
     # As transformers 5 (and so vLLM): a known model type counts as local code, so the repo code is not run
     tok_dir = _custom_tokenizer(model_copy, model_type="qwen2")
-    out = _prep(tmp_path / "run", model_copy, tokenizer=str(tok_dir)).outputs
+    m = _prep(tmp_path / "run", model_copy, tokenizer=str(tok_dir))
+    out = m.outputs
     assert out["class"] == "TokenizersBackend" and out["trust_remote_code"] is False  # not the repo class
+    # same outcome as vLLM, but said: the repo's code did not run and the encodings may differ from its class
+    assert out["remote_code"] is None
+    assert any("tiny_tok.TinyCustomTokenizer" in w and "did not run" in w for w in m.warnings), m.warnings
 
 
 def test_T02_consolidated_weights_with_only_tokenizer_json_use_hf(model_copy, tmp_path):

@@ -4,15 +4,28 @@ A checkpoint whose `model_type` is listed in `OWN_CONFIGS` never needs --trust-r
 the class is registered with transformers' AutoConfig before loading, as vLLM does. Classes are built inside
 functions so that importing this module does not import transformers.
 
-Held here: `RWConfig`, Falcon's original "RefinedWeb" config (tiiuae/falcon-7b: `RefinedWebModel`,
-tiiuae/falcon-40b: `RefinedWeb`).
+Held here, as vLLM builds them (the same fields and defaults, written for prestage):
+- `RWConfig`, Falcon's original "RefinedWeb" config (tiiuae/falcon-7b: `RefinedWebModel`, tiiuae/falcon-40b:
+  `RefinedWeb`);
+- `ChatGLMConfig` (THUDM/chatglm2-6b, chatglm3-6b, glm-4-9b-chat: `model_type: chatglm`), so those repos need
+  no --trust-remote-code for their config, as in vLLM;
+- Kimi-K2 (`model_type: kimi_k2`), which vLLM reads with DeepSeek-V3's config class (the same architecture):
+  transformers' `DeepseekV3Config` under the model type `kimi_k2`.
+
+`VLLM_OWN_CONFIGS` is vLLM's whole table of model types it builds with its own classes; a type listed there
+but not in `OWN_CONFIGS` gets an error that says vLLM can build it and prestage cannot.
 """
 
 from __future__ import annotations
 
 import functools
 
-OWN_CONFIGS = {"RefinedWeb": "rw_config_class", "RefinedWebModel": "rw_config_class"}
+OWN_CONFIGS = {
+    "RefinedWeb": "rw_config_class",
+    "RefinedWebModel": "rw_config_class",
+    "chatglm": "chatglm_config_class",
+    "kimi_k2": "deepseek_v3_config_class",
+}
 
 
 @functools.cache
@@ -87,6 +100,94 @@ def rw_config_class(model_type: str = "RefinedWeb"):
 
     RWConfig.model_type = model_type
     return RWConfig
+
+
+@functools.cache
+def chatglm_config_class(model_type: str = "chatglm"):
+    """ChatGLM2/3 and GLM-4 (the `chatglm` model type): GLM field names, with the standard names as aliases."""
+    from transformers import PreTrainedConfig
+
+    class ChatGLMConfig(PreTrainedConfig):
+        model_type = "chatglm"
+        attribute_map = {"num_hidden_layers": "num_layers", "n_head_kv": "multi_query_group_num"}
+
+        def __init__(
+            self,
+            num_layers=28,
+            padded_vocab_size=65024,
+            hidden_size=4096,
+            ffn_hidden_size=13696,
+            kv_channels=128,
+            num_attention_heads=32,
+            seq_length=2048,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            layernorm_epsilon=1e-5,
+            rmsnorm=True,
+            apply_residual_connection_post_layernorm=False,
+            post_layer_norm=True,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            interleaved_qkv=False,
+            bias_dropout_fusion=True,
+            multi_query_attention=False,
+            multi_query_group_num=1,
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
+            fp32_residual_connection=False,
+            quantization_bit=0,
+            pre_seq_len=None,
+            prefix_projection=False,
+            **kwargs,
+        ):
+            self.num_layers = num_layers
+            self.vocab_size = padded_vocab_size
+            self.padded_vocab_size = padded_vocab_size
+            self.hidden_size = hidden_size
+            self.ffn_hidden_size = ffn_hidden_size
+            self.kv_channels = kv_channels
+            self.num_attention_heads = num_attention_heads
+            self.seq_length = seq_length
+            self.max_seq_length = seq_length  # the name some code reads
+            self.hidden_dropout = hidden_dropout
+            self.attention_dropout = attention_dropout
+            self.layernorm_epsilon = layernorm_epsilon
+            self.rmsnorm = rmsnorm
+            self.apply_residual_connection_post_layernorm = apply_residual_connection_post_layernorm
+            self.post_layer_norm = post_layer_norm
+            self.add_bias_linear = add_bias_linear
+            self.add_qkv_bias = add_qkv_bias
+            self.interleaved_qkv = interleaved_qkv
+            self.bias_dropout_fusion = bias_dropout_fusion
+            self.multi_query_attention = multi_query_attention
+            self.multi_query_group_num = multi_query_group_num
+            self.apply_query_key_layer_scaling = apply_query_key_layer_scaling
+            self.attention_softmax_in_fp32 = attention_softmax_in_fp32
+            self.fp32_residual_connection = fp32_residual_connection
+            self.quantization_bit = quantization_bit
+            self.pre_seq_len = pre_seq_len
+            self.prefix_projection = prefix_projection
+            super().__init__(**kwargs)
+
+    ChatGLMConfig.model_type = model_type
+    ChatGLMConfig.__qualname__ = "ChatGLMConfig"
+    return ChatGLMConfig
+
+
+@functools.cache
+def deepseek_v3_config_class(model_type: str = "kimi_k2"):
+    """transformers' DeepseekV3Config under another model type (vLLM sets the class's model_type instead; a
+    subclass leaves transformers' own `deepseek_v3` class untouched)."""
+    from transformers import DeepseekV3Config
+
+    return type(
+        "DeepseekV3Config",  # vLLM's class name: it reads kimi_k2 with DeepSeek-V3's class
+        (DeepseekV3Config,),
+        {
+            "model_type": model_type,
+            "__module__": __name__,
+        },
+    )
 
 
 def register(model_type: str):

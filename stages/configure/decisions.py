@@ -106,9 +106,24 @@ def configure(
             f'{config_file} architectures={architectures!r}: must be a list of class names, e.g. ["LlamaForCausalLM"]'
         )
     architectures = list(architectures)
-    impl = registry.resolve(
-        architectures, inputs["model_impl"], lambda a: hf_config.transformers_can_build(a, config, trust)
-    )
+    fetch = hf_config.model_code_fetcher(folder, raw, hub_source, params, loaded)
+
+    def can_build(arch: str, vllm_rule: bool = False) -> bool:
+        return hf_config.transformers_can_build(arch, config, trust, fetch, any_class_checked=vllm_rule)
+
+    vllm = registry.vllm_support(architectures, inputs["model_impl"], lambda a: can_build(a, True))
+    try:
+        impl = registry.resolve(architectures, inputs["model_impl"], can_build)
+    except errors.UnsupportedError as e:
+        if not vllm.runs:
+            raise
+        # vLLM runs it, prestage's engine does not: configure's outcome is vLLM's, launch says which engine
+        impl = registry.Implementation(architectures[0], "none", "")
+        del e
+        warnings.append(
+            f"prestage's engine has no {architectures[0]}; vLLM {registry.vllm_table.VLLM_VERSION} runs it "
+            f"({vllm.how}): launch it with --engine vllm"
+        )
     if impl.warning:
         warnings.append(impl.warning)
 
@@ -124,7 +139,7 @@ def configure(
 
     native = impl.impl == "native"
     spec = specs.build_spec(text, native=native, weight_dtype=gpu, sliding_window=getattr(text, "sliding_window", None))
-    if not native:
+    if impl.impl == "transformers":
         count = specs.count_params_meta(config, trust)
         spec["param_count"] = count
         spec["weight_bytes"] = count * safetensors.torch_itemsize(gpu) if count else None
@@ -143,6 +158,7 @@ def configure(
         "derived_max_model_len": ml.derived,
         "dtype": {"config": cfg_dtype, "requested": inputs["dtype"], "gpu": gpu, "cpu": cpu, "note": "; ".join(notes)},
         "implementation": impl.as_dict(),
+        "engines": {"prestage": impl.impl, "vllm": vllm.vllm, "vllm_how": vllm.how},
         "spec": _plain_config(spec),
         "trust_remote_code": trust,
         "remote_code": loaded.remote_code,

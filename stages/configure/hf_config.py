@@ -34,6 +34,7 @@ from prestage.stages.errors import (
     UntrustedCodeError,
     UsageError,
 )
+from prestage.stages.launch import vllm_table
 
 
 def read_json(folder: Path, name: str) -> dict:
@@ -224,9 +225,19 @@ def build(
     known = bool(model_type) and model_type in CONFIG_MAPPING
     remote = ref is not None and own is None and trust_remote_code  # trusted code wins, as in transformers
     if ref is not None and not known and not trust_remote_code:
+        what = (
+            f"model_type {model_type!r} is not known to transformers"
+            if model_type
+            else "it has no model_type (its config class is the repo's own)"
+        )
         raise UntrustedCodeError(
-            f"{name}: model_type {model_type!r} is not known to transformers, so the repo's own code "
-            f"auto_map.AutoConfig={ref} would have to run; pass --trust-remote-code to allow it"
+            f"{name}: {what}, so the repo's own code auto_map.AutoConfig={ref} would have to run; pass "
+            "--trust-remote-code to allow it"
+        )
+    if model_type and not known and model_type in vllm_table.CONFIG_TYPES:
+        raise UnsupportedError(
+            f"{name}: model_type {model_type!r} is built by vLLM's own config class, which prestage does not "
+            "have; run it on vLLM directly"
         )
     if model_type and not known and ref is None and config_file != "params.json":  # unknown type (C-04)
         raise UnsupportedError(
@@ -450,18 +461,82 @@ def _plainish(v):
     return _plainish(to_dict()) if callable(to_dict) else str(v)
 
 
-def transformers_can_build(arch: str, config, trust_remote_code: bool) -> bool:
-    """Whether the Transformers backend can build `arch`: a transformers class of that name, or trusted
-    auto_map AutoModelForCausalLM code."""
-    auto_map = getattr(config, "auto_map", None) or {}
-    if trust_remote_code and isinstance(auto_map, dict) and auto_map.get("AutoModelForCausalLM"):
-        return True
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", arch or ""):
-        return False
+def transformers_can_build(
+    arch: str, config, trust_remote_code: bool, fetch=None, *, any_class_checked: bool = False
+) -> bool:
+    """Whether the Transformers backend can build `arch`, as vLLM decides: transformers' class of that name, else
+    (with --trust-remote-code) the repo's own class named by an `auto_map` AutoModel* entry; and that class must
+    be backend-compatible (it supports attention backends, or its module calls the attention interface).
+
+    `fetch(ref)` makes the repo's modeling code present in the model folder and returns the folder (None: it
+    cannot). The compatibility check applies to the repo's own classes always (prestage's backend runs them
+    through the same attention interface) and to transformers' classes with `any_class_checked` (vLLM's rule;
+    prestage's own backend runs transformers' classes as they are).
+    """
     import transformers
 
-    try:
-        cls = getattr(transformers, arch)
-    except Exception:  # a missing optional dependency of that model's module, ...: transformers can't build it
+    cls = None
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", arch or ""):
+        try:
+            cls = getattr(transformers, arch, None)
+        except Exception:  # a missing optional dependency of that model's module, ...: transformers can't build it
+            cls = None
+    remote = False
+    if cls is None:
+        auto_map = getattr(config, "auto_map", None) or {}
+        refs = [v for k, v in auto_map.items() if k.startswith("AutoModel") and isinstance(v, str)]
+        if not (trust_remote_code and isinstance(auto_map, dict) and refs):
+            return False
+        cls, remote = _remote_model_class(refs, fetch), True
+    if not isinstance(cls, type) or not (hasattr(cls, "from_config") or hasattr(cls, "_from_config")):
         return False
-    return isinstance(cls, type) and (hasattr(cls, "from_config") or hasattr(cls, "_from_config"))
+    if not (remote or any_class_checked):
+        return True
+    try:
+        return bool(cls.is_backend_compatible() or cls._can_set_attn_implementation())
+    except Exception:
+        return False
+
+
+def _remote_model_class(refs: list[str], fetch):
+    """The first auto_map model class that loads from the (trusted) repo code, or None."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    for ref in refs:
+        folder = fetch(ref) if fetch is not None else None
+        if folder is None:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return get_class_from_dynamic_module(ref, str(folder), local_files_only=True)
+        except Exception:  # missing packages or broken code: vLLM skips the entry the same way
+            continue
+    return None
+
+
+def model_code_fetcher(folder: Path, raw: dict, hub_source: dict | None, params: dict | None, loaded: Loaded):
+    """A `fetch(ref)` for transformers_can_build: downloads the repo's modeling code at the pinned commit (or
+    finds it in a local folder) and records each file's sha256 in loaded.remote_code."""
+
+    def fetch(ref: str):
+        try:
+            files = _fetch_remote_files(folder, ref, hub_source, params or {})
+        except PrestageError:
+            return None
+        if loaded.remote_code is None:
+            auto_map = raw.get("auto_map")
+            loaded.remote_code = {
+                "auto_map": dict(sorted(auto_map.items())) if isinstance(auto_map, dict) else auto_map,
+                "repo_id": (hub_source or {}).get("repo_id"),
+                "commit": (hub_source or {}).get("commit"),
+                "files": [],
+            }
+        have = {f["path"] for f in loaded.remote_code["files"]}
+        for f in files:
+            if f not in have:
+                loaded.remote_code["files"].append({"path": f, "sha256": sha256_hex(folder / f)})
+        loaded.remote_code["files"].sort(key=lambda f: f["path"])
+        return folder
+
+    return fetch

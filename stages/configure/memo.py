@@ -30,12 +30,13 @@ from prestage.stages.records import ConfigureRecord
 
 _SOURCES = Path(__file__).resolve().parent
 _REGISTRY = _SOURCES.parent / "launch" / "registry.py"
+_VLLM_TABLE = _SOURCES.parent / "launch" / "vllm_table.py"
 _PARSER = _SOURCES.parent / "safetensors.py"  # configure reads checkpoint dtypes through it
 
 
 def _source_digest() -> str:
     h = hashlib.sha256()
-    for path in sorted(_SOURCES.glob("*.py")) + [_REGISTRY, _PARSER]:
+    for path in sorted(_SOURCES.glob("*.py")) + [_REGISTRY, _VLLM_TABLE, _PARSER]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -96,7 +96,7 @@ def _hf_overrides(value) -> dict:
 
 class ConfigureStage(Stage):
     name = "configure"
-    version = 2  # 2: typed record (spec fields all present)
+    version = 3  # 2: typed record (spec fields all present); 3: engines (prestage / vLLM)
     requires = ("resolve",)
     options = OPTIONS
 

@@ -63,7 +63,7 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
     for i, c in enumerate(completions, 1):  # the text itself goes to stdout (the CLI prints it)
         rep.detail(f"launch: completion {i} of {len(completions)}: {len(c['token_ids'])} tokens, {c['finish_reason']}")
     stats = inf.engine.stats
-    record = LaunchRecord.from_dict(dict(inf.info, completions=completions), "launch's outputs")
+    record = LaunchRecord.from_dict(dict(inf.info, vllm=None, completions=completions), "launch's outputs")
     volatile = {
         "startup": {
             **{k: round(v, 4) for k, v in inf.timings.items() if isinstance(v, float)},

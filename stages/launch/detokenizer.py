@@ -3,7 +3,8 @@
 A window of a few earlier tokens is decoded with and without the new ones, and the difference is the new
 text, so tokenizers whose pieces depend on their neighbours (SentencePiece's leading spaces, byte-level BPE
 splitting a character over several tokens) come out right. Text ending in U+FFFD (an incomplete UTF-8
-character) is held back until the next token completes it.
+character) is held back until the next token completes it; the engine drops what is still held back when a
+sequence ends, as vLLM does (`flush()` gives it, for comparisons with a full decode).
 """
 
 from __future__ import annotations

@@ -131,8 +131,18 @@ def _oom(what: str, device, e: BaseException) -> ResourceError:
     )
 
 
+def check_prestage_can_run(conf: ConfigureRecord) -> None:
+    """Refuse, before loading anything, a model configure found only vLLM can run."""
+    if conf.engines.prestage == "none":
+        arch = conf.implementation.architecture or (conf.architectures or ["this model"])[0]
+        raise UnsupportedError(
+            f"prestage's engine has no {arch}; use --engine vllm (vLLM runs it: {conf.engines.vllm_how})"
+        )
+
+
 def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs: int | None = None) -> Inference:
     """Tokenizer, model, weights and engine from the run's manifests (`upstream`: stage name -> Manifest)."""
+    check_prestage_can_run(upstream["configure"].record)
     t = time.perf_counter()
     import torch
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)

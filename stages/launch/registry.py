@@ -3,10 +3,14 @@
 Importable without torch or transformers: configure uses it to decide, launch uses it to import the class.
 
 - `NATIVE`: architectures prestage implements itself (one shared decoder module).
-- `TRANSFORMERS_SUPPORTED`: architectures vLLM 0.33 routes to its Transformers backend by table.
+- `TRANSFORMERS_SUPPORTED`: text architectures vLLM routes to its Transformers backend by table.
 - `PREVIOUSLY_SUPPORTED` / `OUT_OF_TREE`: names vLLM dropped, kept so the error says so.
 - `SUFFIX_DEFAULTS`: architecture-name suffix -> runner (generate | pooling) and convert type.
-- `resolve(architectures, model_impl, transformers_has)`: the choice, or a one-line error.
+- `resolve(architectures, model_impl, transformers_has)`: prestage's engine's choice, or a one-line error.
+- `vllm_support(architectures, model_impl, transformers_has)`: whether vLLM runs it, and how.
+
+vLLM's own tables (every architecture it registers, by runner) are data in vllm_table.py: an architecture
+vLLM registers decides the runner by its class, as in vLLM, before the name-suffix rule.
 
 `transformers_has(arch)` is a callable the caller supplies ("can transformers build this class?"), so this
 module never imports transformers itself.
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prestage.stages.errors import UnsupportedError
+from prestage.stages.launch import vllm_table
 
 DECODER = "prestage.stages.launch.models.decoder:DecoderForCausalLM"
 TRANSFORMERS_BACKEND = "prestage.stages.launch.hf_backend:TransformersForCausalLM"
@@ -39,64 +44,20 @@ NATIVE: dict[str, str] = {
     )
 }
 
-# vLLM 0.33 `_TRANSFORMERS_SUPPORTED_MODELS`: registered, but run by the Transformers backend (M-04).
-TRANSFORMERS_SUPPORTED: tuple[str, ...] = (
-    "ArceeForCausalLM",
-    "CwmForCausalLM",
-    "GlmForCausalLM",
-    "GPTBigCodeForCausalLM",
-    "GPTNeoXForCausalLM",
-    "HunYuanDenseV1ForCausalLM",
-    "Jais2ForCausalLM",
-    "NanbeigeForCausalLM",
-    "OlmoForCausalLM",
-    "Olmo2ForCausalLM",
-    "Olmo3ForCausalLM",
-    "PhiForCausalLM",
-    "SeedOssForCausalLM",
-    "SmolLM3ForCausalLM",
-    "Starcoder2ForCausalLM",
-    "VaultGemmaForCausalLM",
-    # vLLM sends these to TransformersMoEForCausalLM; prestage has one backend class for both.
-    "FlexOlmoForCausalLM",
-    "HunYuanMoEV1ForCausalLM",
-    "Kolibri1ForCausalLM",
-    "MellumForCausalLM",
+# vLLM `_TRANSFORMERS_SUPPORTED_MODELS` (text models): registered, but run by the Transformers backend (M-04).
+# vLLM sends the MoE ones to TransformersMoEForCausalLM; prestage has one backend class for both.
+TRANSFORMERS_SUPPORTED: tuple[str, ...] = tuple(
+    a for a in vllm_table.TRANSFORMERS_SUPPORTED if a.endswith("ForCausalLM")
 )
 
 # Architecture names that already are backend classes (vLLM `_TRANSFORMERS_BACKEND_MODELS`, generate only).
-BACKEND_NAMES: tuple[str, ...] = (
-    "TransformersForCausalLM",
-    "TransformersMoEForCausalLM",
-    "TransformersMultiModalForCausalLM",
-    "TransformersMultiModalMoEForCausalLM",
-)
+BACKEND_NAMES: tuple[str, ...] = tuple(a for a in vllm_table.TRANSFORMERS_BACKEND if a.endswith("ForCausalLM"))
 
 # vLLM `_PREVIOUSLY_SUPPORTED_MODELS`: architecture -> last vLLM version that ran it (M-02).
-PREVIOUSLY_SUPPORTED: dict[str, str] = {
-    "AquilaForCausalLM": "0.24.0",
-    "AquilaModel": "0.24.0",
-    "ArcticForCausalLM": "0.28.0",
-    "BaichuanForCausalLM": "0.23.0",
-    "BaiChuanForCausalLM": "0.23.0",
-    "JAISLMHeadModel": "0.22.0",
-    "MiniMaxText01ForCausalLM": "0.23.0",
-    "MPTForCausalLM": "0.28.0",
-    "MptForCausalLM": "0.28.0",
-    "PersimmonForCausalLM": "0.25.0",
-    "QWenLMHeadModel": "0.23.0",
-    "RWForCausalLM": "0.28.0",
-}
+PREVIOUSLY_SUPPORTED: dict[str, str] = dict(vllm_table.PREVIOUSLY_SUPPORTED)
 
 # vLLM `_OOT_SUPPORTED_MODELS`: architecture -> plugin that runs it now (M-03).
-_BART_PLUGIN = "https://github.com/vllm-project/bart-plugin"
-OUT_OF_TREE: dict[str, str] = {
-    "BartModel": _BART_PLUGIN,
-    "BartForConditionalGeneration": _BART_PLUGIN,
-    "MBartForConditionalGeneration": _BART_PLUGIN,
-    "Florence2ForConditionalGeneration": _BART_PLUGIN,
-    "Nemotron3_5AsrForRNNT": "https://github.com/vllm-project/vllm-nemotron-asr-plugin",
-}
+OUT_OF_TREE: dict[str, str] = dict(vllm_table.OUT_OF_TREE)
 
 # vLLM `_SUFFIX_TO_DEFAULTS` (earlier entries win): suffix -> (runner, convert).
 SUFFIX_DEFAULTS: tuple[tuple[str, str, str], ...] = (
@@ -155,12 +116,84 @@ def supported_summary() -> str:
     return f"native: {natives}; plus any causal LM transformers knows (--model-impl auto|transformers)"
 
 
+def _vllm_registered(arch: str) -> str | None:
+    """The runner of an architecture vLLM registers ("generate" | "pooling" | "draft"), or None."""
+    if arch in vllm_table.GENERATE or arch in vllm_table.TRANSFORMERS_SUPPORTED or arch in BACKEND_NAMES:
+        return "generate"
+    if arch in vllm_table.POOLING or arch in vllm_table.TRANSFORMERS_BACKEND:
+        return "pooling"
+    if arch in vllm_table.DRAFT:
+        return "draft"
+    return None
+
+
 def runner_of(architectures: list[str]) -> tuple[str, str]:
-    """(runner, convert) vLLM's `--runner auto` picks: a registered causal LM generates, else the suffix says."""
-    first = architectures[0]
-    if first in NATIVE or first in BACKEND_NAMES:
+    """(runner, convert) vLLM's `--runner auto` picks: for each architecture in order, a registered one decides
+    by its class (`ChatGLMModel` generates, `BertModel` pools), else a known name suffix decides."""
+    if architectures[0] in NATIVE:
         return "generate", "none"
-    return suffix_defaults(first) or ("generate", "none")
+    for arch in architectures:
+        registered = _vllm_registered(arch)
+        if registered is not None:
+            return registered, "none"
+        found = suffix_defaults(arch)
+        if found is not None:
+            return found
+    return "generate", "none"
+
+
+@dataclass(frozen=True)
+class VllmSupport:
+    runs: bool
+    how: str  # "vllm:<module.Class>" | "transformers" | why vLLM cannot run it
+
+    @property
+    def vllm(self) -> str:
+        return "yes" if self.runs else "no"
+
+
+def vllm_support(
+    architectures: list[str], model_impl: str = "auto", transformers_has: Callable[[str], bool] = lambda a: False
+) -> VllmSupport:
+    """Whether vLLM (the version in vllm_table.py) runs `architectures` for text generation, and how: its own
+    class for a registered name (or the name with its suffix replaced, as vLLM normalizes it), else its
+    Transformers backend when transformers can build the class (`transformers_has`)."""
+    if not architectures:
+        return VllmSupport(False, "no architectures in config.json")
+    runner, convert = runner_of(architectures)
+    if runner != "generate":
+        return VllmSupport(False, f"{architectures[0]} is a {runner} model in vLLM (convert {convert})")
+    if model_impl != "transformers":
+        for arch in architectures:
+            if arch in vllm_table.TRANSFORMERS_SUPPORTED or arch in BACKEND_NAMES:
+                if model_impl == "native":
+                    continue
+                return VllmSupport(True, "transformers")
+            name = arch if arch in vllm_table.GENERATE else _vllm_normalize(arch)
+            if name is not None:
+                return VllmSupport(True, f"vllm:{vllm_table.GENERATE[name]}")
+    if model_impl != "native":
+        for arch in architectures:
+            if arch in BACKEND_NAMES or transformers_has(arch):
+                return VllmSupport(True, "transformers")
+    for arch in architectures:
+        if arch in PREVIOUSLY_SUPPORTED:
+            return VllmSupport(False, f"{arch} was supported until vLLM v{PREVIOUSLY_SUPPORTED[arch]}")
+        if arch in OUT_OF_TREE:
+            return VllmSupport(False, f"{arch} needs the plugin {OUT_OF_TREE[arch]}")
+    return VllmSupport(False, f"vLLM {vllm_table.VLLM_VERSION} has no class for {', '.join(architectures)}")
+
+
+def _vllm_normalize(arch: str) -> str | None:
+    """vLLM `_normalize_arch`: FooForX -> the first registered FooFor<suffix> (a generating class), or None."""
+    for suffix, _, _ in SUFFIX_DEFAULTS:
+        if arch.endswith(suffix):
+            for repl, _, _ in SUFFIX_DEFAULTS:
+                candidate = arch[: -len(suffix)] + repl
+                if candidate in vllm_table.GENERATE:
+                    return candidate
+            return None
+    return None
 
 
 def resolve(

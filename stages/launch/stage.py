@@ -8,6 +8,9 @@
     engine.py            continuous batching over a static KV cache, CUDA graphs on GPU
     sampling.py          SamplingParams and the on-device sampler; detokenizer.py: incremental text
     inference.py         load_for_inference(): manifests -> ready engine (the stage and the server share it)
+    vllm_table.py        vLLM's architecture and config-class tables, as data (configure reads them)
+    vllm_handoff.py      the `vllm serve` command and environment for a run; finding vLLM
+    vllm_launch.py       --engine vllm: the completions from vLLM's Python API (vllm_offline.py, in its Python)
 
 `LaunchStage` runs the prompts given with --prompt / --prompts-file through the engine and records the
 completions. Sampling follows vLLM's `--generation-config auto`: a flag the user gives wins, else the value the
@@ -104,6 +107,22 @@ OPTIONS = (
         help="Most sequences decoded at once, as vLLM's flag.",
     ),
     opt(
+        "--engine",
+        type=str,
+        default="prestage",
+        show_default=True,
+        metavar="prestage|vllm",
+        help="prestage's own engine, or vLLM itself (offline through its Python API, with the run's decisions).",
+    ),
+    opt(
+        "--vllm",
+        "vllm",
+        default=None,
+        metavar="PATH",
+        help="The vLLM executable, its Python or its virtual environment [default: PRESTAGE_VLLM, else `vllm` "
+        "on PATH].",
+    ),
+    opt(
         "--verify-hashes",
         is_flag=True,
         default=False,
@@ -119,7 +138,7 @@ class LaunchStage(Stage):
     """Generate completions for the prompts with the staged model, tokenizer and weights."""
 
     name = "launch"
-    version = 2  # 2: typed record
+    version = 3  # 2: typed record; 3: engine (prestage | vllm) and the vLLM command
     requires = ("resolve", "configure", "tokenize-prep", "fetch-weights")
     options = OPTIONS
     always_run = True
@@ -128,6 +147,7 @@ class LaunchStage(Stage):
         generation_config_mode(params)
         check_sampling(**{k: params.get(k) for k in _SAMPLING}, stop=params.get("stop"))
         self._engine_params(params)
+        engine_choice(params)
         read_prompts(params)
 
     @staticmethod
@@ -181,7 +201,22 @@ class LaunchStage(Stage):
             "gpu_memory_utilization": util,
             "max_num_seqs": max_num_seqs,
             "verify_hashes": bool(params.get("verify_hashes")),
+            "engine": engine_choice(params),
         }
 
     def run(self, ctx: Context, inputs: dict) -> StageResult:
+        if inputs["engine"] == "vllm":
+            from prestage.stages.launch.vllm_launch import run_vllm_launch
+
+            return run_vllm_launch(ctx, inputs)
         return run_launch(ctx, inputs)
+
+
+ENGINES = ("prestage", "vllm")
+
+
+def engine_choice(params: dict) -> str:
+    value = str(params.get("engine") or "prestage").strip().lower()
+    if value not in ENGINES:
+        raise UsageError(f"--engine {params.get('engine')!r}: use one of {', '.join(ENGINES)}")
+    return value

@@ -18,7 +18,7 @@ from prestage.stages.tokenize_prep.cached import cached_attributes
 from prestage.stages.tokenize_prep.chat_template import resolve as resolve_template
 from prestage.stages.tokenize_prep.golden import golden
 from prestage.stages.tokenize_prep.source import TokenizerSource, locate, pick_mode
-from prestage.stages.tokenize_prep.tokenizer_loading import load, preflight, read_json
+from prestage.stages.tokenize_prep.tokenizer_loading import load, preflight, read_json, remote_code, untrusted_warning
 
 
 def _model_json(ctx: Context, src: TokenizerSource, name: str, warnings: list) -> dict | None:
@@ -97,6 +97,9 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
     t2 = time.perf_counter()
 
     warnings: list[str] = []
+    code_warning = untrusted_warning(config, inputs["trust_remote_code"], tok)
+    if code_warning:
+        warnings.append(code_warning)
     if not getattr(tok, "is_fast", True):
         warnings.append(
             "slow (Python) tokenizer: this might cause a significant slowdown; a repo with "
@@ -143,6 +146,7 @@ def prepare(ctx: Context, inputs: dict) -> StageResult:
         mode_reason=why,
         class_name=type(tok).__name__,
         trust_remote_code=inputs["trust_remote_code"],
+        remote_code=remote_code(src.folder, config, inputs["trust_remote_code"]),
         **attrs,
         bos_token_id=getattr(tok, "bos_token_id", None),
         eos_token_ids=eos,

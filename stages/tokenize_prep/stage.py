@@ -42,7 +42,7 @@ def _mode(params: dict) -> str:
 
 class TokenizePrepStage(Stage):
     name = "tokenize-prep"
-    version = 2  # 2: typed record; generation_defaults always present; configure required
+    version = 3  # 2: typed record; generation_defaults always present; configure required; 3: remote_code
     requires = ("resolve", "configure")
     options = (
         opt(

@@ -7,7 +7,9 @@ raise a KeyError, or silently fall back to TokenizersBackend for an unknown clas
 `load(folder, mode, trust_remote_code, where)`: mode "hf" is `AutoTokenizer.from_pretrained` (transformers 5
 always builds the fast backend when it can); mode "mistral" is transformers' MistralCommonBackend, which
 needs the mistral_common package. A repo whose tokenizer is its own code (`auto_map.AutoTokenizer`) loads
-only with --trust-remote-code (docs/vllm-rules.md, T-03).
+only with --trust-remote-code (docs/vllm-rules.md, T-03) when transformers has nothing else to load; when
+the repo also has a tokenizer.json, transformers (and so vLLM) loads that without the code and says nothing:
+`untrusted_warning` says it. `remote_code(folder, config)` records trusted tokenizer code by sha256.
 """
 
 from __future__ import annotations
@@ -90,6 +92,44 @@ def preflight(folder: Path, where: str, mode: str) -> dict | None:
             "vocab or sentencepiece model); pass --tokenizer with a repo that has them"
         )
     return config
+
+
+def _module_files(folder: Path, ref: str) -> list[str]:
+    """The module file `ref` names and what it imports relatively, present in `folder` (sorted)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    local = ref.split("--")[-1]
+    wanted, done = [local.rsplit(".", 1)[0].replace(".", "/") + ".py"], []
+    while wanted:
+        name = wanted.pop()
+        if name in done or not (folder / name).is_file():
+            continue
+        done.append(name)
+        wanted += [rel.replace(".", "/") + ".py" for rel in get_relative_imports(str(folder / name))]
+    return sorted(done)
+
+
+def remote_code(folder: Path, config: dict | None, trusted: bool) -> dict | None:
+    """{auto_map, files: [{path, sha256}]} of the tokenizer code that ran (trusted auto_map), else None."""
+    from prestage.stages.digest import sha256_hex
+
+    ref = auto_map_ref(config)
+    if ref is None or not trusted:
+        return None
+    files = _module_files(folder, ref)
+    return {"auto_map": ref, "files": [{"path": f, "sha256": sha256_hex(folder / f)} for f in files]}
+
+
+def untrusted_warning(config: dict | None, trusted: bool, tok) -> str | None:
+    """The warning for a repo whose own tokenizer code did not run (no --trust-remote-code) but loaded anyway."""
+    ref = auto_map_ref(config)
+    if ref is None or trusted:
+        return None
+    return (
+        f"tokenizer_config.json names the repo's own tokenizer code auto_map.AutoTokenizer={ref}, which did not "
+        f"run (no --trust-remote-code): loaded as {type(tok).__name__} from the tokenizer files, as vLLM does; "
+        "its encodings may differ from the repo's class: pass --trust-remote-code to run the code"
+    )
 
 
 def _untrusted(where: str, config: dict | None) -> errors.UntrustedCodeError:

@@ -5,6 +5,10 @@ the trained tokenizer in tests.support.tokenizer, hidden 64, intermediate 128, 2
 heads) as a single `model.safetensors`, as sharded safetensors with an index, or as a `.bin`-only
 checkpoint, with config.json, generation_config.json and the tokenizer files.
 
+`wide=True` is the variant vLLM's CPU attention accepts (it refuses head_dim 16): hidden 128, intermediate 256,
+2 heads and 1 KV head of head_dim 64, with larger initial weights (initializer_range 0.3) so that a greedy
+continuation is not one repeated token and a comparison between engines can fail.
+
 `build_large_checkpoint(out_dir, total_bytes, num_shards)` writes Llama-shaped bf16 safetensors shards
 of uninitialised (or random) data plus index and config.json, fast, for download benchmarks.
 """
@@ -30,7 +34,12 @@ def _special_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def tiny_config(arch: str = "qwen2", config_overrides: dict[str, Any] | None = None, ids: dict | None = None):
+WIDE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+
+
+def tiny_config(
+    arch: str = "qwen2", config_overrides: dict[str, Any] | None = None, ids: dict | None = None, wide: bool = False
+):
     """Return a transformers config for the tiny model of `arch` (see ARCHS), with overrides applied."""
     import transformers
 
@@ -47,6 +56,10 @@ def tiny_config(arch: str = "qwen2", config_overrides: dict[str, Any] | None = N
         tie_word_embeddings=False,
         **common,
     )
+    if wide:
+        if arch not in ("qwen2", "llama", "mistral"):
+            raise ValueError(f"wide tiny models are qwen2, llama or mistral, not {arch!r}")
+        decoder.update(WIDE, initializer_range=0.3)
     if arch == "qwen2":
         cfg = transformers.Qwen2Config(**decoder)
     elif arch == "llama":
@@ -74,6 +87,7 @@ def build_checkpoint(
     with_tokenizer: bool = True,
     config_overrides: dict[str, Any] | None = None,
     dtype: str = "float32",
+    wide: bool = False,
 ) -> Path:
     """Write a real, deterministic tiny checkpoint into `out_dir` and return its path.
 
@@ -92,7 +106,7 @@ def build_checkpoint(
 
     tokenizer = train_bpe_tokenizer(TINY_VOCAB)
     ids = _special_ids(tokenizer)
-    config = tiny_config(arch, config_overrides, ids)
+    config = tiny_config(arch, config_overrides, ids, wide=wide)
     config.architectures = [
         {
             "gpt2": "GPT2LMHeadModel",
