@@ -400,6 +400,31 @@ def call_bound(connect: float, read: float) -> float:
 STALL_BOUND_S = call_bound(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 
 
+# A file must arrive at MIN_RATE_BPS or better, after FILE_GRACE_S: a hub that trickles (one chunk within each
+# read timeout) ends in `network` once the file's deadline, grace + remaining bytes / rate, has passed.
+MIN_RATE_BPS = 50_000.0  # 50 kB/s: a 5 GB shard may take up to 28 hours; a trickle of 1 B/s ends after a minute
+FILE_GRACE_S = 60.0
+MIN_RATE_ENV = "PRESTAGE_HUB_MIN_RATE"  # "BYTES_PER_S" or "BYTES_PER_S,GRACE_S"
+
+
+def min_rate_from_env() -> tuple[float, float]:
+    """(bytes per second, grace seconds) below which a file transfer is given up: PRESTAGE_HUB_MIN_RATE or the
+    defaults."""
+    raw = os.environ.get(MIN_RATE_ENV, "").strip()
+    if not raw:
+        return MIN_RATE_BPS, FILE_GRACE_S
+    try:
+        values = [float(p) for p in raw.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 < v < 1e12 for v in values):
+        raise errors.UsageError(
+            f"{MIN_RATE_ENV}={raw!r}: not a rate in bytes per second (optionally ',GRACE_SECONDS'); use e.g. "
+            "50000 or 50000,60, or unset it"
+        )
+    return (values[0], FILE_GRACE_S) if len(values) == 1 else (values[0], values[1])
+
+
 def timeouts_from_env() -> tuple[float, float]:
     """(connect, read) seconds: PRESTAGE_HUB_TIMEOUT when set, else the defaults."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
@@ -671,7 +696,7 @@ class HubClient:
                         if meta.size is not None and fh.tell() > meta.size:
                             fh.truncate(0)
                         self.call(
-                            lambda: self._transfer(location, fh, meta.size, headers, progress),
+                            lambda: self._transfer(location, fh, meta.size, headers, progress, where),
                             repo_id=repo_id,
                             revision=revision or commit,
                             what=path,
@@ -715,7 +740,7 @@ class HubClient:
                 "it again, or check HF_ENDPOINT"
             )
 
-    def _transfer(self, url: str, fh, size: int | None, headers: dict, progress) -> None:
+    def _transfer(self, url: str, fh, size: int | None, headers: dict, progress, where: str = "") -> None:
         """GET the rest of a file (Range from what `fh` holds) onto its end, chunk by chunk."""
         from huggingface_hub import get_session
         from huggingface_hub.utils import hf_raise_for_status
@@ -723,6 +748,9 @@ class HubClient:
         start = fh.tell()
         if size is not None and start == size:
             return
+        rate, grace = min_rate_from_env()
+        began = time.monotonic()
+        deadline = began + grace + (size - start if size is not None else 0) / rate
         h = dict(headers)
         if start:
             h["Range"] = f"bytes={start}-"
@@ -743,6 +771,13 @@ class HubClient:
                     self._progress()
                     if progress is not None:
                         progress(len(chunk))
+                if time.monotonic() > deadline:  # a trickle: the partial file stays for a later resume
+                    got = fh.tell() - start
+                    raise errors.NetworkError(
+                        f"{where or url[:120]}: {got} of {size - start if size else '?'} bytes in "
+                        f"{time.monotonic() - began:.0f} s, below the minimum of {rate:.0f} B/s; check the network "
+                        f"(a re-run resumes), or lower {MIN_RATE_ENV}"
+                    )
         fh.flush()
         if size is not None and fh.tell() != size:
             raise ConnectionError(f"the transfer ended at {fh.tell()} of {size} bytes")  # transient: resumed

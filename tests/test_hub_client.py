@@ -339,3 +339,32 @@ def test_second_sigint_exits_at_once_while_a_worker_is_stuck_in_a_stalled_read(h
 
 def hub_blobs(env: dict, repo: str) -> Path:
     return hubmod.repo_folder(Path(env["HF_HUB_CACHE"]), repo) / "blobs"
+
+
+def test_a_trickling_hub_ends_in_network_at_the_files_minimum_rate(hub, hf_env, tmp_path, monkeypatch):
+    """A hub that sends a little within every read timeout is given up once the file's deadline (grace +
+    remaining bytes / minimum rate) has passed; the partial file stays and a later run resumes it."""
+    params = {"model": "test-org/tiny-single"}
+    run_stage("resolve", tmp_path / "r", params, QUIET)
+    run_stage("configure", tmp_path / "r", params, QUIET)
+    monkeypatch.setenv(hubmod.MIN_RATE_ENV, "400000,0.5")  # 0.8 MB at 400 kB/s: about 2.5 s allowed
+    hub.throttle(40_000)  # 40 kB/s: about 20 s for the file
+    t0 = time.monotonic()
+    with pytest.raises(errors.NetworkError, match="below the minimum of 400000 B/s") as ei:
+        run_stage("fetch-weights", tmp_path / "r", params, QUIET)
+    took = time.monotonic() - t0
+    assert took < 8, took
+    assert "model.safetensors" in str(ei.value) and "\n" not in str(ei.value)
+    cache = Path(hf_env["HF_HUB_CACHE"]) / "models--test-org--tiny-single" / "blobs"
+    assert any(p.name.endswith(".incomplete") and p.stat().st_size > 0 for p in cache.iterdir())
+    hub.throttle(None)
+    monkeypatch.delenv(hubmod.MIN_RATE_ENV)
+    assert run_stage("fetch-weights", tmp_path / "r", params, QUIET).status == "ran"
+
+
+def test_min_rate_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(hubmod.MIN_RATE_ENV, "fast")
+    with pytest.raises(errors.UsageError, match="PRESTAGE_HUB_MIN_RATE='fast'"):
+        hubmod.min_rate_from_env()
+    monkeypatch.setenv(hubmod.MIN_RATE_ENV, "1000,5")
+    assert hubmod.min_rate_from_env() == (1000.0, 5.0)
