@@ -31,6 +31,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely tokens'
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +64,23 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seen: list[torc
     sub = torch.where(mask, torch.where(sub > 0, sub / r, sub * r), sub)  # [R, V]
     out = logits.clone()
     out[idx] = sub
+    return out
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, want: list[int | None]) -> list:
+    """logits [B, V] (the model's, before any penalty or temperature, as vLLM reports them), tokens [B] ->
+    per row None, or (the token's logprob, [(id, logprob) of the `want[i]` most likely tokens])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+    k = max((w for w in want if w is not None), default=0)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)  # [B, k] each
+    out = []
+    for i, w in enumerate(want):
+        if w is None:
+            out.append(None)
+            continue
+        top = list(zip(top_i[i, :w].tolist(), top_v[i, :w].tolist(), strict=True)) if w else []
+        out.append((chosen[i], top))
     return out
 
 
