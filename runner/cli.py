@@ -345,16 +345,21 @@ def _serve_command() -> click.Command:
         "stop",
     }
 
-    def callback(run, host, port, served_model_name, **params):
+    def callback(run, host, port, served_model_name, api_key, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
         from prestage.runner.chain import load_upstream, name_the_run, stage_params
         from prestage.stages.launch import generation_config_mode, generation_defaults
-        from prestage.stages.launch.inference import load_for_inference
+        from prestage.stages.launch.serving import bind, check_serve_extra, check_serve_params, serve
 
+        check_serve_extra()
         mode = generation_config_mode(params)  # checked before the model loads
+        check_serve_params(params)
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
+        sock = bind(host, port)  # a port in use fails here, before anything is printed
+        from prestage.stages.launch.inference import load_for_inference
+
         try:
             inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
         except errors.PrestageError as e:
@@ -362,18 +367,16 @@ def _serve_command() -> click.Command:
             raise
         for w in inference.warnings:
             reporter.warn(w)
-        import uvicorn
-
         from prestage.stages.launch.server import create_app
 
         name = served_model_name or upstream["resolve"].record.model
-        app = create_app(
-            inference, name, upstream["configure"].record.max_model_len, generation_defaults(mode, upstream)
-        )
+        max_model_len = inference.info["engine"]["max_model_len"]
+        app = create_app(inference, name, max_model_len, generation_defaults(mode, upstream), api_key=api_key)
+        real_port = sock.getsockname()[1]
         reporter.info(
-            f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
+            f"serve: {name} on http://{host}:{real_port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning" if state.quiet else "info")
+        serve(app, sock, state.quiet)
 
     params = [
         click.Argument(["run"], metavar="RUN"),
@@ -386,6 +389,17 @@ def _serve_command() -> click.Command:
             default=None,
             help="Model name in the API (default: the model id given to resolve).",
         ),
+        click.Option(["--api-key"], default=None, help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+        click.Option(
+            ["--max-model-len"], type=int, default=None, help="Context length, at most configure's [default: it]."
+        ),
+        click.Option(
+            ["--dtype"],
+            default="auto",
+            show_default=True,
+            metavar="auto|bfloat16|float16|float32",
+            help="Weight and activation dtype (auto: configure's choice for the device).",
+        ),
     ]
     params += [
         click.Option(list(o.decls), **o.kwargs) for o in _stage_options(["launch"]) if o.dest not in request_level
@@ -397,7 +411,7 @@ def _serve_command() -> click.Command:
         short_help=_SHORT["serve"],
         help="Load the model of RUN once and serve the OpenAI API (/v1/completions, "
         "/v1/chat/completions, /v1/models; stream=true as server-sent events) with FastAPI "
-        "+ uvicorn. Requests run one at a time; the prompts of one request are batched. "
+        "+ uvicorn, with /metrics for Prometheus. Requests join one running batch (continuous batching). "
         "Sampling fields a request leaves out take the model's generation_config.json "
         "values (--generation-config auto), as vLLM's server does.",
     )
