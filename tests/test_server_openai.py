@@ -377,3 +377,49 @@ def test_serve_load_equals_alone_cancel_frees_and_rss_stays_flat(server):
 
     after_rss = server.rss_bytes()
     assert after_rss <= warm_rss * 1.10, (warm_rss, after_rss)
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+def test_serve_port_in_use_is_one_resource_line(staged_run):
+    import socket
+
+    from prestage.stages.errors import CODE
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = _serve(staged_run, "--port", str(port))
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == CODE["resource"], err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port} is already in use" in lines[0] and "serve:" not in err
+
+
+def test_serve_without_the_serve_extra_says_what_to_install(staged_run):
+    from prestage.stages.errors import CODE
+
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; sys.argv = ['prestage', 'serve', sys.argv[1]];"
+        "from prestage.runner.cli import main; main()"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(staged_run)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == CODE["unsupported"], r.stderr
+    assert "pip install 'prestage[serve]'" in r.stderr and "uvicorn" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,needle", [(["--dtype", "int3"], "--dtype 'int3'"), (["--max-model-len", "99999"], "--max-model-len 99999")]
+)
+def test_serve_flag_errors(staged_run, flags, needle):
+    from prestage.stages.errors import CODE
+
+    proc = _serve(staged_run, "--port", "0", *flags)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == CODE["usage"] and needle in err, err

@@ -20,9 +20,14 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def check_serve_extra() -> None:
     """UnsupportedError naming the install command when a module of the `serve` extra is missing."""
-    import importlib.util
+    import importlib
 
-    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in SERVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise UnsupportedError(
             f"serve needs {', '.join(missing)} (the serve extra), which is not installed: pip install 'prestage[serve]'"
