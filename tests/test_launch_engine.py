@@ -264,3 +264,34 @@ def test_launch_decode_attends_only_the_running_lengths(model, tokenizer):
     assert max(att for att, _ in seen) == 20 + 4 - 1  # the long prompt's last decode position + 1
     assert seen[-1][0] < 20  # after the long one ended, the short one's steps read only its own length
     assert max(att for att, _ in seen) < 64
+
+
+def test_launch_cpu_bf16_prepacked_weights_match_dense():
+    """bf16 on CPU: the engine pre-packs the projections for oneDNN; logits stay those of the dense weights
+    (within bf16 rounding) and the greedy tokens are the same."""
+    hf, dense = tiny_pair(5)
+    dense = dense.to(torch.bfloat16)
+    packed = DecoderForCausalLM(dense.args, dtype=torch.bfloat16)
+    packed.load_weights(dense.state_dict().items())
+    assert packed.prepack_for_cpu() and packed.model.layers[0].self_attn.qkv_proj.weight is None
+    assert not DecoderForCausalLM(dense.args, dtype=torch.float32).prepack_for_cpu()  # float32 stays dense
+    ids = torch.tensor([[5, 17, 300, 9, 41, 77]])
+    for m in (dense, packed):
+        m.allocate_kv_cache(1, 32, "cpu", torch.bfloat16)
+    with torch.inference_mode():
+        a = dense.prefill(ids, torch.tensor([6]), 0).float()
+        b = packed.prefill(ids, torch.tensor([6]), 0).float()
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    tok = _IdTokenizer()
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    outs = [
+        Engine(m, tok, [], "cpu", torch.bfloat16, 32, 2, 64, prepack=False).generate([[5, 17, 300, 9]], sp)
+        for m in (dense, packed)
+    ]
+    assert dense.model.layers[0].self_attn.qkv_proj.packed is None
+    assert outs[0][0]["token_ids"] == outs[1][0]["token_ids"]
+
+
+class _IdTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))

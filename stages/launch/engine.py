@@ -59,6 +59,7 @@ class Engine:
         seed: int = 0,
         cuda_graphs: bool = True,
         max_prefill_tokens: int = 8192,
+        prepack: bool = True,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = {int(i) for i in (eos_ids or [])}
@@ -73,7 +74,7 @@ class Engine:
             )
         self.kv_cache_tokens = self.num_slots * max_model_len
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.runner = ModelRunner(model, self.device, self.num_slots, max_model_len, dtype, cuda_graphs)
+        self.runner = ModelRunner(model, self.device, self.num_slots, max_model_len, dtype, cuda_graphs, prepack)
         self.graphs = self.runner.graphs
         self.scheduler = Scheduler(self.num_slots, max(max_prefill_tokens, max_model_len))
         self.requests: dict[int, Sequence] = {}

@@ -130,9 +130,18 @@ class Linear(nn.Module):
         self.weight = _empty(out_features, in_features, factory=factory)  # [out, in]
         self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
         self.shards = shards or {}
+        self.packed: torch.Tensor | None = None  # the weight pre-packed for oneDNN (CPU bf16), see prepack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
+
+    def prepack(self) -> None:
+        """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
+        weights at about half the memory bandwidth. The dense weight is dropped: the module is inference-only."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)  # opaque oneDNN layout
+        self.weight = None
 
 
 class RMSNorm(nn.Module):
@@ -364,6 +373,17 @@ class DecoderForCausalLM(nn.Module):
         Attention reads `attend_len` positions (default: the longest running sequence's length)."""
         hidden = self.forward(input_ids[:, None], positions[:, None], positions + 1, slots, attend_len)  # [B, 1, h]
         return self.compute_logits(hidden[:, 0])  # [B, V]
+
+    def prepack_for_cpu(self) -> bool:
+        """On CPU in bfloat16 with oneDNN: pre-pack every projection's weight (not the head, which may share the
+        embedding). Call after the weights are loaded; True when it packed."""
+        w = self.model.layers[0].mlp.down_proj.weight if len(self.model.layers) else None
+        if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+            return False
+        for module in self.modules():
+            if isinstance(module, Linear) and module.packed is None:
+                module.prepack()
+        return True
 
     def free_slot(self, slot: int) -> None:
         """Nothing to do: a slot's stale keys are never read (attention masks by position) and get overwritten."""
