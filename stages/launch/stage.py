@@ -148,7 +148,7 @@ class LaunchStage(Stage):
         return device, max_num_seqs, util, seed
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
-        from prestage.stages.launch.sampling import SamplingParams
+        from prestage.stages.launch.sampling_params import SamplingParams
 
         mode = generation_config_mode(params)
         file_defaults = generation_defaults(mode, upstream)
