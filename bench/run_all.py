@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("bench.bench_cli", "bench.bench_configure", "bench.bench_tokenizer", "bench.bench_fetch")
+BENCHES = (
+    "bench.bench_cli",
+    "bench.bench_configure",
+    "bench.bench_tokenizer",
+    "bench.bench_fetch",
+    "bench.bench_decode",
+)
 
 
 def main() -> None:
