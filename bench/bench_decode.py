@@ -11,6 +11,7 @@ The machine is shared: figures are noisy; ratios within one run are what to read
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -98,9 +99,11 @@ def main() -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="prestage-bench-decode-"))
     model_dir = tmp / "qwen2-0.5b-random"
     params = build_checkpoint(model_dir)
-    vllm_python = ROOT / ".venv-vllm" / "bin" / "python"
+    vllm_venv = Path(os.environ.get("PRESTAGE_VLLM_VENV") or ROOT / ".venv-vllm")
+    vllm_python = vllm_venv / "bin" / "python"
     if not vllm_python.exists():
-        print(f"bench: vLLM-CPU columns skipped: {vllm_python.parent.parent} is absent (the vLLM hand-off venv)")
+        print(f"bench: vLLM-CPU columns skipped: {vllm_venv} is absent (the vLLM hand-off venv; PRESTAGE_VLLM_VENV)")
+        vllm_python = None
     bandwidth = read_bandwidth_gbs()
     results: dict = {"params": params, "read_bandwidth_gb_s": round(bandwidth, 2), "noisy": "shared 2-core machine"}
     print(f"\nCPU decode, Qwen2-0.5B shape ({params / 1e6:.0f}M params), read bandwidth {bandwidth:.1f} GB/s (noisy)")
@@ -109,13 +112,16 @@ def main() -> dict:
         bound = bandwidth * 1e9 / weight_bytes  # batch-1 tokens/s if each step reads every weight once
         ours = worker("prestage", model_dir, dtype)
         base = worker("transformers", model_dir, dtype)
+        vllm = worker("vllm", model_dir, dtype, str(vllm_python)) if vllm_python else None
         row = {"prestage": ours, "transformers": base, "weight_bytes": weight_bytes, "bound_tok_s_b1": round(bound, 2)}
+        row["vllm_cpu"] = vllm or "skipped: no .venv-vllm"
         row["b1_share_of_bound"] = round(ours["decode_tok_s_b1"] / bound, 3)
         results[dtype] = row
         print(f"  {dtype}: bandwidth bound at batch 1 {bound:.1f} tok/s")
         for key, label in (("decode_tok_s_b1", "decode tok/s b1"), ("decode_tok_s_b8", "decode tok/s b8")):
             ratio = ours[key] / base[key]
-            print(f"    {label:<22} prestage {ours[key]:8.2f}   transformers {base[key]:8.2f}   x{ratio:.2f}")
+            extra = f"   vLLM-CPU {vllm[key]:8.2f}   x{ours[key] / vllm[key]:.2f}" if vllm else ""
+            print(f"    {label:<22} prestage {ours[key]:8.2f}   transformers {base[key]:8.2f}   x{ratio:.2f}{extra}")
         print(
             f"    {'start to first token':<22} prestage {ours['start_to_first_token_s']:7.2f}s   "
             f"transformers {base['start_to_first_token_s']:7.2f}s"

