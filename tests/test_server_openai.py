@@ -347,28 +347,24 @@ def test_serve_load_equals_alone_cancel_frees_and_rss_stays_flat(server):
         f"{len(mismatched)} of 160 differ from alone, first: {mismatched[0]} vs {alone[mismatched[0][0]]!r}"
     )
 
-    # cancelled streams: fill every slot with long streams, drop them after 3 events
+    # cancelled streams: three times as many long streams as slots, dropped at once; the queued ones at least
+    # must be aborted (the model is fast enough that the first batch may finish first)
     long_body = {"prompt": "a", "max_tokens": MAX_MODEL_LEN - 8, "temperature": 0}
     t0 = time.monotonic()
     _ask(client, long_body, False)
     full_s = time.monotonic() - t0
     aborts = server.metric("prestage_requests_total", 'status="abort"')
-    streams = [
-        client.completions.create(model="tiny", stream=True, extra_body={"ignore_eos": True}, **long_body)
-        for _ in range(SLOTS)
-    ]
-    for s in streams:
-        for i, _ in enumerate(s):
-            if i == 2:
-                break
-        s.close()
+    socks = _send_raw(server, {**long_body, "stream": True, "ignore_eos": True}, 3 * SLOTS)
+    time.sleep(0.05)
+    for sock in socks:
+        sock.close()
     t0 = time.monotonic()
     first = next(iter(client.completions.create(model="tiny", prompt="b", max_tokens=4, temperature=0, stream=True)))
     ttft = time.monotonic() - t0
     assert first.choices[0].text is not None
     assert ttft < max(full_s / 2, 0.5), (ttft, full_s)
     deadline = time.monotonic() + 10
-    while server.metric("prestage_requests_total", 'status="abort"') < aborts + SLOTS:
+    while server.metric("prestage_requests_total", 'status="abort"') < aborts + 2 * SLOTS:
         assert time.monotonic() < deadline, "the cancelled streams were not aborted"
         time.sleep(0.1)
     while server.metric("prestage_kv_cache_slots_in_use") != 0:
@@ -377,6 +373,40 @@ def test_serve_load_equals_alone_cancel_frees_and_rss_stays_flat(server):
 
     after_rss = server.rss_bytes()
     assert after_rss <= warm_rss * 1.10, (warm_rss, after_rss)
+
+
+def test_serve_dropped_non_streaming_requests_are_aborted(server):
+    """Clients that send a long non-streaming request and hang up: the server notices, aborts them (those still
+    queued behind the first full batch at least), and their slots come back; before, each ran to its end."""
+
+    aborts = server.metric("prestage_requests_total", 'status="abort"')
+    body = {"prompt": "a", "max_tokens": MAX_MODEL_LEN - 8, "temperature": 0, "ignore_eos": True}
+    socks = _send_raw(server, body, 3 * SLOTS)
+    time.sleep(0.05)
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 15
+    while server.metric("prestage_requests_total", 'status="abort"') < aborts + 2 * SLOTS:
+        assert time.monotonic() < deadline, "".join(server.lines[-12:])
+        time.sleep(0.1)
+    while server.metric("prestage_kv_cache_slots_in_use") != 0:
+        assert time.monotonic() < deadline, "slots stay in use after the clients left"
+        time.sleep(0.1)
+
+
+def _send_raw(server, body: dict, count: int) -> list:
+    """`count` connections, each with one POST /v1/completions sent and nothing read (to be dropped)."""
+    import socket
+
+    data = json.dumps(body)
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}"
+    ).encode()
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(count)]
+    for s in socks:
+        s.sendall(request)
+    return socks
 
 
 # ---- the command line -------------------------------------------------------------------------------------------

@@ -123,9 +123,9 @@ class EngineLoop:
                     ticket.last_token = now
                     ticket.tokens += len(out.new_token_ids)
                     self.metrics.generation_tokens.inc(len(out.new_token_ids))
-                ticket.sink(out)
-                if out.finished:
+                if out.finished:  # counted before the answer goes out, so a client reading /metrics next sees it
                     self._finish(ticket, out.finish_reason, None)
+                ticket.sink(out)
             self.metrics.running.set(engine.num_running)
             self.metrics.waiting.set(engine.num_waiting)
             self.metrics.slots.set(engine.slots_in_use)

@@ -35,7 +35,7 @@ from prestage.stages.launch.openai_protocol import (
 )
 
 _OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-_DISCONNECT_POLL_S = 0.25
+_DISCONNECT_POLL_S = 0.1
 
 
 def _text_of(content) -> str:
@@ -104,6 +104,30 @@ class _BodyCap:
         await send({"type": "http.response.body", "body": body})
 
 
+class _ApiKey:
+    """ASGI middleware: /v1 requests need `Authorization: Bearer <key>`, else a 401 in OpenAI's error body.
+    (A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes.)"""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if given != self.expected:
+                e = ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'")
+                body = json.dumps(e.body()).encode()
+                start = {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 class _TooBig(Exception):
     pass
 
@@ -162,15 +186,8 @@ def create_app(
     async def _internal(_: Request, e: Exception):
         return JSONResponse(status_code=500, content=error_body(f"internal error: {e}", "server_error", None, 500))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
-                e = ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'")
-                return JSONResponse(status_code=401, content=e.body())
-        return await call_next(request)
-
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key)
     app.add_middleware(_BodyCap, limit=max_body_bytes)
 
     async def parse(request: Request, model_cls):
@@ -288,12 +305,17 @@ def create_app(
         finals: dict[int, dict] = {}
         acc = [{"logprobs": []} for _ in prompts]
         try:
+            checked = time.monotonic()
             while len(finals) < len(prompts):
                 try:
                     i, out = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    i, out = None, None
+                if time.monotonic() - checked >= _DISCONNECT_POLL_S:  # the client may have gone: stop its work
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return []
+                if out is None:
                     continue
                 if isinstance(out, Exception):
                     raise ApiError(400, str(out), "prompt")
