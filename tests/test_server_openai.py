@@ -129,7 +129,7 @@ def test_serve_port_zero_announces_the_real_port_and_models(server):
 
 def test_serve_completion_chat_and_usage(server):
     c = server.client()
-    r = c.completions.create(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0)
+    r = c.completions.create(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0, best_of=1, user="u1")
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 8
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     chat = c.chat.completions.create(
@@ -234,6 +234,7 @@ BAD = [
     ({"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias", "logit_bias"),
     ({"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty", "frequency_penalty"),
     ({"prompt": "a", "bogus_field": 1}, 400, "bogus_field", "bogus_field"),
+    ({"prompt": "a", "best_of": 3}, 400, "best_of", "best_of"),
     ({"prompt": "a b c " * (MAX_MODEL_LEN + 10)}, 400, "prompt", "context"),
     ({"prompt": list(range(1, MAX_MODEL_LEN + 5))}, 400, "prompt", "context"),
 ]
@@ -248,7 +249,7 @@ def test_serve_bad_completion_requests(server, body, status, param, needle):
     assert needle in err["message"] and "\n" not in err["message"]
     # the openai client raises the matching error class and shows the message
     cls = openai.NotFoundError if status == 404 else openai.BadRequestError
-    known = {"prompt", "temperature", "top_p", "max_tokens", "seed", "n", "stop", "logprobs", "logit_bias"}
+    known = {"prompt", "temperature", "top_p", "max_tokens", "seed", "n", "stop", "logprobs", "logit_bias", "best_of"}
     known |= {"frequency_penalty", "model"}
     kwargs = {k: v for k, v in body.items() if k in known}
     with pytest.raises(cls) as e:

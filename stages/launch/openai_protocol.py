@@ -95,6 +95,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: StrictInt | None = Field(None, ge=1, le=1)  # more than 1 is refused by name (refuse_unimplemented)
 
 
 class ChatMessage(BaseModel):
