@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, write
+from bench.decode_worker import MARK
 
 QWEN2_05B = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -92,7 +93,10 @@ def worker(kind: str, model_dir: Path, dtype: str, python: str = sys.executable)
     )
     if r.returncode != 0:
         raise SystemExit(f"bench: {kind} {dtype} failed: {r.stderr.strip()[-600:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    lines = [x for x in r.stdout.splitlines() if x.startswith(MARK)]
+    if not lines:
+        raise SystemExit(f"bench: {kind} {dtype} printed no result: {(r.stdout + r.stderr).strip()[-600:]}")
+    return json.loads(lines[-1][len(MARK) :])
 
 
 def main() -> dict:

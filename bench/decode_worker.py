@@ -2,10 +2,11 @@
 
     python -m bench.decode_worker prestage|transformers|vllm|server MODEL_DIR bfloat16|float32 SPAWN_TIME
 
-Prints one JSON line. `prestage`: start to first token (from SPAWN_TIME), decode tok/s at batch 1 and 8 (the
-decode steps only, prefill excluded), peak RSS. `transformers`: the same with `from_pretrained` + `generate`.
-`server`: the offline engine and the OpenAI server (loopback HTTP, token-id prompts) on the same prompts at
-1 / 8 / 32 concurrent clients, generated tokens per second.
+Prints one line: "bench-result: " and JSON. `prestage`: start to first token (from SPAWN_TIME), decode tok/s
+at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS. `transformers`: the same with
+`from_pretrained` + `generate`. `vllm`: vLLM's CPU build, run with .venv-vllm's python. `server`: the offline
+engine and the OpenAI server (loopback HTTP, token-id prompts) on the same prompts at 1 / 8 / 32 concurrent
+clients, generated tokens per second.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 
 NEW = 32  # tokens generated per sequence
+MARK = "bench-result: "  # the result line (vLLM logs on stdout too)
 PROMPT = [(7 * i + 3) % 1000 + 1 for i in range(16)]
 
 
@@ -213,7 +215,7 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
 def main() -> None:
     kind, model_dir, dtype_name, spawned = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     fn = {"prestage": run_prestage, "transformers": run_transformers, "server": run_server, "vllm": run_vllm}[kind]
-    print(json.dumps(fn(model_dir, dtype_name, spawned)), flush=True)
+    print(MARK + json.dumps(fn(model_dir, dtype_name, spawned)), flush=True)
 
 
 if __name__ == "__main__":
