@@ -45,6 +45,11 @@ class _IdTokenizer:
 
 
 def _peak_rss() -> int:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would start from the parent's at fork)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
