@@ -340,7 +340,7 @@ def test_launch_loader_cpu_copies_once(tmp_path):
     path = tmp_path / "big.safetensors"
     save_file({f"w{i}": torch.full((4096, 2048), float(i)) for i in range(4)}, path)  # 4 x 32 MiB float32
     script = f"""
-import resource, torch
+import torch
 from types import SimpleNamespace
 from pathlib import Path
 from prestage.stages.launch.weight_loading import LoadStats, _mapped_safetensors_weights
@@ -348,11 +348,13 @@ path = Path({str(path)!r})
 params = {{f"w{{i}}": torch.zeros(4096, 2048) for i in range(4)}}
 for p in params.values():
     p.fill_(-1.0)  # touch every page: the parameters are resident before loading
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # peak RSS of this process since exec (ru_maxrss would start from the parent's at fork)
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+base = hwm()
 rec = SimpleNamespace(path="big.safetensors", size=path.stat().st_size, sha256=None)
 for name, t in _mapped_safetensors_weights([(path, rec)], False, LoadStats("safetensors")):
     params[name].copy_(t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 assert all(float(params[f"w{{i}}"][7, 7]) == i for i in range(4))
 print((peak - base) * 1024)
 """
