@@ -11,6 +11,7 @@ BENCHES = (
     "bench.bench_tokenizer",
     "bench.bench_fetch",
     "bench.bench_bundle",
+    "bench.bench_decode",
 )
 
 

@@ -537,12 +537,12 @@ def _serve_command() -> click.Command:
         "stop",
     }
 
-    def callback(run, host, port, served_model_name, extra, **params):
+    def callback(run, host, port, served_model_name, api_key, extra, **params):
         state: _State = click.get_current_context().find_object(_State)
         reporter = state.reporter()
         from prestage.runner.chain import load_upstream, name_the_run, stage_params
         from prestage.stages.launch import generation_config_mode, generation_defaults
-        from prestage.stages.launch.inference import load_for_inference
+        from prestage.stages.launch.serving import bind, check_serve_extra, check_serve_params, serve
         from prestage.stages.launch.stage import engine_choice
 
         mode = generation_config_mode(params)  # checked before the model loads
@@ -550,11 +550,21 @@ def _serve_command() -> click.Command:
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
         if engine == "vllm":
+            for flag, value in (("--api-key", api_key), ("--max-model-len", params.get("max_model_len"))):
+                if value is not None:
+                    extra = (*extra, flag, str(value))  # vLLM's own flags of the same name
+            if str(params.get("dtype") or "auto") != "auto":
+                raise errors.UsageError("--dtype with --engine vllm: vLLM runs configure's dtype; re-run configure")
             params = stage_params(params, run_dir, upstream)
             _exec_vllm_serve(run_dir, upstream, params, host, port, served_model_name, extra, reporter)
             return
         if extra or any(params.get(k) not in (None, False) for k in _SCALE_OUT_DESTS):
             raise errors.UsageError("scale-out flags and arguments after -- are for --engine vllm")
+        check_serve_extra()
+        check_serve_params(params)
+        sock = bind(host, port)  # a port in use fails here, before anything is printed
+        from prestage.stages.launch.inference import load_for_inference
+
         try:
             inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
         except errors.PrestageError as e:
@@ -562,18 +572,16 @@ def _serve_command() -> click.Command:
             raise
         for w in inference.warnings:
             reporter.warn(w)
-        import uvicorn
-
         from prestage.stages.launch.server import create_app
 
         name = served_model_name or upstream["resolve"].record.model
-        app = create_app(
-            inference, name, upstream["configure"].record.max_model_len, generation_defaults(mode, upstream)
-        )
+        max_model_len = inference.info["engine"]["max_model_len"]
+        app = create_app(inference, name, max_model_len, generation_defaults(mode, upstream), api_key=api_key)
+        real_port = sock.getsockname()[1]
         reporter.info(
-            f"serve: {name} on http://{host}:{port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
+            f"serve: {name} on http://{host}:{real_port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning" if state.quiet else "info")
+        serve(app, sock, state.quiet)
 
     params = [
         click.Argument(["run"], metavar="RUN"),
@@ -585,6 +593,17 @@ def _serve_command() -> click.Command:
             ["--served-model-name"],
             default=None,
             help="Model name in the API (default: the model id given to resolve).",
+        ),
+        click.Option(["--api-key"], default=None, help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+        click.Option(
+            ["--max-model-len"], type=int, default=None, help="Context length, at most configure's [default: it]."
+        ),
+        click.Option(
+            ["--dtype"],
+            default="auto",
+            show_default=True,
+            metavar="auto|bfloat16|float16|float32",
+            help="Weight and activation dtype (auto: configure's choice for the device).",
         ),
     ]
     params += [
@@ -599,7 +618,7 @@ def _serve_command() -> click.Command:
         short_help=_SHORT["serve"],
         help="Load the model of RUN once and serve the OpenAI API (/v1/completions, "
         "/v1/chat/completions, /v1/models; stream=true as server-sent events) with FastAPI "
-        "+ uvicorn. Requests run one at a time; the prompts of one request are batched. "
+        "+ uvicorn, with /metrics for Prometheus. Requests join one running batch (continuous batching). "
         "Sampling fields a request leaves out take the model's generation_config.json "
         "values (--generation-config auto), as vLLM's server does. With --engine vllm it runs `vllm serve` "
         "with the run's decisions instead (the command `prestage handoff RUN` prints), scale-out flags and "

@@ -201,3 +201,101 @@ def test_launch_min_p_one_keeps_only_the_best_token(model, tokenizer):
     assert sampled[0]["token_ids"] == greedy
     loose = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=5.0, min_p=0.0, seed=7))
     assert loose[0]["token_ids"] != greedy  # at temperature 5 without min-p the draw wanders
+
+
+def test_launch_step_loop_joins_mid_run_and_matches_alone(model, tokenizer):
+    """A request added while others decode joins the running batch at the next step; every result equals the
+    same request alone, and slots come back to the table when the requests end."""
+    engine = make_engine(model, tokenizer, max_num_seqs=4)
+    prompts = [tokenizer.encode(t) for t in ("import os", "x = 1", "def f(a, b):")]
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    first = engine.add_request(prompts[0], sp)
+    outs: dict[int, list] = {}
+    for _ in range(4):
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    later = [engine.add_request(p, sp) for p in prompts[1:]]
+    kinds = []
+    while engine.has_unfinished():
+        running_before = engine.num_running
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        kinds.append(running_before)
+    assert max(kinds) == 3  # all three decoded together
+    alone = make_engine(model, tokenizer, max_num_seqs=1)
+    for rid, p in zip([first, *later], prompts, strict=True):
+        assert outs[rid][-1].token_ids == alone.generate([p], sp)[0]["token_ids"]
+        assert [t for o in outs[rid] for t in o.new_token_ids] == outs[rid][-1].token_ids
+    assert engine.slots_in_use == 0 and engine.num_waiting == 0
+
+
+def test_launch_abort_frees_the_slot_at_the_next_step(model, tokenizer):
+    engine = make_engine(model, tokenizer, max_num_seqs=1)
+    sp = SamplingParams(max_tokens=40, **GREEDY)
+    rid = engine.add_request(tokenizer.encode("import os"), sp)
+    engine.step()
+    engine.step()
+    waiting = engine.add_request(tokenizer.encode("x = 1"), SamplingParams(max_tokens=3, **GREEDY))
+    assert engine.slots_in_use == 1 and engine.num_waiting == 1
+    engine.abort(rid)
+    outs = engine.step()  # frees the aborted slot, then the waiting request prefills into it
+    assert [(o.request_id, o.finish_reason) for o in outs][0] == (rid, "abort")
+    assert outs[1].request_id == waiting and len(outs[1].token_ids) == 1
+    assert engine.slots_in_use == 1 and engine.scheduler.running[0].id == waiting
+    gone = engine.add_request(tokenizer.encode("y"), sp)
+    engine.abort(gone)  # aborted while waiting: reported once, never runs
+    outs = engine.step()
+    assert (gone, "abort") in [(o.request_id, o.finish_reason) for o in outs]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.slots_in_use == 0 and not engine.requests
+
+
+def test_launch_decode_attends_only_the_running_lengths(model, tokenizer):
+    """On CPU each decode step's attention reads as many cache positions as the longest running sequence
+    holds, not max_model_len; when the longest one ends the next step reads less."""
+    engine = make_engine(model, tokenizer, max_model_len=64, max_num_seqs=2)
+    long_p, short_p = list(range(1, 21)), list(range(1, 6))
+    engine.add_request(long_p, SamplingParams(max_tokens=4, **GREEDY))
+    engine.add_request(short_p, SamplingParams(max_tokens=12, **GREEDY))
+    seen = []  # (positions the step's attention read, the longest running sequence's length before the step)
+    while engine.has_unfinished():
+        outs = [o for o in engine.step() if len(o.token_ids) > 1]  # decode steps
+        if outs:
+            longest = max(o.prompt_tokens + len(o.token_ids) - 1 for o in outs)
+            seen.append((engine.runner.last_attend_len, longest))
+    assert seen and all(att == longest for att, longest in seen)
+    assert max(att for att, _ in seen) == 20 + 4 - 1  # the long prompt's last decode position + 1
+    assert seen[-1][0] < 20  # after the long one ended, the short one's steps read only its own length
+    assert max(att for att, _ in seen) < 64
+
+
+def test_launch_cpu_bf16_prepacked_weights_match_dense():
+    """bf16 on CPU: the engine pre-packs the projections for oneDNN; logits stay those of the dense weights
+    (within bf16 rounding) and the greedy tokens are the same."""
+    hf, dense = tiny_pair(5)
+    dense = dense.to(torch.bfloat16)
+    packed = DecoderForCausalLM(dense.args, dtype=torch.bfloat16)
+    packed.load_weights(dense.state_dict().items())
+    assert packed.prepack_for_cpu() and packed.model.layers[0].self_attn.qkv_proj.weight is None
+    assert not DecoderForCausalLM(dense.args, dtype=torch.float32).prepack_for_cpu()  # float32 stays dense
+    ids = torch.tensor([[5, 17, 300, 9, 41, 77]])
+    for m in (dense, packed):
+        m.allocate_kv_cache(1, 32, "cpu", torch.bfloat16)
+    with torch.inference_mode():
+        a = dense.prefill(ids, torch.tensor([6]), 0).float()
+        b = packed.prefill(ids, torch.tensor([6]), 0).float()
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    tok = _IdTokenizer()
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    outs = [
+        Engine(m, tok, [], "cpu", torch.bfloat16, 32, 2, 64, prepack=False).generate([[5, 17, 300, 9]], sp)
+        for m in (dense, packed)
+    ]
+    assert dense.model.layers[0].self_attn.qkv_proj.packed is None
+    assert outs[0][0]["token_ids"] == outs[1][0]["token_ids"]
+
+
+class _IdTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))

@@ -328,3 +328,38 @@ def test_npcache_round_trips_dtypes_numpy_lacks(tmp_path):
     assert set(got) == set(state) and stats.tensors == 3
     for name, t in state.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8))
+
+
+def test_launch_loader_cpu_copies_once(tmp_path):
+    """On CPU the loader maps the file and copies each tensor once into its parameter: the process's peak RSS
+    grows by about the weights (128 MiB here), not twice that."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.full((4096, 2048), float(i)) for i in range(4)}, path)  # 4 x 32 MiB float32
+    script = f"""
+import torch
+from types import SimpleNamespace
+from pathlib import Path
+from prestage.stages.launch.weight_loading import LoadStats, _mapped_safetensors_weights
+path = Path({str(path)!r})
+params = {{f"w{{i}}": torch.zeros(4096, 2048) for i in range(4)}}
+for p in params.values():
+    p.fill_(-1.0)  # touch every page: the parameters are resident before loading
+def hwm():  # peak RSS of this process since exec (ru_maxrss would start from the parent's at fork)
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+base = hwm()
+rec = SimpleNamespace(path="big.safetensors", size=path.stat().st_size, sha256=None)
+for name, t in _mapped_safetensors_weights([(path, rec)], False, LoadStats("safetensors")):
+    params[name].copy_(t)
+peak = hwm()
+assert all(float(params[f"w{{i}}"][7, 7]) == i for i in range(4))
+print((peak - base) * 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.split()[-1])
+    assert grew < 0.5 * 128 * 1024**2, f"peak RSS grew by {grew / 1024**2:.0f} MiB while loading 128 MiB"

@@ -287,3 +287,20 @@ def test_completions_go_to_stdout_logs_to_stderr(checkpoint_dirs, artifacts_dir,
     doc = json.loads(out)
     assert [c["text"] for c in doc["completions"]] == texts[:1] and doc["completions"][0]["prompt"] == "import os"
     assert os.path.basename(doc["manifest"]) == "launch.msgpack"
+
+
+def test_launch_flag_checks_and_sampling_params_import_no_torch():
+    """Checking launch's flags and building its SamplingParams happen before the engine starts: no torch yet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from prestage.stages.launch.stage import LaunchStage\n"
+        "from prestage.stages.launch.sampling_params import SamplingParams\n"
+        "LaunchStage().check_params({'temperature': 0.5, 'max_tokens': 3})\n"
+        "SamplingParams(max_tokens=3, temperature=0.5)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

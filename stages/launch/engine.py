@@ -1,119 +1,48 @@
-"""The generation engine: continuous batching over a static KV cache, sampling on device.
+"""The generation engine as a step loop (nano-vllm's shape): requests in, one batched model step at a time.
 
-    Engine(model, tokenizer, eos_ids, device, dtype, max_model_len, max_num_seqs, kv_cache_tokens)
-    engine.generate(prompts_token_ids, SamplingParams(...)) -> [{text, token_ids, finish_reason}]
+    engine = Engine(model, tokenizer, eos_ids, device, dtype, max_model_len, max_num_seqs, kv_cache_tokens)
+    rid = engine.add_request(prompt_ids, SamplingParams(...))   # joins the running batch at the next step
+    engine.abort(rid)                                             # its slot is freed at the next step
+    engine.step() -> [RequestOutput]                              # one prefill or decode step
+    engine.generate(prompts_token_ids, params) -> [{text, token_ids, finish_reason}]   # a loop over step()
 
-Each running sequence owns one cache slot; the running sequences always hold slots [0, n) (when one
-finishes, the last one's cache row moves into its slot), so a decode step reads the cache rows as one
-contiguous view. Policy (as nano-vllm's): when a slot is free and a prompt waits, prefill a batch of waiting
-prompts (right-padded, within a token budget); otherwise decode one token for every running sequence. On
-CUDA each decode batch size bucket is captured once in a CUDA graph and replayed; on CPU the same eager code
-runs. The model provides the engine interface described in stages/launch/models/decoder.py.
+The pieces: `Scheduler` (scheduler.py: waiting queue, running set, slot table from kv_cache.py), `ModelRunner`
+(model_runner.py: model inputs, CUDA graphs per batch and context bucket), the sampler (sampling.py) and the
+incremental detokenizer (detokenizer.py). The engine is not thread-safe: one thread owns it (the server's
+engine loop); others hand it requests through that loop.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from prestage.stages.errors import ResourceError, UsageError
 from prestage.stages.launch.detokenizer import IncrementalDetokenizer
-from prestage.stages.launch.sampling import SamplingParams, penalize, sample
-
-_GIB = 1024**3
+from prestage.stages.launch.kv_cache import plan_kv_cache  # noqa: F401  (re-exported: callers size the cache here)
+from prestage.stages.launch.model_runner import ModelRunner
+from prestage.stages.launch.sampling import SamplingParams, logprobs_of, penalize, sample
+from prestage.stages.launch.scheduler import Scheduler, Sequence
 
 
 @dataclass
-class Sequence:
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    detok: IncrementalDetokenizer
-    output: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    slot: int = -1
-    seen: torch.Tensor | None = None  # [V] bool: ids in the prompt or output, kept only for a repetition penalty
+class RequestOutput:
+    """What one step did for one request: its whole text and tokens so far, and this step's new tokens."""
+
+    request_id: int
+    text: str
+    token_ids: list[int]
+    new_token_ids: list[int]
+    new_logprobs: list  # per new token: (logprob, [(token id, logprob), ...]) when the request asked for them
+    finish_reason: str | None
+    prompt_tokens: int
 
     @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-
-def plan_kv_cache(
-    model,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_model_len: int,
-    max_num_seqs: int,
-    gpu_memory_utilization: float = 0.9,
-    cpu_kv_cache_space_gib: float = 4.0,
-    prefill_tokens: int = 8192,
-) -> int:
-    """How many KV-cache tokens fit; ResourceError when not even one sequence of max_model_len does.
-
-    CUDA (after the weights are loaded): total x utilization, less what is in use now, less a reserve for
-    prefill activations. CPU: a fixed budget (`cpu_kv_cache_space_gib`, as vLLM's VLLM_CPU_KVCACHE_SPACE)."""
-    per_token = model.kv_bytes_per_token(dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        args = getattr(model, "args", None)
-        width = (2 * args.intermediate_size + 6 * args.hidden_size) if args else 0
-        reserve = prefill_tokens * width * torch.empty((), dtype=dtype).element_size() + 256 * 1024**2
-        budget = total * gpu_memory_utilization - (total - free) - reserve
-        where = f"at --gpu-memory-utilization {gpu_memory_utilization} of a {total / _GIB:.1f} GiB GPU"
-        fix = "raise --gpu-memory-utilization"
-    else:
-        budget = cpu_kv_cache_space_gib * _GIB
-        where = f"in the CPU KV-cache budget of {cpu_kv_cache_space_gib:g} GiB"
-        fix = "raise VLLM_CPU_KVCACHE_SPACE (GiB)"
-    need = per_token * max_model_len
-    if budget < need:
-        raise ResourceError(
-            f"--max-model-len {max_model_len} needs {_size(need)} of KV cache for one sequence but "
-            f"only {_size(max(budget, 0))} is available {where}; lower --max-model-len or {fix}"
-        )
-    return int(min(budget // per_token, max_num_seqs * max_model_len))
-
-
-def _size(n: float) -> str:
-    return f"{n / _GIB:.2f} GiB" if n >= _GIB / 10 else f"{n / 1024**2:.2f} MiB"
-
-
-class DecodeGraphs:
-    """CUDA graphs of the decode step, one per batch-size bucket, sharing one memory pool."""
-
-    def __init__(self, model, num_slots: int, max_model_len: int, device: torch.device):
-        self.model, self.attend_len = model, max_model_len
-        self.buckets = sorted({b for b in [1, 2, 4, 8, *range(16, num_slots + 1, 16), num_slots] if b <= num_slots})
-        self.ids = torch.zeros(num_slots, dtype=torch.long, device=device)  # [slots]
-        self.pos = torch.zeros(num_slots, dtype=torch.long, device=device)  # [slots]
-        self.graphs: dict[int, tuple] = {}
-        pool = None
-        for bs in reversed(self.buckets):
-            model.decode(self.ids[:bs], self.pos[:bs], attend_len=max_model_len)  # warm-up outside capture
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = model.decode(self.ids[:bs], self.pos[:bs], attend_len=max_model_len)  # [bs, V]
-            pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
-        torch.cuda.synchronize(device)
-
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        n = ids.shape[0]
-        bs = next(b for b in self.buckets if b >= n)
-        self.ids[:n].copy_(ids)
-        self.pos[:n].copy_(positions)
-        self.ids[n:bs].zero_()
-        self.pos[n:bs].zero_()  # padding rows write position 0 of free slots: never read
-        graph, logits = self.graphs[bs]
-        graph.replay()
-        return logits[:n]
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class Engine:
@@ -130,9 +59,10 @@ class Engine:
         seed: int = 0,
         cuda_graphs: bool = True,
         max_prefill_tokens: int = 8192,
+        prepack: bool = True,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.eos_ids = set(int(i) for i in (eos_ids or []))
+        self.eos_ids = {int(i) for i in (eos_ids or [])}
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_model_len = max_model_len
@@ -143,110 +73,151 @@ class Engine:
                 f"{max_model_len}; lower --max-model-len"
             )
         self.kv_cache_tokens = self.num_slots * max_model_len
-        self.max_prefill_tokens = max(max_prefill_tokens, max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        model.allocate_kv_cache(self.num_slots, max_model_len, self.device, dtype)
-        self.graphs = None
-        if cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graph", False):
-            with torch.no_grad():
-                self.graphs = DecodeGraphs(model, self.num_slots, max_model_len, self.device)
+        self.runner = ModelRunner(model, self.device, self.num_slots, max_model_len, dtype, cuda_graphs, prepack)
+        self.graphs = self.runner.graphs
+        self.scheduler = Scheduler(self.num_slots, max(max_prefill_tokens, max_model_len))
+        self.requests: dict[int, Sequence] = {}
+        self._ids = itertools.count()
         self.stats: dict = {}
 
-    # ---- public --------------------------------------------------------------------------------------------
-    def generate(
-        self, prompts_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams], on_step=None
-    ) -> list[dict]:
-        """Run every prompt to completion; `on_step(index, text, finish_reason)`, when given, is called for each
-        sequence a step advanced, with its whole text so far (the server streams the deltas)."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts_token_ids)
-        pairs = enumerate(zip(prompts_token_ids, params, strict=True))
-        seqs = [self._new_sequence(i, list(p), sp) for i, (p, sp) in pairs]
-        waiting, running = deque(seqs), []
-        start, first_token_s = time.perf_counter(), None
-        with torch.inference_mode():
-            while waiting or running:
-                if waiting and len(running) < self.num_slots:
-                    batch = self._take_prefill_batch(waiting, self.num_slots - len(running))
-                    for j, seq in enumerate(batch):
-                        seq.slot = len(running) + j
-                    stepped = batch
-                    self._append(batch, self._prefill(batch, slot0=len(running)))
-                    running.extend(batch)
-                    if first_token_s is None:
-                        first_token_s = time.perf_counter() - start
-                else:
-                    stepped = list(running)
-                    self._append(running, self._decode(running))
-                if on_step is not None:
-                    for seq in stepped:
-                        on_step(seq.index, seq.text, seq.finish_reason)
-                running = self._compact(running)
-        self.stats = {
-            "first_token_s": first_token_s,
-            "generate_s": time.perf_counter() - start,
-            "generated_tokens": sum(len(s.output) for s in seqs),
-        }
-        return [{"text": s.text, "token_ids": list(s.output), "finish_reason": s.finish_reason} for s in seqs]
-
-    # ---- steps ---------------------------------------------------------------------------------------------
-    def _new_sequence(self, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
+    # ---- requests ------------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: list[int], label: str = "prompt") -> None:
+        """UsageError for an empty prompt, one too long for max_model_len, or a token id outside the vocabulary."""
         if not prompt:
-            raise UsageError(f"prompt {index} is empty: give at least one token")
+            raise UsageError(f"{label} is empty: give at least one token")
         if len(prompt) >= self.max_model_len:
             raise UsageError(
-                f"prompt {index} has {len(prompt)} tokens, more than --max-model-len "
+                f"{label} has {len(prompt)} tokens, more than --max-model-len "
                 f"{self.max_model_len} allows (prompt + 1 generated); shorten it or raise --max-model-len"
             )
         vocab = getattr(self.model, "vocab_size", None)
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise UsageError(
-                f"prompt {index} has token id {bad[0]}, outside the model's vocabulary of {vocab}; "
+                f"{label} has token id {bad[0]}, outside the model's vocabulary of {vocab}; "
                 "the tokenizer does not match the model"
             )
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request; it joins the running batch at the next step. Returns its id."""
+        prompt = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt)
+        rid = next(self._ids)
         gen = self.generator
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens)
-        return Sequence(index, prompt, params, gen, detok)
+        seq = Sequence(rid, prompt, params, gen, detok)
+        self.requests[rid] = seq
+        self.scheduler.add(seq)
+        return rid
 
-    def _take_prefill_batch(self, waiting: deque, free_slots: int) -> list[Sequence]:
-        batch = [waiting.popleft()]
-        longest = len(batch[0].prompt)
-        while waiting and len(batch) < free_slots:
-            longest_next = max(longest, len(waiting[0].prompt))
-            if longest_next * (len(batch) + 1) > self.max_prefill_tokens:
-                break
-            longest = longest_next
-            batch.append(waiting.popleft())
-        return batch
+    def abort(self, request_id: int) -> None:
+        """End a request (finish_reason "abort"); its slot is freed at the next step. Unknown ids are ignored."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self.scheduler.abort(seq)
 
-    def _prefill(self, batch: list[Sequence], slot0: int) -> torch.Tensor:
-        T = max(len(s.prompt) for s in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)  # [B, T], right-padded with 0
-        for i, s in enumerate(batch):
-            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
-        lengths = torch.tensor([len(s.prompt) for s in batch])  # [B]
-        return self.model.prefill(ids.to(self.device), lengths.to(self.device), slot0)  # [B, V]
+    @property
+    def num_running(self) -> int:
+        return sum(1 for s in self.scheduler.running if not s.finished)
 
-    def _decode(self, running: list[Sequence]) -> torch.Tensor:
-        ids = torch.tensor([s.output[-1] for s in running]).to(self.device)  # [B]
-        positions = torch.tensor([s.length - 1 for s in running]).to(self.device)  # [B]
-        if self.graphs is not None:
-            return self.graphs(ids, positions)  # [B, V]
-        return self.model.decode(ids, positions)  # [B, V]
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
+    @property
+    def slots_in_use(self) -> int:
+        return self.scheduler.slots.in_use
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Free what ended, then run one prefill or decode step; one output per request it advanced (and one
+        per request aborted before it ran)."""
+        outputs = []
+        for seq in self.scheduler.reap():
+            if seq.slot >= 0:
+                self.runner.free_slot(seq.slot)
+            self.requests.pop(seq.id, None)
+            if seq.finish_reason == "abort":
+                outputs.append(self._output(seq, 0))
+        kind, batch = self.scheduler.schedule()
+        if kind == "idle":
+            return outputs
+        with torch.inference_mode():
+            logits = self.runner.prefill(batch) if kind == "prefill" else self.runner.decode(batch)  # [B, V]
+            self._append(batch, logits)
+        return outputs + [self._output(seq, 1) for seq in batch]
+
+    def _output(self, seq: Sequence, new: int) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.id,
+            text=seq.text,
+            token_ids=list(seq.output),
+            new_token_ids=seq.output[len(seq.output) - new :] if new else [],
+            new_logprobs=seq.logprobs[len(seq.logprobs) - new :] if new and seq.params.logprobs is not None else [],
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt),
+        )
+
+    # ---- whole batches -------------------------------------------------------------------------------------
+    def generate(
+        self, prompts_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams], on_step=None
+    ) -> list[dict]:
+        """Run every prompt to completion (a loop over step()); `on_step(index, text, finish_reason)`, when given,
+        is called for each sequence a step advanced, with its whole text so far."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts_token_ids)
+        for i, p in enumerate(prompts_token_ids):
+            self.check_prompt(list(p), f"prompt {i}")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts_token_ids, params, strict=True)]
+        index = {rid: i for i, rid in enumerate(ids)}
+        results: dict[int, RequestOutput] = {}
+        start, first_token_s = time.perf_counter(), None
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.request_id not in index:
+                    continue
+                if first_token_s is None and out.token_ids:
+                    first_token_s = time.perf_counter() - start
+                if on_step is not None:
+                    on_step(index[out.request_id], out.text, out.finish_reason)
+                if out.finished:
+                    results[out.request_id] = out
+        while self.scheduler.running and all(s.finished for s in self.scheduler.running):
+            self.step()  # free the slots now, so the cache is empty when generate returns
+        outs = [results[rid] for rid in ids]
+        self.stats = {
+            "first_token_s": first_token_s,
+            "generate_s": time.perf_counter() - start,
+            "generated_tokens": sum(len(o.token_ids) for o in outs),
+        }
+        return [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason} for o in outs]
+
+    # ---- sampling and stop conditions ----------------------------------------------------------------------
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
         for seq in seqs:
             if seq.params.repetition_penalty != 1.0 and seq.seen is None:  # first token: mark the prompt's ids
                 seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # [V]
                 seq.seen[torch.tensor(seq.prompt, device=logits.device)] = True
-        logits = penalize(logits.float(), params, [s.seen for s in seqs])  # [B, V]
-        tokens = sample(logits, params, [s.generator for s in seqs]).tolist()
-        for seq, token in zip(seqs, tokens, strict=True):
+        want = [p.logprobs for p in params]
+        raw = logits.float()  # [B, V]
+        logits = penalize(raw, params, [s.seen for s in seqs])  # [B, V]
+        token_tensor = sample(logits, params, [s.generator for s in seqs])  # [B]
+        lps = logprobs_of(raw, token_tensor, want) if any(w is not None for w in want) else [None] * len(seqs)
+        tokens = token_tensor.tolist()
+        now = time.perf_counter()
+        for seq, token, lp in zip(seqs, tokens, lps, strict=True):
             seq.output.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            seq.first_token_at = seq.first_token_at or now
+            seq.last_token_at = now
             if seq.seen is not None:
                 seq.seen[token] = True
             if token in self.eos_ids and not seq.params.ignore_eos:
@@ -270,18 +241,3 @@ class Engine:
             seq.text = seq.text[: min(hits)]
             return True
         return False
-
-    def _compact(self, running: list[Sequence]) -> list[Sequence]:
-        """Drop finished sequences and move the last ones into the freed slots, so slots stay [0, n)."""
-        alive = [s for s in running if s.finish_reason is None]
-        if len(alive) == len(running):
-            return running
-        n = len(alive)
-        taken = {s.slot for s in alive if s.slot < n}
-        free = iter(sorted(set(range(n)) - taken))
-        for seq in alive:
-            if seq.slot >= n:
-                dst = next(free)
-                self.model.move_slot(seq.slot, dst)
-                seq.slot = dst
-        return sorted(alive, key=lambda s: s.slot)

@@ -89,20 +89,22 @@ class TransformersForCausalLM:
     def allocate_kv_cache(self, num_slots: int, max_model_len: int, device, dtype: torch.dtype) -> None:
         self.caches = [None] * num_slots  # one transformers cache per running sequence, grown as it goes
 
-    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slot0: int) -> torch.Tensor:
-        """input_ids [B, T] right-padded, lengths [B] -> last-token logits [B, V]."""
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slots=0) -> torch.Tensor:
+        """input_ids [B, T] right-padded, lengths [B], slots (cache slot per row, or the first of B) -> [B, V]."""
+        slots = _slot_list(slots, input_ids.shape[0])
         rows = []
         for i, n in enumerate(lengths.tolist()):
-            self.caches[slot0 + i], logits = self._step(input_ids[i : i + 1, :n], None, None)  # [1, n, V]
+            self.caches[slots[i]], logits = self._step(input_ids[i : i + 1, :n], None, None)  # [1, n, V]
             rows.append(logits[0, -1])  # [V]
         return torch.stack(rows)  # [B, V]
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend_len: int | None = None) -> torch.Tensor:
-        """input_ids, positions [B] for slots [0, B) -> next-token logits [B, V]."""
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots=0, attend_len=None) -> torch.Tensor:
+        """input_ids, positions [B] for the sequences in cache slots `slots` -> next-token logits [B, V]."""
+        slots = _slot_list(slots, input_ids.shape[0])
         rows = []
         for i in range(input_ids.shape[0]):
-            self.caches[i], logits = self._step(
-                input_ids[i].view(1, 1), positions[i].view(1, 1), self.caches[i]
+            self.caches[slots[i]], logits = self._step(
+                input_ids[i].view(1, 1), positions[i].view(1, 1), self.caches[slots[i]]
             )  # [1, 1, V]
             rows.append(logits[0, -1])  # [V]
         return torch.stack(rows)  # [B, V]
@@ -115,5 +117,13 @@ class TransformersForCausalLM:
         out = self.hf(**kwargs)
         return out.get("cache", out.get("past_key_values")), out.logits
 
-    def move_slot(self, src: int, dst: int) -> None:
-        self.caches[dst], self.caches[src] = self.caches[src], None
+    def free_slot(self, slot: int) -> None:
+        self.caches[slot] = None  # the sequence's transformers cache goes with it
+
+
+def _slot_list(slots, n: int) -> list[int]:
+    if isinstance(slots, int):
+        return list(range(slots, slots + n))
+    if isinstance(slots, torch.Tensor):
+        return slots.tolist()
+    return list(getattr(slots, "slots", slots))

@@ -47,10 +47,13 @@ def pick_device(requested: str | None):
     return torch.device(requested)
 
 
-def pick_dtype(conf: ConfigureRecord, device, warnings: list):
+def pick_dtype(conf: ConfigureRecord, device, warnings: list, requested: str | None = None):
+    """configure's dtype for the device, or `requested` (serve's --dtype) when it is not auto."""
     import torch
 
     name = conf.dtype.gpu if device.type == "cuda" else conf.dtype.cpu
+    if requested and str(requested).lower() != "auto":
+        name = str(requested).lower()
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise UnsupportedError(f"dtype {name!r} chosen by configure is not a torch dtype launch can run")
@@ -165,7 +168,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     timings["tokenizer_s"] = time.perf_counter() - t
 
     device = pick_device(params.get("device"))
-    dtype = pick_dtype(conf, device, warnings)
+    dtype = pick_dtype(conf, device, warnings, params.get("dtype"))
     model_dir = paths.model_dir(run_dir, upstream["resolve"], params)
     t = time.perf_counter()
     try:
@@ -180,6 +183,14 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     timings["weights"] = stats.as_dict()
 
     max_model_len = conf.max_model_len
+    if params.get("max_model_len") is not None:  # serve's --max-model-len: at most what configure derived
+        asked = int(params["max_model_len"])
+        if not 2 <= asked <= conf.max_model_len:
+            raise UsageError(
+                f"--max-model-len {asked}: must be between 2 and {conf.max_model_len} (configure's, from the "
+                "model's config); re-run configure with --max-model-len to change that bound"
+            )
+        max_model_len = asked
     seqs = int(max_num_seqs if max_num_seqs is not None else given(params, "max_num_seqs", 256))
     if seqs < 1:
         raise UsageError(f"--max-num-seqs {seqs}: must be at least 1")

@@ -1,4 +1,4 @@
-"""Sampling parameters and the on-device sampler.
+"""The on-device sampler (and `SamplingParams`, from the torch-free sampling_params.py).
 
 `SamplingParams` keeps vLLM's names and defaults (temperature 1.0, top_p 1.0, top_k 0 = off, min_p 0,
 repetition_penalty 1.0, no seed); the launch stage's own CLI default is greedy (temperature 0.0) unless the
@@ -12,42 +12,11 @@ request gives the same tokens alone or in any batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from prestage.stages.launch.sampling_defaults import check_sampling
+from prestage.stages.launch.sampling_params import SamplingParams
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0  # 0: off
-    repetition_penalty: float = 1.0  # 1: off
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        check_sampling(
-            self.max_tokens,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.min_p,
-            self.repetition_penalty,
-            self.stop,
-        )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["SamplingParams", "logprobs_of", "penalize", "sample"]
 
 
 def penalize(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None]) -> torch.Tensor:
@@ -63,6 +32,23 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seen: list[torc
     sub = torch.where(mask, torch.where(sub > 0, sub / r, sub * r), sub)  # [R, V]
     out = logits.clone()
     out[idx] = sub
+    return out
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, want: list[int | None]) -> list:
+    """logits [B, V] (the model's, before any penalty or temperature, as vLLM reports them), tokens [B] ->
+    per row None, or (the token's logprob, [(id, logprob) of the `want[i]` most likely tokens])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+    k = max((w for w in want if w is not None), default=0)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)  # [B, k] each
+    out = []
+    for i, w in enumerate(want):
+        if w is None:
+            out.append(None)
+            continue
+        top = list(zip(top_i[i, :w].tolist(), top_v[i, :w].tolist(), strict=True)) if w else []
+        out.append((chosen[i], top))
     return out
 
 

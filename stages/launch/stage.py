@@ -4,13 +4,18 @@
     models/decoder.py    the native decoder shared by Llama, Mistral, Qwen2 and Qwen3
     rope.py              rotary embeddings for every RoPE type
     hf_backend.py        any other causal LM transformers can build
-    loader.py            reads the weight files fetch-weights recorded into the model
-    engine.py            continuous batching over a static KV cache, CUDA graphs on GPU
-    sampling.py          SamplingParams and the on-device sampler; detokenizer.py: incremental text
+    weight_loading.py    reads the weight files fetch-weights recorded into the model
+    engine.py            the step loop: add_request / abort / step, generate() over it
+    scheduler.py         sequences, waiting queue and running set; kv_cache.py: KV sizing and the slot table
+    model_runner.py      model inputs per step, decode CUDA graphs per batch and context bucket
+    sampling.py          the on-device sampler (sampling_params.py: SamplingParams, torch-free);
+                         detokenizer.py: incremental text
     inference.py         load_for_inference(): manifests -> ready engine (the stage and the server share it)
     vllm_table.py        vLLM's architecture and config-class tables, as data (configure reads them)
     vllm_handoff.py      the `vllm serve` command and environment for a run; finding vLLM
     vllm_launch.py       --engine vllm: the completions from vLLM's Python API (vllm_offline.py, in its Python)
+    server.py            the OpenAI API over one engine loop (engine_loop.py), request and error bodies in
+                         openai_protocol.py; serving.py: the serve command's port, extra check and uvicorn
 
 `LaunchStage` runs the prompts given with --prompt / --prompts-file through the engine and records the
 completions. Sampling follows vLLM's `--generation-config auto`: a flag the user gives wins, else the value the
@@ -168,7 +173,7 @@ class LaunchStage(Stage):
         return device, max_num_seqs, util, seed
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
-        from prestage.stages.launch.sampling import SamplingParams
+        from prestage.stages.launch.sampling_params import SamplingParams
 
         mode = generation_config_mode(params)
         file_defaults = generation_defaults(mode, upstream)

@@ -3,8 +3,10 @@
     load_checkpoint(model, weights_record, base, run_dir, device, verify_hashes) -> LoadStats
 
 Formats (fetch-weights `format`):
-  safetensors / mistral  each shard is read whole by a thread pool (two files ahead) into one buffer, pinned
-                         when the target is CUDA, hashed as the bytes stream in when `verify_hashes`; its
+  safetensors / mistral  CPU target: each file is memory-mapped and each tensor copied once from the mapping into
+                         its parameter, the mapped pages dropped after the copy (peak memory about the weights).
+                         CUDA target: each shard is read whole by a thread pool (two files ahead) into one
+                         pinned buffer, hashed as the bytes stream in when `verify_hashes`; its
                          tensors are views into that buffer (stages/safetensors.py parses and checks the header
                          from it, so the views need no copy), handed to `model.load_weights`, and copied to the
                          device asynchronously while the next shard is being read. `mistral` names are mapped to
@@ -80,7 +82,10 @@ def load_checkpoint(
     else:
         files = check_files(fetched, base, run_dir)
         if fmt in ("safetensors", "mistral"):
-            weights = _safetensors_weights(files, device, verify_hashes, stats)
+            if device.type == "cpu":
+                weights = _mapped_safetensors_weights(files, verify_hashes, stats)
+            else:
+                weights = _safetensors_weights(files, device, verify_hashes, stats)
             if fmt == "mistral":
                 weights = (mistral_to_hf(name, t, model) for name, t in weights)
         elif fmt == "pt":
@@ -195,6 +200,39 @@ def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadS
             stats.bytes += rec.size
             pending[i] = None
             del buf
+
+
+def _mapped_safetensors_weights(files, verify: bool, stats: LoadStats):
+    """CPU target: each file memory-mapped, each tensor a view copied once into its parameter by the model,
+    then that range of the mapping dropped (madvise), so peak memory stays about the weights themselves."""
+    import mmap
+
+    for path, rec in files:
+        if verify:
+            _hash_file(path, rec)
+        if rec.size == 0:
+            raise IntegrityError(f"weight file {rec.path} is empty; {_REFETCH}")
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private, never written: no copy made
+        try:
+            buf = torch.frombuffer(mm, dtype=torch.uint8)  # [size]
+            for name, tensor in _tensors_in(buf, rec.path):
+                stats.tensors += 1
+                begin = tensor.data_ptr() - buf.data_ptr()
+                end = begin + tensor.numel() * tensor.element_size()
+                yield name, tensor
+                del tensor  # the model copied it: give the pages back
+                lo = begin - begin % mmap.PAGESIZE
+                if hasattr(mm, "madvise") and end > lo:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+            del buf
+            stats.files += 1
+            stats.bytes += rec.size
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a view is still held somewhere: the mapping goes with it
+                pass
 
 
 # ---- torch .bin / .pt ---------------------------------------------------------------------------------------

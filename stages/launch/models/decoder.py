@@ -6,15 +6,17 @@ optionally tied embeddings. q/k/v and gate/up are fused into `qkv_proj` and `gat
 still takes Hugging Face names (`model.layers.N.self_attn.q_proj.weight`, ...) and copies each into its slice
 of the fused parameter (`STACKED_PARAMS`).
 
-The KV cache is static, `[num_layers, 2, num_slots, num_kv_heads, max_model_len, head_dim]`: one row per
-running sequence. A forward runs the batch rows on the contiguous slots `[slot0, slot0 + B)`, writes their
-keys/values at their positions, and attends with scaled_dot_product_attention over the first `attend_len`
-cache positions under a causal (and sliding-window) mask built from positions, so a batch of prompts of
-different lengths is right-padded and needs no other bookkeeping: a padded position is written, never read
-by a real token, and overwritten when the sequence reaches it.
+The KV cache is static, `[num_layers, 2, num_slots, num_kv_heads, max_model_len, head_dim]`: one row (slot)
+per running sequence, given by the engine's slot table (rows never move). A forward runs batch row i on
+cache slot `slots[i]`, writes its keys/values at its positions, and attends with scaled_dot_product_attention
+over the first `attend_len` cache positions only (the longest row in the batch, or the CUDA graph's context
+bucket) under a causal (and sliding-window) mask built from positions, so a batch of prompts of different
+lengths is right-padded and needs no other bookkeeping: a padded position is written, never read by a real
+token, and overwritten when the sequence reaches it. Grouped-query attention folds each KV group's query
+heads into the query-length dimension (one SDPA over the KV heads; no repeated keys, no per-head GQA path).
 
 Engine interface (shared with the transformers backend): `kv_bytes_per_token`, `allocate_kv_cache`,
-`prefill`, `decode`, `move_slot`, `load_weights`.
+`prefill`, `decode`, `free_slot`, `load_weights`.
 """
 
 from __future__ import annotations
@@ -128,9 +130,18 @@ class Linear(nn.Module):
         self.weight = _empty(out_features, in_features, factory=factory)  # [out, in]
         self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
         self.shards = shards or {}
+        self.packed: torch.Tensor | None = None  # the weight pre-packed for oneDNN (CPU bf16), see prepack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
+
+    def prepack(self) -> None:
+        """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
+        weights at about half the memory bandwidth. The dense weight is dropped: the module is inference-only."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)  # opaque oneDNN layout
+        self.weight = None
 
 
 class RMSNorm(nn.Module):
@@ -165,9 +176,9 @@ class Attention(nn.Module):
         kind = args.layer_types[layer] if args.layer_types else "sliding_attention"
         self.sliding = bool(args.sliding_window) and kind == "sliding_attention"
 
-    def forward(self, x, cos, sin, kv_cache, batch_idx, positions, mask):
-        # x [B, T, hidden]; cos/sin [B, T, rot]; kv_cache [2, B, Hkv, S_max, D] (this layer, these rows)
-        # batch_idx, positions [B, T]; mask [B, 1, T, S] bool
+    def forward(self, x, cos, sin, kv_cache, rows, positions, mask):
+        # x [B, T, hidden]; cos/sin [B, T, rot]; kv_cache [2, slots, Hkv, S_max, D] (this layer, every slot)
+        # rows: Rows (the batch's cache slots); positions [B, T]; mask [B, 1, T, S] bool
         B, T, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [B, T, H*D], [B, T, Hkv*D] x2
@@ -178,20 +189,51 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm over D
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [B, Hkv, S_max, D] each
-        k_cache[batch_idx, :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D] -> cache
-        v_cache[batch_idx, :, positions] = v.to(v_cache.dtype)  # [B, T, Hkv, D] -> cache
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [slots, Hkv, S_max, D] each
+        k_cache[rows.index[:, None].expand(B, T), :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # [B,T,Hkv,D]
+        v_cache[rows.index[:, None].expand(B, T), :, positions] = v.to(v_cache.dtype)  # [B, T, Hkv, D]
         S = mask.shape[-1]
-        keys, values = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, Hkv, S, D] each
-        gqa = self.num_heads != self.num_kv_heads
-        if gqa and T > 1 and x.is_cuda:
+        keys, values = rows.read(k_cache, S), rows.read(v_cache, S)  # [B, Hkv, S, D] each: only what is filled
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1 and T > 1 and x.is_cuda:
             # prefill on GPU: repeat the KV heads so SDPA can take its memory-efficient masked kernel instead of
-            # materializing [B, H, T, S] scores (decode keeps enable_gqa: repeating a long cache costs more)
-            rep = self.num_heads // self.num_kv_heads
+            # materializing [B, H, T, S] scores
             keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)  # [B, H, S, D]
-            gqa = False
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, T, D]
+        elif rep > 1:
+            # grouped-query attention with each KV group's query heads folded into the query-length dimension
+            # (one SDPA call over Hkv heads, no repeated KV and no per-head GQA path)
+            qf = q.reshape(B, self.num_kv_heads, rep * T, self.head_dim)  # [B, Hkv, rep*T, D]
+            mf = mask if T == 1 else mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
+            out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mf)  # [B, Hkv, rep*T, D]
+            out = out.view(B, self.num_heads, T, self.head_dim)  # [B, H, T, D]
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, q_size))  # [B, T, hidden]
+
+
+class Rows:
+    """The cache slots of a batch's rows: `index` [B] long (on the device), and `start` when they are the
+    contiguous range [start, start + B) (then reads are views, no gather)."""
+
+    def __init__(self, index: torch.Tensor, start: int | None = None):
+        self.index, self.start = index, start
+
+    @classmethod
+    def of(cls, slots, device) -> Rows:
+        if isinstance(slots, Rows):
+            return slots
+        if isinstance(slots, torch.Tensor):
+            return cls(slots.to(device))
+        slots = list(range(slots, slots + 1)) if isinstance(slots, int) else list(slots)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        return cls(torch.tensor(slots, dtype=torch.long, device=device), slots[0] if contiguous else None)
+
+    def read(self, cache: torch.Tensor, length: int) -> torch.Tensor:
+        """cache [slots, Hkv, S_max, D] -> these rows' first `length` positions [B, Hkv, length, D]."""
+        if self.start is not None:
+            return cache[self.start : self.start + self.index.shape[0], :, :length]  # a view
+        return cache[:, :, :length].index_select(0, self.index)
 
 
 class MLP(nn.Module):
@@ -264,28 +306,31 @@ class DecoderForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         seq_lens: torch.Tensor,
-        slot0: int = 0,
+        slots=0,
         attend_len: int | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [B, T]; seq_lens [B] (each row's length after this step) -> hidden [B, T, hidden].
 
-        Rows use cache slots [slot0, slot0 + B); attention reads the first `attend_len` cache positions
-        (default: max(positions) + 1, which syncs; CUDA graphs pass a fixed value)."""
+        Row i uses cache slot `slots[i]` (`slots`: a Rows, a list or [B] tensor of slot numbers, or the first
+        of B contiguous slots); attention reads the first `attend_len` cache positions (default:
+        max(positions) + 1, which syncs; CUDA graphs pass their context bucket)."""
         assert self.kv_cache is not None, "allocate_kv_cache() first"
         B, T = input_ids.shape
+        if isinstance(slots, int):
+            slots = range(slots, slots + B)
+        rows = Rows.of(slots, input_ids.device)
         if attend_len is None:
             attend_len = int(positions.max()) + 1
-        kv = self.kv_cache[:, :, slot0 : slot0 + B]  # [L, 2, B, Hkv, S_max, D] (a view)
-        batch_idx = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)  # [B, T]
         key_pos = torch.arange(attend_len, device=input_ids.device)  # [S]
         dist = positions[:, :, None] - key_pos[None, None, :]  # [B, T, S]: query pos - key pos
         causal = (dist >= 0)[:, None]  # [B, 1, T, S]
         windowed = ((dist >= 0) & (dist < self.window))[:, None] if self.window else causal  # [B, 1, T, S]
         cos, sin = self.rotary(positions, seq_lens)  # [B, T, rot] each
         x = F.embedding(input_ids, self.model.embed_tokens.weight)  # [B, T, hidden]
+        self.last_attend_len = attend_len
         for i, layer in enumerate(self.model.layers):
             mask = windowed if layer.self_attn.sliding else causal
-            x = layer(x, cos, sin, kv[i], batch_idx, positions, mask)  # [B, T, hidden]
+            x = layer(x, cos, sin, self.kv_cache[i], rows, positions, mask)  # [B, T, hidden]
         return self.model.norm(x)  # [B, T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -314,21 +359,34 @@ class DecoderForCausalLM(nn.Module):
             dtype=dtype,
         )  # [L, 2, slots, Hkv, S_max, D]
 
-    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slot0: int) -> torch.Tensor:
-        """input_ids [B, T] right-padded prompts, lengths [B] -> logits of each last prompt token [B, V]."""
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slots=0) -> torch.Tensor:
+        """input_ids [B, T] right-padded prompts, lengths [B], slots (see forward) -> last-token logits [B, V]."""
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None, :].expand(B, T)  # [B, T]
-        hidden = self.forward(input_ids, positions, lengths, slot0, attend_len=T)  # [B, T, hidden]
+        hidden = self.forward(input_ids, positions, lengths, slots, attend_len=T)  # [B, T, hidden]
         last = hidden[torch.arange(B, device=hidden.device), lengths - 1]  # [B, hidden]
         return self.compute_logits(last)  # [B, V]
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend_len: int | None = None) -> torch.Tensor:
-        """input_ids, positions [B] for the sequences in slots [0, B) -> next-token logits [B, V]."""
-        hidden = self.forward(input_ids[:, None], positions[:, None], positions + 1, 0, attend_len)  # [B, 1, hidden]
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots=0, attend_len=None) -> torch.Tensor:
+        """input_ids, positions [B] for the sequences in cache slots `slots` -> next-token logits [B, V].
+
+        Attention reads `attend_len` positions (default: the longest running sequence's length)."""
+        hidden = self.forward(input_ids[:, None], positions[:, None], positions + 1, slots, attend_len)  # [B, 1, h]
         return self.compute_logits(hidden[:, 0])  # [B, V]
 
-    def move_slot(self, src: int, dst: int) -> None:
-        self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])  # [L, 2, Hkv, S_max, D]
+    def prepack_for_cpu(self) -> bool:
+        """On CPU in bfloat16 with oneDNN: pre-pack every projection's weight (not the head, which may share the
+        embedding). Call after the weights are loaded; True when it packed."""
+        w = self.model.layers[0].mlp.down_proj.weight if len(self.model.layers) else None
+        if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+            return False
+        for module in self.modules():
+            if isinstance(module, Linear) and module.packed is None:
+                module.prepack()
+        return True
+
+    def free_slot(self, slot: int) -> None:
+        """Nothing to do: a slot's stale keys are never read (attention masks by position) and get overwritten."""
 
     # ---- weights -------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

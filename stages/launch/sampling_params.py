@@ -1,0 +1,40 @@
+"""`SamplingParams`: one request's sampling values, checked; free of torch, so checking the launch stage's
+inputs does not import it (the engine's sampler is in sampling.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prestage.stages.launch.sampling_defaults import check_sampling
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely tokens'
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        check_sampling(
+            self.max_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.min_p,
+            self.repetition_penalty,
+            self.stop,
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
