@@ -67,7 +67,7 @@ def cache_root(params: dict | None, resolve=None) -> Path:
     hinted = [Path(hint)] if isinstance(hint, str) and hint else []
     named = any(os.environ.get(v) for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"))
     # an explicitly named cache that holds the model wins over the hint; the default one does not
-    candidates = [env] + hinted + [env] if named else hinted + [env]
+    candidates = [env, *hinted] if named else [*hinted, env]
     rec = resolve.record if resolve.record is not None else None
     outputs = resolve.outputs if rec is None else rec.to_dict()
     snapshot, config_file = outputs.get("snapshot"), outputs.get("config_file")
