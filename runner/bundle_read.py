@@ -267,6 +267,21 @@ class TarBundle:
         self.tar.close()
 
 
+def open_verified(path, verify_key, reporter, command: str):
+    """open_bundle(path), its SHA256SUMS signature checked first when `verify_key` is given."""
+    b = open_bundle(path)
+    if verify_key is not None:
+        from prestage.runner import checksums, signing
+
+        try:
+            signing.verify(b.sums, b.signature, verify_key, b.where)
+        except BaseException:
+            b.close()
+            raise
+        reporter.info(f"{command}: the signature of {checksums.NAME} verifies with {verify_key}")
+    return b
+
+
 def open_bundle(path):
     """A reader for the bundle at `path` (a folder holding SHA256SUMS, an OCI image layout, or a tar file)."""
     p = Path(path)

@@ -122,16 +122,22 @@ def write_layout(entries, meta: dict, out: Path, link: bool, sig: bytes | None) 
             "layers": layers,
             "annotations": {LINKS: json.dumps(links, sort_keys=True), "dev.prestage.bundle.run": meta["run"]},
         }
-        desc = _store_json(blobs, manifest, MANIFEST)
-        desc["artifactType"] = ARTIFACT
-        desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
-        (tmp / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-        (tmp / "index.json").write_text(json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [desc]}))
-        os.rename(tmp, out)
+        _finish_layout(tmp, blobs, manifest, "latest", out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return linked
+
+
+def _finish_layout(tmp: Path, blobs: Path, manifest: dict, tag: str, out: Path) -> None:
+    """Store the image manifest, write oci-layout and index.json (one manifest, named `tag`) into the staging
+    folder `tmp`, then rename it to `out`."""
+    desc = _store_json(blobs, manifest, MANIFEST)
+    desc["artifactType"] = ARTIFACT
+    desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (tmp / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (tmp / "index.json").write_text(json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [desc]}))
+    os.rename(tmp, out)
 
 
 def _store_json(blobs: Path, doc: dict, media_type: str) -> dict:
@@ -371,12 +377,7 @@ def pull(ref: str, out: Path, insecure: bool, reporter) -> dict:
                     f"{ref}: blob {desc['digest'][:19]}... arrived with other bytes; pull again"
                 )
             got += size
-        desc = _store_json(blobs, manifest, MANIFEST)
-        desc["artifactType"] = ARTIFACT
-        desc["annotations"] = {"org.opencontainers.image.ref.name": target.rsplit(":", 1)[1]}
-        (tmp / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-        (tmp / "index.json").write_text(json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [desc]}))
-        os.rename(tmp, out)
+        _finish_layout(tmp, blobs, manifest, target.rsplit(":", 1)[1], out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from prestage.runner import checksums
 from prestage.runner.arguments import check_run_name
-from prestage.runner.bundle_read import meta_of, open_bundle, problem
+from prestage.runner.bundle_read import meta_of, open_verified, problem
 from prestage.stages import ORDER, errors
 from prestage.stages.digest import sha256_file
 from prestage.stages.manifest import loads, pid_alive
@@ -198,13 +198,8 @@ def _place_link(final: Path, target: str) -> bool:
 def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir, reporter, verify_key=None) -> dict:
     """Check the bundle at `path` in full (with `verify_key`, its signature first), then place it; a report
     {run, run_dir, placed, skipped, ...}."""
-    b = open_bundle(path)
+    b = open_verified(path, verify_key, reporter, "unbundle")
     try:
-        if verify_key is not None:
-            from prestage.runner import signing
-
-            signing.verify(b.sums, b.signature, verify_key, b.where)
-            reporter.info(f"unbundle: the signature of {checksums.NAME} verifies with {verify_key}")
         listing = b.listing
         meta = meta_of(b)
         name, local_target = _check_target(meta, b.where, artifacts, run, model_dir)

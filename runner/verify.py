@@ -91,16 +91,11 @@ def verify_bundle(path, reporter, verify_key=None) -> tuple[bool, list[dict]]:
     import tarfile
 
     from prestage.runner import checksums
-    from prestage.runner.bundle_read import open_bundle, problem
+    from prestage.runner.bundle_read import open_verified, problem
     from prestage.stages.fetch_weights.verify import hash_files
 
-    b = open_bundle(path)
+    b = open_verified(path, verify_key, reporter, "verify")
     try:
-        if verify_key is not None:
-            from prestage.runner import signing
-
-            signing.verify(b.sums, b.signature, verify_key, b.where)
-            reporter.info(f"verify: the signature of {checksums.NAME} verifies with {verify_key}")
         listing = b.listing
         members = list(b.members())
         files = [m for m in members if m.kind == "file" and m.name in listing and not problem(m, listing)]

@@ -32,7 +32,7 @@ def read_prompts(params: dict) -> list[str]:
 
 def run_launch(ctx: Context, inputs: dict) -> StageResult:
     from prestage.stages.launch.inference import load_for_inference
-    from prestage.stages.launch.sampling import SamplingParams
+    from prestage.stages.launch.sampling_params import LAUNCH_FIELDS, SamplingParams
 
     start = time.perf_counter()
     rep = ctx.reporter
@@ -45,15 +45,7 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         f"{inf.info['device']} {inf.info['dtype']}: weights {size_text(w['bytes'])} in {w['seconds']:.2f}s "
         f"({w['gb_per_s']:.2f} GB/s), KV cache {inf.info['kv_cache_tokens']} tokens"
     )
-    sp = SamplingParams(
-        max_tokens=inputs["max_tokens"],
-        temperature=inputs["temperature"],
-        top_p=inputs["top_p"],
-        top_k=inputs["top_k"],
-        min_p=inputs["min_p"],
-        repetition_penalty=inputs["repetition_penalty"],
-        stop=inputs["stop"],
-    )
+    sp = SamplingParams(**{k: inputs[k] for k in LAUNCH_FIELDS})
     prompt_ids = [list(inf.tokenizer.encode(p)) for p in prompts]
     results = inf.engine.generate(prompt_ids, sp)
     completions = [

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from prestage.stages.launch.sampling_defaults import check_sampling
 
+# The sampling fields launch records in its inputs (the flag, else generation_config.json, else the default).
+LAUNCH_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop")
+
 
 @dataclass
 class SamplingParams:

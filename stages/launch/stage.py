@@ -173,7 +173,7 @@ class LaunchStage(Stage):
         return device, max_num_seqs, util, seed
 
     def inputs(self, params: dict, upstream: dict[str, Manifest]) -> dict:
-        from prestage.stages.launch.sampling_params import SamplingParams
+        from prestage.stages.launch.sampling_params import LAUNCH_FIELDS, SamplingParams
 
         mode = generation_config_mode(params)
         file_defaults = generation_defaults(mode, upstream)
@@ -193,14 +193,8 @@ class LaunchStage(Stage):
         device, max_num_seqs, util, seed = self._engine_params(params)
         return {
             "prompts": read_prompts(params),
-            "max_tokens": sp.max_tokens,
-            "temperature": sp.temperature,
-            "top_p": sp.top_p,
-            "top_k": sp.top_k,
-            "min_p": sp.min_p,
-            "repetition_penalty": sp.repetition_penalty,
+            **{k: getattr(sp, k) for k in LAUNCH_FIELDS},
             "generation_config": mode,
-            "stop": sp.stop,
             "seed": seed,
             "device": device,
             "gpu_memory_utilization": util,

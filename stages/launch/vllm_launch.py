@@ -17,6 +17,7 @@ from pathlib import Path
 from prestage.stages import errors
 from prestage.stages.base import Context, StageResult
 from prestage.stages.launch import vllm_handoff as handoff
+from prestage.stages.launch.sampling_params import LAUNCH_FIELDS
 from prestage.stages.records import LaunchRecord
 
 RESULT_TAG = "PRESTAGE-VLLM-RESULT "
@@ -38,16 +39,8 @@ def run_vllm_launch(ctx: Context, inputs: dict) -> StageResult:
     engine.update(seed=inputs["seed"], max_num_seqs=inputs["max_num_seqs"], enforce_eager=device == "cpu")
     if device == "cuda":
         engine["gpu_memory_utilization"] = inputs["gpu_memory_utilization"]
-    sampling = {
-        "max_tokens": inputs["max_tokens"],
-        "temperature": inputs["temperature"],
-        "top_p": inputs["top_p"],
-        "top_k": inputs["top_k"] if inputs["top_k"] > 0 else 0,
-        "min_p": inputs["min_p"],
-        "repetition_penalty": inputs["repetition_penalty"],
-        "stop": inputs["stop"] or None,
-        "seed": inputs["seed"],
-    }
+    sampling = {k: inputs[k] for k in LAUNCH_FIELDS}
+    sampling.update(top_k=max(inputs["top_k"], 0), stop=inputs["stop"] or None, seed=inputs["seed"])
     spec = {"engine": engine, "sampling": sampling, "prompts": inputs["prompts"]}
     rep = ctx.reporter
     rep.info(f"launch: vLLM {version} on {device} ({install.python}), {args.values['dtype']}")
