@@ -83,7 +83,7 @@ def test_packed_f4_header_from_save_file(tmp_path):
     # the torch `make setup` installs (2.13) has the packed dtype; an older one fails here, not silently
     f4 = getattr(torch, "float4_e2m1fn_x2", None)
     assert f4 is not None, (
-        f"torch {torch.__version__} has no float4_e2m1fn_x2; run the tests with the torch `make setup` installs (2.13.0)"
+        f"torch {torch.__version__} has no float4_e2m1fn_x2; use the torch `make setup` installs (2.13.0)"
     )
     path = tmp_path / "f4.safetensors"
     save_file({"q": torch.zeros((3, 2), dtype=torch.uint8).view(f4)}, str(path))
