@@ -69,7 +69,9 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
     model = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=dtype)
     path = Path(model_dir) / "model.safetensors"
     rec = SimpleNamespace(path=path.name, size=path.stat().st_size, sha256=None)
-    model.load_weights(_mapped_safetensors_weights([(path, rec)], False, LoadStats("safetensors")))
+    stats = LoadStats("safetensors")
+    model.load_weights(_mapped_safetensors_weights([(path, rec)], False, stats))
+    model.mapped.update(stats.mapped)  # as load_checkpoint does: the packed head's source
     return Engine(model, _IdTokenizer(), [], "cpu", dtype, 512, slots, slots * 512), dtype
 
 

@@ -299,3 +299,28 @@ def test_launch_cpu_bf16_prepacked_weights_match_dense():
 class _IdTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
+
+
+def test_launch_cpu_kv_cache_takes_memory_only_where_written():
+    """On CPU the KV cache is zeros from an anonymous mapping: a 256 MiB cache costs the process almost nothing
+    until sequences fill it, reads as zeros, and holds what is written."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from prestage.stages.launch.models.decoder import zeros_on_demand
+def rss():
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS:")) * 1024
+before = rss()
+cache = zeros_on_demand((4, 2, 8, 2, 4096, 64), torch.bfloat16)  # 4*2*8*2*4096*64*2 bytes = 256 MiB
+assert cache.shape == (4, 2, 8, 2, 4096, 64) and cache.dtype == torch.bfloat16
+assert float(cache[3, 1, 7, 1, 4095].abs().sum()) == 0.0
+cache[0, 0, 0, 0, :16] = 1.5
+assert float(cache[0, 0, 0, 0, 15, 63]) == 1.5 and float(cache[0, 0, 0, 0, 16, 0]) == 0.0
+print(rss() - before)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.split()[-1])
+    assert grew < 16 * 1024**2, f"RSS grew by {grew / 1024**2:.0f} MiB for an untouched 256 MiB cache"

@@ -363,3 +363,56 @@ print((peak - base) * 1024)
     assert r.returncode == 0, r.stderr
     grew = int(r.stdout.split()[-1])
     assert grew < 0.5 * 128 * 1024**2, f"peak RSS grew by {grew / 1024**2:.0f} MiB while loading 128 MiB"
+
+
+def _greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
+    """(the prompt's last logits [V] in float32, `steps` greedy tokens) from the model's own prefill/decode."""
+    model.allocate_kv_cache(1, 64, "cpu", torch.bfloat16)
+    with torch.inference_mode():
+        logits = model.prefill(torch.tensor([ids]), torch.tensor([len(ids)]), 0)  # [1, V]
+        first, tokens = logits[0].float(), []
+        for pos in range(len(ids), len(ids) + steps):
+            tokens.append(int(logits[0].argmax()))
+            logits = model.decode(torch.tensor([tokens[-1]]), torch.tensor([pos]), 0)  # [1, V]
+    return first, tokens
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_launch_bf16_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied):
+    """bf16 on CPU after a mapped safetensors load: prepack_for_cpu packs the LM head too, in row chunks, from the
+    checkpoint's mapping; the dense head is dropped (a tied embedding then reads its rows from the mapping), and
+    logits and greedy tokens stay those of the dense model. A file changed since loading keeps the head dense."""
+    import os
+
+    import transformers
+
+    from prestage.stages.launch.models import decoder
+    from tests.support.checkpoints import build_checkpoint
+
+    folder = build_checkpoint(
+        tmp_path / "m", config_overrides={"tie_word_embeddings": tied}, dtype="bfloat16", with_tokenizer=False
+    )
+    args = DecoderArgs.from_hf_config(transformers.AutoConfig.from_pretrained(folder))
+    assert args.tie_word_embeddings is tied
+
+    def loaded() -> DecoderForCausalLM:
+        model = DecoderForCausalLM(args, dtype=torch.bfloat16)
+        load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
+        return model
+
+    dense, packed = loaded(), loaded()
+    monkeypatch.setattr(decoder, "HEAD_CHUNK_ROWS", 100)  # several chunks, the last one short
+    assert packed.prepack_for_cpu()
+    assert packed.lm_head.weight is None and len(packed.head_packed) == -(-args.vocab_size // 100)
+    if tied:
+        assert packed.model.embed_tokens.weight is None and packed.embed_rows.shape == (args.vocab_size, 64)
+    else:
+        assert packed.embed_rows is None and packed.model.embed_tokens.weight is not None
+    (a, dense_tokens), (b, packed_tokens) = _greedy(dense, IDS, 8), _greedy(packed, IDS, 8)
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    assert packed_tokens == dense_tokens
+
+    stale = loaded()
+    st = (folder / "model.safetensors").stat()
+    os.utime(folder / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert stale.prepack_for_cpu() and stale.head_packed is None and stale.lm_head.weight is not None

@@ -5,6 +5,8 @@
 Formats (fetch-weights `format`):
   safetensors / mistral  CPU target: each file is memory-mapped and each tensor copied once from the mapping into
                          its parameter, the mapped pages dropped after the copy (peak memory about the weights).
+                         Where each tensor lies is remembered (`LoadStats.mapped`, `MappedTensor`): the decoder
+                         maps its tied embedding again to look rows up there once its LM head is pre-packed.
                          CUDA target: each shard is read whole by a thread pool (two files ahead) into one
                          pinned buffer, hashed as the bytes stream in when `verify_hashes`; its
                          tensors are views into that buffer (stages/safetensors.py parses and checks the header
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +55,7 @@ class LoadStats:
     seconds: float = 0.0
     hashed: bool = False
     warnings: list = field(default_factory=list)
+    mapped: dict = field(default_factory=dict)  # checkpoint name -> MappedTensor (CPU safetensors loads)
 
     @property
     def gbps(self) -> float:
@@ -66,6 +71,57 @@ class LoadStats:
             "gb_per_s": round(self.gbps, 3),
             "hashed": self.hashed,
         }
+
+
+@dataclass(frozen=True)
+class MappedTensor:
+    """Where a checkpoint tensor lies in its file, and which file that was (device, inode, size, mtime), so it
+    can be mapped again later without a copy: `map()` gives the tensor, or None when the file changed since."""
+
+    path: Path
+    offset: int  # bytes from the start of the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    identity: tuple[int, int, int, int]
+
+    @staticmethod
+    def identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def map(self) -> MappedView | None:
+        """The tensor as a view of a private, read-only mapping of its file (pages are read in only where it is
+        used), or None when the file is not the one loaded from or the tensor is not aligned for its dtype."""
+        if self.offset % torch.empty((), dtype=self.dtype).element_size():
+            return None
+        try:
+            with open(self.path, "rb") as fh:
+                if self.identity_of(os.fstat(fh.fileno())) != self.identity:
+                    return None
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private, never written
+        except (OSError, ValueError):
+            return None
+        count = 1
+        for n in self.shape:
+            count *= n
+        tensor = torch.frombuffer(mm, dtype=self.dtype, count=count, offset=self.offset).view(self.shape)
+        return MappedView(tensor, mm, self.offset)
+
+
+@dataclass
+class MappedView:
+    """A checkpoint tensor mapped from its file (`tensor`, first dimension = rows), and a way to give back the
+    pages of some of its rows (they are read in again from the page cache if used later)."""
+
+    tensor: torch.Tensor
+    mm: mmap.mmap
+    offset: int
+
+    def drop_pages(self, first_row: int, end_row: int) -> None:
+        row_bytes = self.tensor[0].numel() * self.tensor.element_size()
+        begin, end = self.offset + first_row * row_bytes, self.offset + end_row * row_bytes
+        lo = begin - begin % mmap.PAGESIZE
+        if end > lo and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
 
 
 def load_checkpoint(
@@ -98,6 +154,8 @@ def load_checkpoint(
                 "re-run fetch-weights with --load-format auto|safetensors|pt|npcache|dummy"
             )
         loaded = model.load_weights(weights)
+        if stats.mapped and isinstance(getattr(model, "mapped", None), dict):
+            model.mapped.update(stats.mapped)  # the decoder may map its tied embedding again (prepack_for_cpu)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start
@@ -204,15 +262,15 @@ def _safetensors_weights(files, device: torch.device, verify: bool, stats: LoadS
 
 def _mapped_safetensors_weights(files, verify: bool, stats: LoadStats):
     """CPU target: each file memory-mapped, each tensor a view copied once into its parameter by the model,
-    then that range of the mapping dropped (madvise), so peak memory stays about the weights themselves."""
-    import mmap
-
+    then that range of the mapping dropped (madvise), so peak memory stays about the weights themselves. Each
+    aligned tensor's place in its file goes into `stats.mapped`."""
     for path, rec in files:
         if verify:
             _hash_file(path, rec)
         if rec.size == 0:
             raise IntegrityError(f"weight file {rec.path} is empty; {_REFETCH}")
         with open(path, "rb") as fh:
+            identity = MappedTensor.identity_of(os.fstat(fh.fileno()))
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private, never written: no copy made
         try:
             buf = torch.frombuffer(mm, dtype=torch.uint8)  # [size]
@@ -220,10 +278,13 @@ def _mapped_safetensors_weights(files, verify: bool, stats: LoadStats):
                 stats.tensors += 1
                 begin = tensor.data_ptr() - buf.data_ptr()
                 end = begin + tensor.numel() * tensor.element_size()
+                in_mapping = 0 <= begin < end <= rec.size  # a view of the mapping, not an unaligned tensor's copy
+                if in_mapping:
+                    stats.mapped[name] = MappedTensor(path, begin, tensor.dtype, tuple(tensor.shape), identity)
                 yield name, tensor
                 del tensor  # the model copied it: give the pages back
                 lo = begin - begin % mmap.PAGESIZE
-                if hasattr(mm, "madvise") and end > lo:
+                if in_mapping and hasattr(mm, "madvise"):
                     mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
             del buf
             stats.files += 1

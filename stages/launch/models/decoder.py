@@ -7,13 +7,19 @@ still takes Hugging Face names (`model.layers.N.self_attn.q_proj.weight`, ...) a
 of the fused parameter (`STACKED_PARAMS`).
 
 The KV cache is static, `[num_layers, 2, num_slots, num_kv_heads, max_model_len, head_dim]`: one row (slot)
-per running sequence, given by the engine's slot table (rows never move). A forward runs batch row i on
+per running sequence, given by the engine's slot table (rows never move); on CPU it is an anonymous mapping of
+zeros, so memory is taken only where sequences write. A forward runs batch row i on
 cache slot `slots[i]`, writes its keys/values at its positions, and attends with scaled_dot_product_attention
 over the first `attend_len` cache positions only (the longest row in the batch, or the CUDA graph's context
 bucket) under a causal (and sliding-window) mask built from positions, so a batch of prompts of different
 lengths is right-padded and needs no other bookkeeping: a padded position is written, never read by a real
 token, and overwritten when the sequence reaches it. Grouped-query attention folds each KV group's query
 heads into the query-length dimension (one SDPA over the KV heads; no repeated keys, no per-head GQA path).
+
+On CPU in bfloat16 (`prepack_for_cpu`) every projection is pre-packed for oneDNN, and so is the LM head when its
+rows can be mapped again from the checkpoint file (the loader records where each tensor lies): the dense head
+is dropped first and packed in row chunks from the mapping, and a tied embedding then looks its rows up in that
+mapping, so the weights stay one copy in memory.
 
 Engine interface (shared with the transformers backend): `kv_bytes_per_token`, `allocate_kv_cache`,
 `prefill`, `decode`, `free_slot`, `load_weights`.
@@ -42,6 +48,28 @@ STACKED_PARAMS = {
 }
 # checkpoint tensors that are derived buffers, not weights
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+HEAD_CHUNK_ROWS = 16384  # the packed LM head is this many vocabulary rows per oneDNN weight
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros in an anonymous mapping: the kernel hands out zero pages, and memory is taken only
+    where something is written (a KV cache sized for max_model_len costs what the running sequences fill)."""
+    import mmap
+
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=count).view(shape)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] bf16 -> the same weight re-laid out for oneDNN's linear (an opaque layout)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # [..., in] -> [..., out]
 
 
 @dataclass
@@ -134,13 +162,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # [..., out]
+            return _packed_linear(x, self.packed, self.bias)  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
 
     def prepack(self) -> None:
         """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
         weights at about half the memory bandwidth. The dense weight is dropped: the module is inference-only."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)  # opaque oneDNN layout
+        self.packed = _pack(self.weight)  # opaque oneDNN layout
         self.weight = None
 
 
@@ -297,8 +325,12 @@ class DecoderForCausalLM(nn.Module):
         with torch.device(device or "cpu"):
             self.rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
         self.window = args.sliding_window
+        self.dtype = factory["dtype"]
         self.kv_cache: torch.Tensor | None = None
         self.unused_weights: list[str] = []
+        self.mapped: dict = {}  # checkpoint name -> weight_loading.MappedTensor, filled by the CPU loader
+        self.head_packed: list[torch.Tensor] | None = None  # the LM head in HEAD_CHUNK_ROWS-row packed pieces
+        self.embed_rows: torch.Tensor | None = None  # [V, hidden] mapped from the checkpoint once the head is packed
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(
@@ -326,14 +358,23 @@ class DecoderForCausalLM(nn.Module):
         causal = (dist >= 0)[:, None]  # [B, 1, T, S]
         windowed = ((dist >= 0) & (dist < self.window))[:, None] if self.window else causal  # [B, 1, T, S]
         cos, sin = self.rotary(positions, seq_lens)  # [B, T, rot] each
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)  # [B, T, hidden]
+        x = self.embed(input_ids)  # [B, T, hidden]
         self.last_attend_len = attend_len
         for i, layer in enumerate(self.model.layers):
             mask = windowed if layer.self_attn.sliding else causal
             x = layer(x, cos, sin, self.kv_cache[i], rows, positions, mask)  # [B, T, hidden]
         return self.model.norm(x)  # [B, T, hidden]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T, hidden]: from the dense embedding, or from the checkpoint's mapped rows (in
+        its own dtype, cast here exactly as loading would have) once a tied head is packed."""
+        if self.embed_rows is not None:
+            return F.embedding(input_ids, self.embed_rows).to(self.dtype)  # [B, T, hidden]
+        return F.embedding(input_ids, self.model.embed_tokens.weight)  # [B, T, hidden]
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_packed is not None:
+            return torch.cat([_packed_linear(hidden, w, None) for w in self.head_packed], dim=-1)  # [..., V]
         return F.linear(hidden, self.lm_head.weight)  # [..., hidden] -> [..., V]
 
     # ---- engine interface ----------------------------------------------------------------------------------
@@ -348,16 +389,11 @@ class DecoderForCausalLM(nn.Module):
 
     def allocate_kv_cache(self, num_slots: int, max_model_len: int, device, dtype: torch.dtype) -> None:
         a = self.args
-        self.kv_cache = torch.zeros(
-            a.num_hidden_layers,
-            2,
-            num_slots,
-            a.num_key_value_heads,
-            max_model_len,
-            a.head_dim,
-            device=device,
-            dtype=dtype,
-        )  # [L, 2, slots, Hkv, S_max, D]
+        shape = (a.num_hidden_layers, 2, num_slots, a.num_key_value_heads, max_model_len, a.head_dim)
+        if torch.device(device).type == "cpu":
+            self.kv_cache = zeros_on_demand(shape, dtype)  # [L, 2, slots, Hkv, S_max, D]
+        else:
+            self.kv_cache = torch.zeros(shape, device=device, dtype=dtype)  # [L, 2, slots, Hkv, S_max, D]
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, slots=0) -> torch.Tensor:
         """input_ids [B, T] right-padded prompts, lengths [B], slots (see forward) -> last-token logits [B, V]."""
@@ -375,15 +411,41 @@ class DecoderForCausalLM(nn.Module):
         return self.compute_logits(hidden[:, 0])  # [B, V]
 
     def prepack_for_cpu(self) -> bool:
-        """On CPU in bfloat16 with oneDNN: pre-pack every projection's weight (not the head, which may share the
-        embedding). Call after the weights are loaded; True when it packed."""
+        """On CPU in bfloat16 with oneDNN: pre-pack every projection's weight, and the LM head when the loader
+        recorded where it lies in the checkpoint (see `_pack_head`). Call after the weights are loaded; True when
+        it packed."""
         w = self.model.layers[0].mlp.down_proj.weight if len(self.model.layers) else None
         if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
             return False
         for module in self.modules():
             if isinstance(module, Linear) and module.packed is None:
                 module.prepack()
+        self._pack_head()
         return True
+
+    def _pack_head(self) -> None:
+        """The head is a quarter of a small model's bytes, read every step: pack it too, from the checkpoint's
+        mapping after the dense copy is dropped (so memory never holds both), one chunk of rows at a time, giving
+        each chunk's mapped pages back once packed. A tied embedding then reads its rows from that mapping. With
+        no mapping (other formats, a changed file, a renamed tensor) the head stays dense."""
+        if self.head_packed is not None:
+            return
+        tied = self.args.tie_word_embeddings and self.lm_head.weight is self.model.embed_tokens.weight
+        source = self.mapped.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        view = source.map() if source is not None else None
+        if view is None or tuple(view.tensor.shape) != tuple(self.lm_head.weight.shape):
+            return
+        self.lm_head.weight = None
+        if tied:
+            self.model.embed_tokens.weight = None
+            self.embed_rows = view.tensor  # [V, hidden], in the checkpoint's dtype
+        rows = view.tensor.shape[0]
+        chunks = []
+        for lo in range(0, rows, HEAD_CHUNK_ROWS):
+            hi = min(lo + HEAD_CHUNK_ROWS, rows)
+            chunks.append(_pack(view.tensor[lo:hi].to(self.dtype)))  # [hi - lo, hidden], packed
+            view.drop_pages(lo, hi)
+        self.head_packed = chunks
 
     def free_slot(self, slot: int) -> None:
         """Nothing to do: a slot's stale keys are never read (attention masks by position) and get overwritten."""
