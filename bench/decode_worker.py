@@ -58,15 +58,18 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
     from types import SimpleNamespace
 
     import torch
-    from transformers import AutoConfig
 
+    from prestage.stages.configure.spec import build_spec
     from prestage.stages.launch.engine import Engine
     from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
     from prestage.stages.launch.weight_loading import LoadStats, _mapped_safetensors_weights
 
     dtype = getattr(torch, dtype_name)
-    cfg = AutoConfig.from_pretrained(model_dir)
-    model = DecoderForCausalLM(DecoderArgs.from_hf_config(cfg), dtype=dtype)
+    # the spec configure records, from config.json's fields (launch reads it from configure's manifest: the
+    # engine needs no transformers import; these prompts are token ids, so no tokenizer is loaded either)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    spec = build_spec(SimpleNamespace(**config), native=True, weight_dtype=dtype_name, sliding_window=None)
+    model = DecoderForCausalLM(DecoderArgs.from_spec(spec, config["architectures"][0]), dtype=dtype)
     path = Path(model_dir) / "model.safetensors"
     rec = SimpleNamespace(path=path.name, size=path.stat().st_size, sha256=None)
     stats = LoadStats("safetensors")

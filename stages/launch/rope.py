@@ -131,9 +131,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, rot] with rot <= D: rotate the first `rot` dims, pass the rest."""
+    """x [B, H, T, D]; cos/sin [B, T, rot] (or [B, 1, T, rot] already in x's dtype, as the decoder passes them once
+    per step) with rot <= D: rotate the first `rot` dims, pass the rest."""
     rot = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # [B, 1, T, rot]
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, rot]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the activations' dtype
     if rot == x.shape[-1]:
         return x * cos + rotate_half(x) * sin  # [B, H, T, D]
     x_rot, x_pass = x[..., :rot], x[..., rot:]  # [B, H, T, rot], [B, H, T, D-rot]

@@ -204,23 +204,24 @@ class Attention(nn.Module):
         kind = args.layer_types[layer] if args.layer_types else "sliding_attention"
         self.sliding = bool(args.sliding_window) and kind == "sliding_attention"
 
-    def forward(self, x, cos, sin, kv_cache, rows, positions, mask):
-        # x [B, T, hidden]; cos/sin [B, T, rot]; kv_cache [2, slots, Hkv, S_max, D] (this layer, every slot)
-        # rows: Rows (the batch's cache slots); positions [B, T]; mask [B, 1, T, S] bool
+    def forward(self, x, cos, sin, kv_cache, rows, positions, mask, write_rows, S):
+        # x [B, T, hidden]; cos/sin [B, 1, T, rot] in x's dtype; kv_cache [2, slots, Hkv, S_max, D] (this layer,
+        # every slot); rows: Rows (the batch's cache slots); positions [B, T]; mask [B, 1, T, S] additive in x's
+        # dtype, or None when nothing is masked; write_rows [B, T] (each position's cache slot); S = attend_len
         B, T, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [B, T, H*D], [B, T, Hkv*D] x2
-        q = q.view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)  # [B, T, H + 2*Hkv, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm over D
-        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+            q = apply_rotary(self.q_norm(qkv[:, :, :H]).transpose(1, 2), cos, sin)  # [B, H, T, D]
+            k = apply_rotary(self.k_norm(qkv[:, :, H : H + Hkv]).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        else:  # one rotation for the query and key heads together
+            qk = apply_rotary(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H + Hkv, T, D]
+            q, k = qk[:, :H], qk[:, H:]  # [B, H, T, D], [B, Hkv, T, D]
+        v = qkv[:, :, H + Hkv :]  # [B, T, Hkv, D]
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [slots, Hkv, S_max, D] each
-        k_cache[rows.index[:, None].expand(B, T), :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # [B,T,Hkv,D]
-        v_cache[rows.index[:, None].expand(B, T), :, positions] = v.to(v_cache.dtype)  # [B, T, Hkv, D]
-        S = mask.shape[-1]
+        k_cache[write_rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D]
+        v_cache[write_rows, :, positions] = v.to(v_cache.dtype)  # [B, T, Hkv, D]
+        q_size = H * D
         keys, values = rows.read(k_cache, S), rows.read(v_cache, S)  # [B, Hkv, S, D] each: only what is filled
         rep = self.num_heads // self.num_kv_heads
         if rep > 1 and T > 1 and x.is_cuda:
@@ -232,7 +233,7 @@ class Attention(nn.Module):
             # grouped-query attention with each KV group's query heads folded into the query-length dimension
             # (one SDPA call over Hkv heads, no repeated KV and no per-head GQA path)
             qf = q.reshape(B, self.num_kv_heads, rep * T, self.head_dim)  # [B, Hkv, rep*T, D]
-            mf = mask if T == 1 else mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
+            mf = mask if T == 1 or mask is None else mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
             out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mf)  # [B, Hkv, rep*T, D]
             out = out.view(B, self.num_heads, T, self.head_dim)  # [B, H, T, D]
         else:
@@ -291,8 +292,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, factory)
         self.mlp = MLP(args, factory)
 
-    def forward(self, x, cos, sin, kv_cache, batch_idx, positions, mask):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch_idx, positions, mask)  # [B, T, hidden]
+    def forward(self, x, cos, sin, kv_cache, rows, positions, mask, write_rows, S):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, rows, positions, mask, write_rows, S)
         x = x + h  # [B, T, hidden]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, hidden]
 
@@ -355,15 +356,29 @@ class DecoderForCausalLM(nn.Module):
             attend_len = int(positions.max()) + 1
         key_pos = torch.arange(attend_len, device=input_ids.device)  # [S]
         dist = positions[:, :, None] - key_pos[None, None, :]  # [B, T, S]: query pos - key pos
-        causal = (dist >= 0)[:, None]  # [B, 1, T, S]
-        windowed = ((dist >= 0) & (dist < self.window))[:, None] if self.window else causal  # [B, 1, T, S]
-        cos, sin = self.rotary(positions, seq_lens)  # [B, T, rot] each
+        causal = dist >= 0  # [B, T, S]
+        windowed = (causal & (dist < self.window)) if self.window else causal  # [B, T, S]
+        # built once per step, not per layer: the masks as SDPA's additive form, the rotation in the activations'
+        # dtype (as transformers casts it), each position's cache slot
+        masks = {False: self._additive(causal), True: self._additive(windowed) if self.window else None}
+        cos, sin = self.rotary(positions, seq_lens)  # [B, T, rot] each, float32
+        cos, sin = cos[:, None].to(self.dtype), sin[:, None].to(self.dtype)  # [B, 1, T, rot] each
+        write_rows = rows.index[:, None].expand(B, T)  # [B, T]
         x = self.embed(input_ids)  # [B, T, hidden]
         self.last_attend_len = attend_len
         for i, layer in enumerate(self.model.layers):
-            mask = windowed if layer.self_attn.sliding else causal
-            x = layer(x, cos, sin, self.kv_cache[i], rows, positions, mask)  # [B, T, hidden]
+            mask = masks[True] if layer.self_attn.sliding and self.window else masks[False]
+            x = layer(x, cos, sin, self.kv_cache[i], rows, positions, mask, write_rows, attend_len)  # [B, T, hidden]
         return self.model.norm(x)  # [B, T, hidden]
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor | None:
+        """allowed [B, T, S] bool -> [B, 1, T, S] additive mask (0 or -inf) in the activations' dtype, which is
+        what SDPA turns a bool mask into on every call; None on CPU when every position is allowed (a batch-1
+        decode step), where SDPA then skips the mask. CUDA keeps the mask: checking it would sync."""
+        if not allowed.is_cuda and bool(allowed.all()):
+            return None
+        zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
+        return zero.masked_fill(~allowed, float("-inf"))[:, None]  # [B, 1, T, S]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> [B, T, hidden]: from the dense embedding, or from the checkpoint's mapped rows (in
