@@ -270,26 +270,28 @@ def test_launch_decode_attends_only_the_running_lengths(model, tokenizer):
     assert max(att for att, _ in seen) < 64
 
 
-def test_launch_cpu_bf16_prepacked_weights_match_dense():
-    """bf16 on CPU: the engine pre-packs the projections for oneDNN; logits stay those of the dense weights
-    (within bf16 rounding) and the greedy tokens are the same."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_launch_cpu_prepacked_weights_match_dense(dtype):
+    """bf16 and fp32 on CPU: the engine pre-packs the projections for oneDNN; logits stay those of the dense
+    weights (within bf16 rounding, or fp32 accumulation order) and the greedy tokens are the same."""
     hf, dense = tiny_pair(5)
-    dense = dense.to(torch.bfloat16)
-    packed = DecoderForCausalLM(dense.args, dtype=torch.bfloat16)
+    dense = dense.to(dtype)
+    packed = DecoderForCausalLM(dense.args, dtype=dtype)
     packed.load_weights(dense.state_dict().items())
     assert packed.prepack_for_cpu() and packed.model.layers[0].self_attn.qkv_proj.weight is None
-    assert not DecoderForCausalLM(dense.args, dtype=torch.float32).prepack_for_cpu()  # float32 stays dense
+    assert not DecoderForCausalLM(dense.args, dtype=torch.float16).prepack_for_cpu()  # float16 stays dense
     ids = torch.tensor([[5, 17, 300, 9, 41, 77]])
     for m in (dense, packed):
-        m.allocate_kv_cache(1, 32, "cpu", torch.bfloat16)
+        m.allocate_kv_cache(1, 32, "cpu", dtype)
     with torch.inference_mode():
         a = dense.prefill(ids, torch.tensor([6]), 0).float()
         b = packed.prefill(ids, torch.tensor([6]), 0).float()
-    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    tol = 0.05 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     tok = _IdTokenizer()
     sp = SamplingParams(max_tokens=10, **GREEDY)
     outs = [
-        Engine(m, tok, [], "cpu", torch.bfloat16, 32, 2, 64, prepack=False).generate([[5, 17, 300, 9]], sp)
+        Engine(m, tok, [], "cpu", dtype, 32, 2, 64, prepack=False).generate([[5, 17, 300, 9]], sp)
         for m in (dense, packed)
     ]
     assert dense.model.layers[0].self_attn.qkv_proj.packed is None

@@ -82,7 +82,7 @@ class ModelRunner:
     ):
         self.model, self.device = model, torch.device(device)
         pack = getattr(model, "prepack_for_cpu", None) if prepack and self.device.type == "cpu" else None
-        self.prepacked = bool(pack()) if pack is not None else False  # bf16 weights re-laid out for oneDNN
+        self.prepacked = bool(pack()) if pack is not None else False  # weights re-laid out for oneDNN (bf16, fp32)
         use_graphs = cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graph", False)
         # with graphs, one more slot than sequences: the padding rows' scratch slot
         model.allocate_kv_cache(num_slots + (1 if use_graphs else 0), max_model_len, self.device, dtype)

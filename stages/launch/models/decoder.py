@@ -16,10 +16,10 @@ lengths is right-padded and needs no other bookkeeping: a padded position is wri
 token, and overwritten when the sequence reaches it. Grouped-query attention folds each KV group's query
 heads into the query-length dimension (one SDPA over the KV heads; no repeated keys, no per-head GQA path).
 
-On CPU in bfloat16 (`prepack_for_cpu`) every projection is pre-packed for oneDNN, and so is the LM head when its
-rows can be mapped again from the checkpoint file (the loader records where each tensor lies): the dense head
-is dropped first and packed in row chunks from the mapping, and a tied embedding then looks its rows up in that
-mapping, so the weights stay one copy in memory.
+On CPU in bfloat16 or float32 (`prepack_for_cpu`) every projection is pre-packed for oneDNN, and so is the LM
+head when its rows can be mapped again from the checkpoint file (the loader records where each tensor lies): the
+dense head is dropped first and packed in row chunks from the mapping, and a tied embedding then looks its rows
+up in that mapping, so the weights stay one copy in memory.
 
 Engine interface (shared with the transformers backend): `kv_bytes_per_token`, `allocate_kv_cache`,
 `prefill`, `decode`, `free_slot`, `load_weights`.
@@ -64,7 +64,7 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] bf16 -> the same weight re-laid out for oneDNN's linear (an opaque layout)."""
+    """weight [out, in] (bf16 or fp32) -> the same weight re-laid out for oneDNN's linear (an opaque layout)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
@@ -426,11 +426,12 @@ class DecoderForCausalLM(nn.Module):
         return self.compute_logits(hidden[:, 0])  # [B, V]
 
     def prepack_for_cpu(self) -> bool:
-        """On CPU in bfloat16 with oneDNN: pre-pack every projection's weight, and the LM head when the loader
-        recorded where it lies in the checkpoint (see `_pack_head`). Call after the weights are loaded; True when
-        it packed."""
+        """On CPU in bfloat16 or float32 with oneDNN: pre-pack every projection's weight, and the LM head when the
+        loader recorded where it lies in the checkpoint (see `_pack_head`). Call after the weights are loaded; True
+        when it packed."""
         w = self.model.layers[0].mlp.down_proj.weight if len(self.model.layers) else None
-        if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        packable = (torch.bfloat16, torch.float32)  # float16 has no fast oneDNN path on most CPUs
+        if w is None or w.device.type != "cpu" or w.dtype not in packable or not torch.backends.mkldnn.is_available():
             return False
         for module in self.modules():
             if isinstance(module, Linear) and module.packed is None:
