@@ -130,9 +130,13 @@ def main() -> dict:
             f"    {'start to first token':<22} prestage {ours['start_to_first_token_s']:7.2f}s   "
             f"transformers {base['start_to_first_token_s']:7.2f}s"
         )
+        kv = ours["kv_cache_bytes"]
+        row["rss_bound_bytes"] = round(1.2 * (weight_bytes + kv))
         print(
             f"    {'peak RSS':<22} prestage {ours['peak_rss_bytes'] / 1e9:7.2f}GB   transformers "
-            f"{base['peak_rss_bytes'] / 1e9:7.2f}GB   (weights {weight_bytes / 1e9:.2f}GB)"
+            f"{base['peak_rss_bytes'] / 1e9:7.2f}GB   (weights {weight_bytes / 1e9:.2f}GB, KV cache {kv / 1e9:.2f}GB, "
+            f"1.2x their sum {row['rss_bound_bytes'] / 1e9:.2f}GB; `import torch` alone "
+            f"{ours['torch_import_rss_bytes'] / 1e9:.2f}GB)"
         )
         print(f"    batch 1 at {row['b1_share_of_bound']:.0%} of the bandwidth bound")
     served = worker("server", model_dir, "bfloat16")

@@ -20,6 +20,7 @@ import time
 NEW = 32  # tokens generated per sequence
 MARK = "bench-result: "  # the result line (vLLM logs on stdout too)
 PROMPT = [(7 * i + 3) % 1000 + 1 for i in range(16)]
+TORCH_RSS = 0  # RSS right after `import torch`, set by load_prestage
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -44,6 +45,12 @@ class _IdTokenizer:
         return "".join(chr(0x4E00 + i % 20000) for i in ids)
 
 
+def _rss() -> int:
+    """This process's RSS now (VmRSS)."""
+    with open("/proc/self/status") as fh:
+        return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("VmRSS:"))
+
+
 def _peak_rss() -> int:
     """This process's peak RSS since exec (VmHWM; ru_maxrss would start from the parent's at fork)."""
     with open("/proc/self/status") as fh:
@@ -59,6 +66,8 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
 
     import torch
 
+    global TORCH_RSS
+    TORCH_RSS = _rss()  # the floor every torch process pays before any weight
     from prestage.stages.configure.spec import build_spec
     from prestage.stages.launch.engine import Engine
     from prestage.stages.launch.models.decoder import DecoderArgs, DecoderForCausalLM
@@ -102,6 +111,8 @@ def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
         "decode_tok_s_b1": round(_decode_rate(engine, 1), 2),
         "decode_tok_s_b8": round(_decode_rate(engine, 8), 2),
         "peak_rss_bytes": _peak_rss(),
+        "torch_import_rss_bytes": TORCH_RSS,
+        "kv_cache_bytes": engine.model.kv_cache.numel() * engine.model.kv_cache.element_size(),
         "prepacked": engine.runner.prepacked,
     }
 
