@@ -350,6 +350,43 @@ u.unbundle(Path({str(connected.tar)!r}), Path({str(arts)!r}), Path({str(cache)!r
     assert sorted(x.name for x in arts.iterdir()) == ["r"]  # the dead run's staging folder is gone
 
 
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_unbundle_syncs_every_staged_byte_before_the_first_rename_and_the_renames_after(
+    connected, tmp_path, monkeypatch, fmt
+):
+    """Durable: one sync of the staging folders' filesystems with every file staged and nothing placed yet,
+    then the renames, then one more sync; a crash after the first rename finds whole files."""
+    import prestage.runner.unbundle as u
+    from prestage.runner import flush
+    from prestage.runner.bundle_read import open_bundle
+    from prestage.stages.base import Reporter
+
+    arts, cache = tmp_path / "arts", tmp_path / "cache"
+    events = []
+    real_sync, real_place = flush.sync_filesystems, u._place
+
+    def sync(paths):
+        paths = list(paths)
+        staged = sum(1 for d in paths for p in Path(d).rglob("*") if p.is_file() and d.name.startswith(".prestage"))
+        events.append(("sync", staged, (arts / "r").exists()))
+        real_sync(paths)
+
+    def place(*a, **k):
+        events.append(("place",))
+        return real_place(*a, **k)
+
+    monkeypatch.setattr(flush, "sync_filesystems", sync)
+    monkeypatch.setattr(u, "_place", place)
+    bundle = connected.dir if fmt == "dir" else connected.tar
+    report = u.unbundle(bundle, arts, cache, None, None, Reporter())
+    assert [e[0] for e in events] == ["sync", "place", "sync"], events
+    b = open_bundle(bundle)
+    files = sum(1 for m in b.members() if m.kind == "file")
+    b.close()
+    assert events[0][1] == files and report["placed"], (events, files)  # every file staged, none renamed yet
+    assert events[0][2] is False and (arts / "r").is_dir()
+
+
 # ---- a local-folder model -------------------------------------------------------------------------------
 
 
