@@ -424,6 +424,36 @@ def test_local_folder_model_bundles_under_model_and_unbundles_where_the_run_reco
     assert json.loads(launched.stdout)["completions"][0]["token_ids"] == tokens
 
 
+def test_bundle_tar_bytes_are_what_tarfile_writes(tmp_path):
+    """write_tar copies file bytes in the kernel, but the tar is byte for byte tarfile's PAX output."""
+    from prestage.runner.bundle import Entry, _info, write_tar
+
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 77))
+    small = tmp_path / "s.json"
+    small.write_bytes(b"{}")
+    entries = [
+        Entry("bundle.json", "a" * 64, 5, data=b"meta\n"),
+        Entry("hub/m/blobs/x", "b" * 64, src.stat().st_size, src=src, mtime_ns=1_700_000_000_123_456_789),
+        Entry("hub/m/blobs/y", "c" * 64, 2, src=small, mtime_ns=None),
+        Entry("hub/m/snapshots/c/w.bin", "b" * 64, 0, link="../../blobs/x"),
+    ]
+    write_tar(entries, tmp_path / "ours.tar", sig=b"signature")
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        sums = "".join(f"{e.sha256}  {e.name}\n" for e in entries).encode()
+        tar.addfile(_info("SHA256SUMS", len(sums), None), io.BytesIO(sums))
+        tar.addfile(_info("SHA256SUMS.sig", 9, None), io.BytesIO(b"signature"))
+        tar.addfile(_info("bundle.json", 5, None), io.BytesIO(b"meta\n"))
+        tar.addfile(_info("hub/m/blobs/x", src.stat().st_size, 1_700_000_000_123_456_789), io.BytesIO(src.read_bytes()))
+        tar.addfile(_info("hub/m/blobs/y", 2, None), io.BytesIO(b"{}"))
+        link = _info("hub/m/snapshots/c/w.bin", 0, None)
+        link.type, link.linkname, link.mode = tarfile.SYMTYPE, "../../blobs/x", 0o777
+        tar.addfile(link)
+    assert (tmp_path / "ours.tar").read_bytes() == ref.getvalue()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial file left
+
+
 def test_diff_names_each_differing_field():
     from prestage.runner.diff import diff, flatten
 
