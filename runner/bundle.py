@@ -17,10 +17,10 @@ A bundle (a folder, or the same tree as one `.tar`) holds:
 
 The sha256 of each weight file and tokenizer file is the one the manifests recorded: nothing the run
 already hashed is hashed again (`prestage verify BUNDLE` re-reads every byte). Blobs keep the names they
-have in the source cache. The tar is streamed with tarfile straight into PATH (written under a temporary
-name, then renamed); `--format oci` writes the same files as an OCI image layout (runner/oci.py); `--link`
-hard-links weight blobs into a folder or OCI bundle when both are on one filesystem. The bundle is
-reproducible: the same run gives the same file list and checksums.
+have in the source cache. The tar (tarfile's PAX format, each file's bytes copied in the kernel) is written
+under a temporary name, fsynced, then renamed to PATH; `--format oci` writes the same files as an OCI image
+layout (runner/oci.py); `--link` hard-links weight blobs into a folder or OCI bundle when both are on one
+filesystem. The bundle is reproducible: the same run gives the same file list and checksums.
 """
 
 from __future__ import annotations
