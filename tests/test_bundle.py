@@ -424,8 +424,9 @@ def test_local_folder_model_bundles_under_model_and_unbundles_where_the_run_reco
     assert json.loads(launched.stdout)["completions"][0]["token_ids"] == tokens
 
 
-def test_bundle_tar_bytes_are_what_tarfile_writes(tmp_path):
-    """write_tar copies file bytes in the kernel, but the tar is byte for byte tarfile's PAX output."""
+def test_bundle_tar_bytes_are_what_tarfile_writes_with_large_files_page_aligned(tmp_path):
+    """write_tar copies file bytes in the kernel, but the tar is byte for byte tarfile's PAX output for the same
+    headers; a large file's bytes start on a 4 KiB boundary (a pax comment record pads its header)."""
     from prestage.runner.bundle import Entry, _info, write_tar
 
     src = tmp_path / "w.bin"
@@ -436,17 +437,32 @@ def test_bundle_tar_bytes_are_what_tarfile_writes(tmp_path):
         Entry("bundle.json", "a" * 64, 5, data=b"meta\n"),
         Entry("hub/m/blobs/x", "b" * 64, src.stat().st_size, src=src, mtime_ns=1_700_000_000_123_456_789),
         Entry("hub/m/blobs/y", "c" * 64, 2, src=small, mtime_ns=None),
+        Entry("hub/m/blobs/z", "d" * 64, src.stat().st_size, src=src, mtime_ns=None),
         Entry("hub/m/snapshots/c/w.bin", "b" * 64, 0, link="../../blobs/x"),
     ]
     write_tar(entries, tmp_path / "ours.tar", sig=b"signature")
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        got = {i.name: i for i in tar.getmembers()}
+        assert tar.extractfile(got["hub/m/blobs/x"]).read() == src.read_bytes()
+        assert tar.extractfile(got["hub/m/blobs/z"]).read() == src.read_bytes()
+    assert got["hub/m/blobs/x"].offset_data % 4096 == 0 and got["hub/m/blobs/z"].offset_data % 4096 == 0
+    assert "comment" not in got["hub/m/blobs/y"].pax_headers and "comment" not in got["bundle.json"].pax_headers
+
     ref = io.BytesIO()
     with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(name, size, mtime_ns, data):
+            info = _info(name, size, mtime_ns)
+            info.pax_headers = dict(got[name].pax_headers)  # the alignment comment, where ours has one
+            tar.addfile(info, io.BytesIO(data))
+
         sums = "".join(f"{e.sha256}  {e.name}\n" for e in entries).encode()
-        tar.addfile(_info("SHA256SUMS", len(sums), None), io.BytesIO(sums))
-        tar.addfile(_info("SHA256SUMS.sig", 9, None), io.BytesIO(b"signature"))
-        tar.addfile(_info("bundle.json", 5, None), io.BytesIO(b"meta\n"))
-        tar.addfile(_info("hub/m/blobs/x", src.stat().st_size, 1_700_000_000_123_456_789), io.BytesIO(src.read_bytes()))
-        tar.addfile(_info("hub/m/blobs/y", 2, None), io.BytesIO(b"{}"))
+        add("SHA256SUMS", len(sums), None, sums)
+        add("SHA256SUMS.sig", 9, None, b"signature")
+        add("bundle.json", 5, None, b"meta\n")
+        add("hub/m/blobs/x", src.stat().st_size, 1_700_000_000_123_456_789, src.read_bytes())
+        add("hub/m/blobs/y", 2, None, b"{}")
+        add("hub/m/blobs/z", src.stat().st_size, None, src.read_bytes())
         link = _info("hub/m/snapshots/c/w.bin", 0, None)
         link.type, link.linkname, link.mode = tarfile.SYMTYPE, "../../blobs/x", 0o777
         tar.addfile(link)
