@@ -8,12 +8,18 @@ each timed as the whole command (process start included), best of `--repeat`:
     bundle --format dir       beside  cp -r MODEL
     bundle --format oci       beside  cp -r MODEL
     bundle --format tar       beside  tar -cf of MODEL, and tar -cf && sync (prestage fsyncs the bundle)
-    unbundle of the tar       beside  tar -xf (unbundle hashes every byte against SHA256SUMS on the way)
-    unbundle of the folder    beside  cp -r
+    unbundle of the tar       beside  tar -xf of the same tar, and tar -xf && sync (unbundle hashes every byte
+                                      against SHA256SUMS, syncs before its renames and after them)
+    unbundle of the folder    beside  cp -r of the same folder, and cp -r && sync
     verify BUNDLE (folder)    beside  sha256sum of the files (one process) and sha256sum -c SHA256SUMS
 
-GB/s = checkpoint bytes / seconds. The machine is shared with other work: figures taken while it runs are
-noisy, and the ratio in the same run is what to read. Writes bench/out/bundle.json.
+Each group's commands take turns (ours, its baselines, ours again, ...), so a drift of the machine hits them
+alike. Before every run, untimed and the same for ours and the baselines: its previous output is removed, then
+`sync`, so no run pays for writing back another's bytes; nothing is dropped from the page cache, so every
+source (written by the step before, or read by the previous run) is read from memory by both sides.
+GB/s = checkpoint bytes / seconds. The machine is shared with other work (and a VM whose freed memory costs
+more to touch again: the kernel time of writing into the page cache varies 1-3x between runs, for tar as for
+prestage): figures are noisy, and the ratio in the same run is what to read. Writes bench/out/bundle.json.
 
     python -m bench.bench_bundle [--size 400MB] [--shards 8] [--repeat 2] [--work-dir DIR] [--keep]
 """
@@ -38,11 +44,20 @@ def _gbps(nbytes: int, secs: float) -> float:
 
 def _best(repeat: int, prepare, cmd_of, env=None) -> float:
     """The fastest of `repeat` runs of `cmd_of(i)`, each after `prepare(i)` (not timed)."""
-    best = float("inf")
+    return _race(repeat, only=(prepare, cmd_of, env))["only"]
+
+
+def _race(repeat: int, **specs) -> dict[str, float]:
+    """{name: fastest of `repeat` runs} for specs name=(prepare, cmd_of, env), taken in turns (a, b, c, a, b, c,
+    ...) so that each sees the same machine; before each run, untimed, `prepare(i)` (which removes the run's
+    previous output) and `sync`, so no run writes back another's bytes."""
+    best = dict.fromkeys(specs, float("inf"))
     for i in range(repeat):
-        prepare(i)
-        t, _ = timed(cmd_of(i), env)
-        best = min(best, t)
+        for name, (prepare, cmd_of, env) in specs.items():
+            prepare(i)
+            os.sync()
+            t, _ = timed(cmd_of(i), env)
+            best[name] = min(best[name], t)
     return best
 
 
@@ -89,52 +104,57 @@ def main(argv: list[str] | None = None) -> dict:
 
             return prepare
 
+        def fresh(folder):  # an empty folder to extract into
+            return lambda i: (clear(folder)(i), Path(folder).mkdir())
+
         r = {"startup": _best(args.repeat, lambda i: None, lambda i: prestage_cmd("--version"), env)}
         bundle = prestage_cmd("--artifacts", str(arts), "-q", "bundle", "big")
-        r["bundle_dir"] = _best(args.repeat, clear(out / "d"), lambda i: [*bundle, "-o", str(out / "d")], env)
-        r["cp_r"] = _best(args.repeat, clear(out / "cp"), lambda i: ["cp", "-r", str(model), str(out / "cp")])
-        r["bundle_oci"] = _best(
-            args.repeat, clear(out / "o"), lambda i: [*bundle, "-o", str(out / "o"), "--format", "oci"], env
-        )
-        r["bundle_tar"] = _best(args.repeat, clear(out / "b.tar"), lambda i: [*bundle, "-o", str(out / "b.tar")], env)
-        r["tar_c"] = _best(
+        d, o, b_tar, t_tar = out / "d", out / "o", out / "b.tar", out / "t.tar"
+        r |= _race(
             args.repeat,
-            clear(out / "t.tar"),
-            lambda i: ["tar", "-cf", str(out / "t.tar"), "-C", str(model.parent), "model"],
+            bundle_dir=(clear(d), lambda i: [*bundle, "-o", str(d)], env),
+            bundle_oci=(clear(o), lambda i: [*bundle, "-o", str(o), "--format", "oci"], env),
+            cp_r=(clear(out / "cp"), lambda i: ["cp", "-r", str(model), str(out / "cp")], None),
         )
-        # prestage fsyncs the bundle before renaming it into place; tar leaves the bytes in the page cache
-        r["tar_c_sync"] = _best(
+        tar_c = f"tar -cf '{t_tar}' -C '{model.parent}' model"
+        r |= _race(
             args.repeat,
-            clear(out / "t.tar"),
-            lambda i: ["sh", "-c", f"tar -cf '{out / 't.tar'}' -C '{model.parent}' model && sync"],
+            bundle_tar=(clear(b_tar), lambda i: [*bundle, "-o", str(b_tar)], env),
+            tar_c=(clear(t_tar), lambda i: ["sh", "-c", tar_c], None),
+            # prestage fsyncs the tar before renaming it into place; tar leaves the bytes in the page cache
+            tar_c_sync=(clear(t_tar), lambda i: ["sh", "-c", f"{tar_c} && sync"], None),
         )
+        clear(out / "cp", o, t_tar)(0)
+        u, x = out / "u", out / "x"
 
         def unbundle(src):
-            def cmd(i):
-                u = out / f"u{i}"
-                return prestage_cmd(
-                    "--artifacts", str(u / "arts"), "-q", "unbundle", str(src), "--model-dir", str(u / "model")
-                )
+            return lambda i: prestage_cmd(
+                "--artifacts", str(u / "arts"), "-q", "unbundle", str(src), "--model-dir", str(u / "model")
+            )
 
-            return cmd
-
-        r["unbundle_tar"] = _best(args.repeat, clear(out / "u{i}"), unbundle(out / "b.tar"), env)
-        r["tar_x"] = _best(
+        # unbundle syncs before its renames and after them; tar -xf and cp -r leave the bytes in the page cache
+        tar_x = f"tar -xf '{b_tar}' -C '{x}'"
+        r |= _race(
             args.repeat,
-            lambda i: (clear(out / "x")(i), (out / "x").mkdir()),
-            lambda i: ["tar", "-xf", str(out / "t.tar"), "-C", str(out / "x")],
+            unbundle_tar=(clear(u), unbundle(b_tar), env),
+            tar_x=(fresh(x), lambda i: ["sh", "-c", tar_x], None),
+            tar_x_sync=(fresh(x), lambda i: ["sh", "-c", f"{tar_x} && sync"], None),
         )
-        r["unbundle_dir"] = _best(args.repeat, clear(out / "u{i}"), unbundle(out / "d"), env)
-        r["cp_r_again"] = _best(
-            args.repeat, clear(out / "cp2"), lambda i: ["cp", "-r", str(out / "cp"), str(out / "cp2")]
+        clear(x)(0)
+        cp_d = f"cp -r '{d}' '{out / 'cp2'}'"
+        r |= _race(
+            args.repeat,
+            unbundle_dir=(clear(u), unbundle(d), env),
+            cp_r_again=(clear(out / "cp2"), lambda i: ["sh", "-c", cp_d], None),
+            cp_r_sync=(clear(out / "cp2"), lambda i: ["sh", "-c", f"{cp_d} && sync"], None),
         )
+        clear(u, out / "cp2")(0)
         files = sorted(str(p) for p in model.iterdir())
-        r["verify_dir"] = _best(
-            args.repeat, lambda i: None, lambda i: prestage_cmd("-q", "verify", str(out / "d")), env
-        )
-        r["sha256sum"] = _best(args.repeat, lambda i: None, lambda i: ["sha256sum", *files])
-        r["sha256sum_c"] = _best(
-            args.repeat, lambda i: None, lambda i: ["sh", "-c", f"cd {out / 'd'} && sha256sum -c --quiet SHA256SUMS"]
+        r |= _race(
+            args.repeat,
+            verify_dir=(lambda i: None, lambda i: prestage_cmd("-q", "verify", str(d)), env),
+            sha256sum=(lambda i: None, lambda i: ["sha256sum", *files], None),
+            sha256sum_c=(lambda i: None, lambda i: ["sh", "-c", f"cd '{d}' && sha256sum -c --quiet SHA256SUMS"], None),
         )
 
         rows = [
@@ -143,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("bundle --format tar", "bundle_tar", "tar -cf", "tar_c"),
             ("bundle --format tar (fsynced)", "bundle_tar", "tar -cf && sync", "tar_c_sync"),
             ("unbundle (tar, checks every sha256)", "unbundle_tar", "tar -xf", "tar_x"),
+            ("unbundle (tar, synced)", "unbundle_tar", "tar -xf && sync", "tar_x_sync"),
             ("unbundle (folder, checks every sha256)", "unbundle_dir", "cp -r", "cp_r_again"),
+            ("unbundle (folder, synced)", "unbundle_dir", "cp -r && sync", "cp_r_sync"),
             ("verify BUNDLE (folder)", "verify_dir", "sha256sum FILES", "sha256sum"),
             ("verify BUNDLE (folder)", "verify_dir", "sha256sum -c", "sha256sum_c"),
         ]

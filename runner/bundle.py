@@ -17,10 +17,10 @@ A bundle (a folder, or the same tree as one `.tar`) holds:
 
 The sha256 of each weight file and tokenizer file is the one the manifests recorded: nothing the run
 already hashed is hashed again (`prestage verify BUNDLE` re-reads every byte). Blobs keep the names they
-have in the source cache. The tar is streamed with tarfile straight into PATH (written under a temporary
-name, then renamed); `--format oci` writes the same files as an OCI image layout (runner/oci.py); `--link`
-hard-links weight blobs into a folder or OCI bundle when both are on one filesystem. The bundle is
-reproducible: the same run gives the same file list and checksums.
+have in the source cache. The tar (tarfile's PAX format, each file's bytes copied in the kernel) is written
+under a temporary name, fsynced, then renamed to PATH; `--format oci` writes the same files as an OCI image
+layout (runner/oci.py); `--link` hard-links weight blobs into a folder or OCI bundle when both are on one
+filesystem. The bundle is reproducible: the same run gives the same file list and checksums.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prestage.runner import checksums
+from prestage.runner import checksums, flush
 from prestage.stages import ORDER, errors, hub, paths
 from prestage.stages.digest import sha256_file
 from prestage.stages.manifest import manifest_path, read
@@ -47,6 +47,7 @@ NEEDED = ("resolve", "configure", "tokenize-prep", "fetch-weights")
 SIG = checksums.NAME + ".sig"  # the signature of SHA256SUMS (runner/signing.py), beside it
 MTIME_KEY = "PRESTAGE.mtime_ns"  # pax header keeping a file's exact mtime (status compares it on one host)
 _COPY_BUF = 8 * 1024 * 1024
+_ALIGN, _ALIGN_FROM = 4096, 64 * 1024  # a bundle tar's copied files from 64 KiB start on a 4 KiB boundary
 
 
 @dataclass
@@ -326,33 +327,28 @@ def _info(name: str, size: int, mtime_ns: int | None) -> tarfile.TarInfo:
 
 
 def write_tar(entries: list[Entry], out: Path, sig: bytes | None = None) -> None:
-    """The bundle as one uncompressed tar at `out`, streamed from the sources (SHA256SUMS and its signature
-    first, so a reader checks them before any other byte)."""
-    import io
-
+    """The bundle as one uncompressed tar at `out` (SHA256SUMS and its signature first, so a reader checks them
+    before any other byte): a PAX tar, headers from tarfile, each file's bytes copied in the kernel
+    (copy_file_range, page-aligned in the tar) with its write-back started at once, one fsync at the end."""
     tmp = _partial(out)
     sums = checksums.render({e.name: e.sha256 for e in entries})
     try:
-        with (
-            open(tmp, "wb") as fh,
-            tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BUF) as tar,
-        ):
-            tar.addfile(_info(checksums.NAME, len(sums), None), io.BytesIO(sums))
+        with open(tmp, "wb", buffering=0) as fh:
+            w = _TarOut(fh)
+            w.add(_info(checksums.NAME, len(sums), None), sums)
             if sig is not None:
-                tar.addfile(_info(SIG, len(sig), None), io.BytesIO(sig))
+                w.add(_info(SIG, len(sig), None), sig)
             for e in entries:
                 if e.link is not None:
                     info = _info(e.name, 0, None)
                     info.type, info.linkname, info.mode = tarfile.SYMTYPE, e.link, 0o777
-                    tar.addfile(info)
+                    w.add(info, b"")
                 elif e.data is not None:
-                    tar.addfile(_info(e.name, len(e.data), None), io.BytesIO(e.data))
+                    w.add(_info(e.name, len(e.data), None), e.data)
                 else:
                     _check_size(e)
-                    with open(e.src, "rb") as src:
-                        tar.addfile(_info(e.name, e.size, e.mtime_ns), src)
-            tar.close()
-            fh.flush()
+                    w.add_file(_info(e.name, e.size, e.mtime_ns), e.src)
+            w.close()
             os.fsync(fh.fileno())
         os.rename(tmp, out)
     except BaseException:
@@ -361,6 +357,77 @@ def write_tar(entries: list[Entry], out: Path, sig: bytes | None = None) -> None
         except FileNotFoundError:
             pass
         raise
+
+
+class _TarOut:
+    """Writes what tarfile.open(mode="w", format=PAX_FORMAT) writes for the same headers, file bytes copied in
+    the kernel; a file of 64 KiB or more gets a pax `comment` record that puts its bytes on a 4 KiB boundary."""
+
+    def __init__(self, fh):
+        self.fh, self.fd, self.offset = fh, fh.fileno(), 0
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self.fh.write(view) :]
+        self.offset += len(data)
+
+    def _pad(self, size: int) -> None:
+        if size % tarfile.BLOCKSIZE:
+            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+    def add(self, info: tarfile.TarInfo, data: bytes) -> None:
+        self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        self._write(data)
+        self._pad(len(data))
+
+    def add_file(self, info: tarfile.TarInfo, src: Path) -> None:
+        if info.size >= _ALIGN_FROM:
+            self._write(self._aligned(info))
+        else:
+            self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        with open(src, "rb", buffering=0) as f:
+            left = info.size
+            while left:
+                n = _copy_range(f, self.fd, left)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{src} got shorter while being bundled", str(src))
+                left -= n
+        self.offset += info.size
+        self._pad(info.size)
+        flush.start_writeback(self.fd)  # the disk writes this file while the next one is copied
+
+    def _aligned(self, info: tarfile.TarInfo) -> bytes:
+        """The member's headers, with a pax `comment` record sized so that its bytes start on a page boundary
+        (copies to and from the tar then move whole pages); unaligned when no size fits (never in practice)."""
+        pax = dict(info.pax_headers)
+        for pad in range(0, 9 * tarfile.BLOCKSIZE, tarfile.BLOCKSIZE):
+            info.pax_headers = {**pax, "comment": "-" * pad}
+            buf = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+            if (self.offset + len(buf)) % _ALIGN == 0:
+                return buf
+        info.pax_headers = pax
+        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+    def close(self) -> None:
+        self._write(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
+        if self.offset % tarfile.RECORDSIZE:
+            self._write(tarfile.NUL * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
+
+
+def _copy_range(src, out_fd: int, left: int) -> int:
+    """Copy up to `left` bytes from `src`'s position to `out_fd`'s, in the kernel where the OS allows; how many."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(src.fileno(), out_fd, min(left, 1 << 30))
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    block = src.read(min(left, _COPY_BUF))
+    view = memoryview(block)
+    while view:
+        view = view[os.write(out_fd, view) :]
+    return len(block)
 
 
 def bundle(run_dir: Path, out: Path, fmt: str | None, link: bool, params: dict, reporter, sign_key=None) -> dict:

@@ -7,14 +7,17 @@ Order of work:
        (no absolute path, no `..`, no link leading outside, no device file, no hard link);
     3. copy each file into a staging folder (`.prestage-unbundle-<pid>` inside the target artifacts folder
        and inside the target cache, so the final renames stay on one filesystem), in the kernel where the
-       OS allows, and hash each copy on a thread pool while the next one is copied; a
-       blob the target cache already holds is hashed there and skipped when it matches;
+       OS allows, and hash each copy on a thread pool while the next one is copied (the pool first asks the
+       kernel to start writing the copy to disk, runner/flush.py); a blob the target cache already holds is
+       hashed there and skipped when it matches;
     4. check the staged manifests: each one whole, and each one's upstream digests equal to the manifests
        beside it (an edited manifest is refused), and the weight files' listed sha256 equal to what
        fetch-weights recorded;
-    5. only then rename into place: blobs, snapshot links, refs, the local model folder, and last the run
-       folder in one rename. An interrupted unbundle leaves at most a dot-named staging folder (removed by
-       the next unbundle) and blobs no snapshot points to: nothing a launch could use.
+    5. sync the staging folders' filesystems once (every staged byte on disk, so a crash after a rename
+       finds whole files); only then rename into place: blobs, snapshot links, refs, the local model folder,
+       and last the run folder in one rename; then sync once more, so a finished unbundle is on disk. An
+       interrupted unbundle leaves at most a dot-named staging folder (removed by the next unbundle) and
+       blobs no snapshot points to: nothing a launch could use.
 Any failure in 1-4 is one line with its exit code (integrity 10 for the bundle's content, usage 2 for the
 target) and nothing placed. No manifest is rewritten: the run works from wherever it is placed because
 manifests hold no absolute path (stages/paths.py finds the cache through HF_HUB_CACHE or --download-dir).
@@ -30,7 +33,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prestage.runner import checksums
+from prestage.runner import checksums, flush
 from prestage.runner.arguments import check_run_name
 from prestage.runner.bundle_read import meta_of, open_verified, problem
 from prestage.stages import ORDER, errors
@@ -130,7 +133,17 @@ def _stage_file(b, m, t: _Targets, listing: dict, skipped: list, hashing):
         b.copy_to(m, dst)
     except (tarfile.TarError, EOFError) as e:
         raise errors.IntegrityError(f"{b.where}: {m.name}: cannot be read ({e}); the tar is truncated") from None
-    return hashing.submit(lambda: _check_staged(b, m, dst, *sha256_file(dst), want))
+    return hashing.submit(lambda: _check_staged(b, m, dst, *_flush_and_hash(dst), want))
+
+
+def _flush_and_hash(dst: Path) -> tuple[int, str]:
+    """Start writing the staged copy to disk (the final sync then waits for little), then hash it."""
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        flush.start_writeback(fd)
+    finally:
+        os.close(fd)
+    return sha256_file(dst)
 
 
 def _check_staged(b, m, dst: Path, size: int, sha: str, want: str) -> None:
@@ -238,7 +251,10 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
                     if c is not None:
                         c.result()
             stages = _check_manifests(t, listing, meta, b.where)
+            staged = [d for d in (t.stage_art, t.stage_hub) if d is not None]
+            flush.sync_filesystems(staged)  # every byte on disk before anything is renamed into place
             placed = _place(t, files, links, skipped)
+            flush.sync_filesystems([t.artifacts, *([t.hub_cache] if t.stage_hub else [])])  # the renames
         except OSError as e:
             raise write_error(e, f"{t.artifacts} or {t.hub_cache}") from None
         finally:

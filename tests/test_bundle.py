@@ -350,6 +350,43 @@ u.unbundle(Path({str(connected.tar)!r}), Path({str(arts)!r}), Path({str(cache)!r
     assert sorted(x.name for x in arts.iterdir()) == ["r"]  # the dead run's staging folder is gone
 
 
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_unbundle_syncs_every_staged_byte_before_the_first_rename_and_the_renames_after(
+    connected, tmp_path, monkeypatch, fmt
+):
+    """Durable: one sync of the staging folders' filesystems with every file staged and nothing placed yet,
+    then the renames, then one more sync; a crash after the first rename finds whole files."""
+    import prestage.runner.unbundle as u
+    from prestage.runner import flush
+    from prestage.runner.bundle_read import open_bundle
+    from prestage.stages.base import Reporter
+
+    arts, cache = tmp_path / "arts", tmp_path / "cache"
+    events = []
+    real_sync, real_place = flush.sync_filesystems, u._place
+
+    def sync(paths):
+        paths = list(paths)
+        staged = sum(1 for d in paths for p in Path(d).rglob("*") if p.is_file() and d.name.startswith(".prestage"))
+        events.append(("sync", staged, (arts / "r").exists()))
+        real_sync(paths)
+
+    def place(*a, **k):
+        events.append(("place",))
+        return real_place(*a, **k)
+
+    monkeypatch.setattr(flush, "sync_filesystems", sync)
+    monkeypatch.setattr(u, "_place", place)
+    bundle = connected.dir if fmt == "dir" else connected.tar
+    report = u.unbundle(bundle, arts, cache, None, None, Reporter())
+    assert [e[0] for e in events] == ["sync", "place", "sync"], events
+    b = open_bundle(bundle)
+    files = sum(1 for m in b.members() if m.kind == "file")
+    b.close()
+    assert events[0][1] == files and report["placed"], (events, files)  # every file staged, none renamed yet
+    assert events[0][2] is False and (arts / "r").is_dir()
+
+
 # ---- a local-folder model -------------------------------------------------------------------------------
 
 
@@ -385,6 +422,52 @@ def test_local_folder_model_bundles_under_model_and_unbundles_where_the_run_reco
     launched = _cli(["--artifacts", dst_arts, "launch", "loc", "--json", *PROMPT], env)
     assert launched.returncode == 0, _show(launched)
     assert json.loads(launched.stdout)["completions"][0]["token_ids"] == tokens
+
+
+def test_bundle_tar_bytes_are_what_tarfile_writes_with_large_files_page_aligned(tmp_path):
+    """write_tar copies file bytes in the kernel, but the tar is byte for byte tarfile's PAX output for the same
+    headers; a large file's bytes start on a 4 KiB boundary (a pax comment record pads its header)."""
+    from prestage.runner.bundle import Entry, _info, write_tar
+
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 77))
+    small = tmp_path / "s.json"
+    small.write_bytes(b"{}")
+    entries = [
+        Entry("bundle.json", "a" * 64, 5, data=b"meta\n"),
+        Entry("hub/m/blobs/x", "b" * 64, src.stat().st_size, src=src, mtime_ns=1_700_000_000_123_456_789),
+        Entry("hub/m/blobs/y", "c" * 64, 2, src=small, mtime_ns=None),
+        Entry("hub/m/blobs/z", "d" * 64, src.stat().st_size, src=src, mtime_ns=None),
+        Entry("hub/m/snapshots/c/w.bin", "b" * 64, 0, link="../../blobs/x"),
+    ]
+    write_tar(entries, tmp_path / "ours.tar", sig=b"signature")
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        got = {i.name: i for i in tar.getmembers()}
+        assert tar.extractfile(got["hub/m/blobs/x"]).read() == src.read_bytes()
+        assert tar.extractfile(got["hub/m/blobs/z"]).read() == src.read_bytes()
+    assert got["hub/m/blobs/x"].offset_data % 4096 == 0 and got["hub/m/blobs/z"].offset_data % 4096 == 0
+    assert "comment" not in got["hub/m/blobs/y"].pax_headers and "comment" not in got["bundle.json"].pax_headers
+
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(name, size, mtime_ns, data):
+            info = _info(name, size, mtime_ns)
+            info.pax_headers = dict(got[name].pax_headers)  # the alignment comment, where ours has one
+            tar.addfile(info, io.BytesIO(data))
+
+        sums = "".join(f"{e.sha256}  {e.name}\n" for e in entries).encode()
+        add("SHA256SUMS", len(sums), None, sums)
+        add("SHA256SUMS.sig", 9, None, b"signature")
+        add("bundle.json", 5, None, b"meta\n")
+        add("hub/m/blobs/x", src.stat().st_size, 1_700_000_000_123_456_789, src.read_bytes())
+        add("hub/m/blobs/y", 2, None, b"{}")
+        add("hub/m/blobs/z", src.stat().st_size, None, src.read_bytes())
+        link = _info("hub/m/snapshots/c/w.bin", 0, None)
+        link.type, link.linkname, link.mode = tarfile.SYMTYPE, "../../blobs/x", 0o777
+        tar.addfile(link)
+    assert (tmp_path / "ours.tar").read_bytes() == ref.getvalue()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial file left
 
 
 def test_diff_names_each_differing_field():
