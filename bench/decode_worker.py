@@ -6,7 +6,8 @@ Prints one line: "bench-result: " and JSON. `prestage`: start to first token (fr
 at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS. `transformers`: the same with
 `from_pretrained` + `generate`. `vllm`: vLLM's CPU build, run with .venv-vllm's python. `server`: the offline
 engine and the OpenAI server (loopback HTTP, token-id prompts) on the same prompts at 1 / 8 / 32 concurrent
-clients, generated tokens per second.
+clients (each sending ROUNDS requests in turn), generated tokens per second. Every engine runs a short decode at
+each batch size before that batch size is timed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ NEW = 32  # tokens generated per sequence
 MARK = "bench-result: "  # the result line (vLLM logs on stdout too)
 PROMPT = [(7 * i + 3) % 1000 + 1 for i in range(16)]
 TORCH_RSS = 0  # RSS right after `import torch`, set by load_prestage
+ROUNDS = 3  # server bench: requests each client sends in turn (the offline engine runs the same prompts as often)
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -90,6 +92,7 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
 def _decode_rate(engine, batch: int) -> float:
     from prestage.stages.launch.sampling import SamplingParams
 
+    engine.generate(_prompts(batch), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
     sp = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     for p in _prompts(batch):
         engine.add_request(p, sp)
@@ -142,6 +145,7 @@ def run_transformers(model_dir: str, dtype_name: str, spawned: float) -> dict:
     first = time.time() - spawned
     out = {"start_to_first_token_s": round(first, 3)}
     for b in (1, 8):
+        gen(b, 2)  # warm-up: a decode step at this batch size has run once (as for prestage)
         t1, tn = gen(b, 1), gen(b, NEW)
         out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
     out["peak_rss_bytes"] = _peak_rss()
@@ -173,6 +177,7 @@ def run_vllm(model_dir: str, dtype_name: str, spawned: float) -> dict:
     gen(1, 1)
     out = {"start_to_first_token_s": round(time.time() - spawned, 3)}
     for b in (1, 8):
+        gen(b, 2)  # warm-up: a decode step at this batch size has run once (as for prestage)
         t1, tn = gen(b, 1), gen(b, NEW)
         out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
     out["peak_rss_bytes"] = _peak_rss()  # this process only: vLLM's engine core may run in another one
@@ -194,9 +199,10 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
     engine.generate(_prompts(2), sp)  # warm-up
     offline = {}
     for c in (1, 8, 32):
-        t0 = time.perf_counter()
-        outs = engine.generate(_prompts(c), sp)
-        offline[c] = sum(len(o["token_ids"]) for o in outs) / (time.perf_counter() - t0)
+        t0, tokens = time.perf_counter(), 0
+        for _ in range(ROUNDS):
+            tokens += sum(len(o["token_ids"]) for o in engine.generate(_prompts(c), sp))
+        offline[c] = tokens / (time.perf_counter() - t0)
     app = create_app(SimpleNamespace(engine=engine, tokenizer=_IdTokenizer(), model=engine.model), "bench", 512)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -219,7 +225,12 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
     served = {}
     for c in (1, 8, 32):
         counts: list[int] = []
-        threads = [threading.Thread(target=lambda p=p, out=counts: out.append(ask(p))) for p in _prompts(c)]
+
+        def client(prompt, out=counts) -> None:
+            for _ in range(ROUNDS):
+                out.append(ask(prompt))
+
+        threads = [threading.Thread(target=client, args=(p,)) for p in _prompts(c)]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
