@@ -203,13 +203,14 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
         for _ in range(ROUNDS):
             tokens += sum(len(o["token_ids"]) for o in engine.generate(_prompts(c), sp))
         offline[c] = tokens / (time.perf_counter() - t0)
+    from prestage.stages.launch.engine_loop import EngineLoop
+
+    loop = EngineLoop.on_this_thread(engine)  # as `prestage serve`: the engine loop on the loading thread
     app = create_app(SimpleNamespace(engine=engine, tokenizer=_IdTokenizer(), model=engine.model), "bench", 512)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     port = sock.getsockname()[1]
-    while not server.started:
-        time.sleep(0.05)
 
     def ask(prompt) -> int:
         body = {"prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
@@ -221,23 +222,35 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())["usage"]["completion_tokens"]
 
-    ask(PROMPT)
     served = {}
-    for c in (1, 8, 32):
-        counts: list[int] = []
 
-        def client(prompt, out=counts) -> None:
-            for _ in range(ROUNDS):
-                out.append(ask(prompt))
+    def drive() -> None:  # the clients, from other threads while this one runs the engine loop
+        try:
+            while not server.started:
+                time.sleep(0.05)
+            ask(PROMPT)
+            for c in (1, 8, 32):
+                counts: list[int] = []
 
-        threads = [threading.Thread(target=client, args=(p,)) for p in _prompts(c)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        served[c] = sum(counts) / (time.perf_counter() - t0)
-    server.should_exit = True
+                def client(prompt, out=counts) -> None:
+                    for _ in range(ROUNDS):
+                        out.append(ask(prompt))
+
+                threads = [threading.Thread(target=client, args=(p,)) for p in _prompts(c)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                served[c] = sum(counts) / (time.perf_counter() - t0)
+        finally:
+            server.should_exit = True
+            loop.stop()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    loop.run_here()
+    driver.join()
     return {
         "offline_tok_s": {str(c): round(v, 2) for c, v in offline.items()},
         "server_tok_s": {str(c): round(v, 2) for c, v in served.items()},

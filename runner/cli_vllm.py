@@ -60,16 +60,18 @@ def serve_command() -> click.Command:
             raise
         for w in inference.warnings:
             reporter.warn(w)
+        from prestage.stages.launch.engine_loop import EngineLoop
         from prestage.stages.launch.server import create_app
 
         name = served_model_name or upstream["resolve"].record.model
         max_model_len = inference.info["engine"]["max_model_len"]
+        loop = EngineLoop.on_this_thread(inference.engine)  # run below, on the thread that loaded the model
         app = create_app(inference, name, max_model_len, generation_defaults(mode, upstream), api_key=api_key)
         real_port = sock.getsockname()[1]
         reporter.info(
             f"serve: {name} on http://{host}:{real_port}/v1 ({inference.info['device']}, {inference.info['dtype']})"
         )
-        serve(app, sock, state.quiet)
+        serve(app, sock, state.quiet, loop)
 
     params = [
         click.Argument(["run"], metavar="RUN"),

@@ -140,7 +140,43 @@ def test_prestage_serve_over_http(served):
         assert answer["choices"][0]["text"] == launched["text"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        code = proc.wait(timeout=30)
+    assert code == 0, proc.stderr.read()  # a graceful stop: the HTTP thread ends, then the engine loop
+
+
+def test_engine_loop_runs_on_the_thread_that_calls_run_here(served):
+    """`serve` runs the engine loop on the thread that loaded the model (one OpenMP team for torch's kernels):
+    requests submitted from other threads are stepped and answered on that thread, and stop() ends it."""
+    import threading
+
+    from prestage.runner.chain import load_upstream
+    from prestage.stages import get_stage
+    from prestage.stages.launch.engine_loop import EngineLoop
+    from prestage.stages.launch.inference import load_for_inference
+    from prestage.stages.launch.sampling import SamplingParams
+
+    client, _ = served
+    run_dir = client.run_dir
+    inf = load_for_inference(run_dir, load_upstream(get_stage("launch"), run_dir), {"device": "cpu"})
+    loop = EngineLoop.on_this_thread(inf.engine)
+    with pytest.raises(RuntimeError, match="already has a loop"):
+        EngineLoop.on_this_thread(inf.engine)
+    here, seen, finals = threading.get_ident(), set(), []
+
+    def sink(out):
+        seen.add(threading.get_ident())
+        if out.finished:
+            finals.append(out)
+            if len(finals) == 2:
+                loop.stop()
+
+    def submit():
+        for _ in range(2):
+            loop.submit([5, 17, 300, 9], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), sink)
+
+    threading.Thread(target=submit).start()
+    loop.run_here()  # returns once the sink calls stop()
+    assert seen == {here} and [len(o.token_ids) for o in finals] == [4, 4]
 
 
 def test_generation_defaults_fill_what_the_request_leaves_out(served):

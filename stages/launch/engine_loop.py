@@ -1,6 +1,8 @@
 """The server's engine loop: one thread owns the engine; requests reach it through a queue.
 
-    loop = EngineLoop.of(engine)                  # one per engine, started on first use
+    loop = EngineLoop.of(engine)                  # one per engine, started on first use (its own thread)
+    loop = EngineLoop.on_this_thread(engine); loop.run_here()   # `serve`: the loop on the thread that loaded
+                                                                 # the model, until loop.stop()
     ticket = loop.submit(prompt_ids, params, sink) # sink(RequestOutput | Exception) is called on the loop thread
     loop.abort(ticket)                             # the request ends ("abort") and frees its slot next step
 
@@ -8,6 +10,12 @@ Between steps the loop takes every queued submission and abort, so a new request
 the next step. It keeps the Prometheus metrics (its own registry): requests by final status, prompt and
 generation tokens, time to first token and inter-token latency histograms, running and waiting requests, KV
 slots in use; and logs one line per finished request (id, status, tokens, latency).
+
+Why `serve` runs the loop on the loading thread: torch's CPU kernels run on an OpenMP team that belongs to the
+thread calling them. Loading the model makes one for the main thread; a loop thread of its own would make a
+second, and with more OpenMP threads than cores the OpenMP runtime stops spinning between parallel regions:
+every decode step measured about 30% slower on 2 cores (tests/test_server_openai.py and bench_decode's server
+rows run it the way `serve` does).
 """
 
 from __future__ import annotations
@@ -62,21 +70,42 @@ class Ticket:
 
 
 class EngineLoop:
-    def __init__(self, engine):
+    def __init__(self, engine, thread: bool = True):
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.slots_total.set(engine.num_slots)
         self._commands: queue.Queue = queue.Queue()
         self._live: dict[int, Ticket] = {}
-        self._thread = threading.Thread(target=self._run, name="prestage-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self._run, name="prestage-engine", daemon=True)
+            self._thread.start()
 
     @classmethod
     def of(cls, engine) -> EngineLoop:
+        """The engine's loop; a new one on its own thread when it has none."""
         loop = getattr(engine, "_engine_loop", None)
         if loop is None:
             loop = engine._engine_loop = cls(engine)
         return loop
+
+    @classmethod
+    def on_this_thread(cls, engine) -> EngineLoop:
+        """The engine's loop, to be run by `run_here()` on the calling thread (see the module docstring)."""
+        if getattr(engine, "_engine_loop", None) is not None:
+            raise RuntimeError("this engine already has a loop")
+        loop = engine._engine_loop = cls(engine, thread=False)
+        return loop
+
+    def run_here(self) -> None:
+        """Run the loop on the calling thread until `stop()`."""
+        if self._thread is not None:
+            raise RuntimeError("this loop runs on its own thread")
+        self._run()
+
+    def stop(self) -> None:
+        """End the loop after the step under way (any thread)."""
+        self._commands.put(("stop", None))
 
     # ---- any thread ----------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params, sink) -> Ticket:
@@ -97,6 +126,8 @@ class EngineLoop:
             except queue.Empty:
                 command = None
             while command is not None:
+                if command[0] == "stop":
+                    return
                 self._apply(*command)
                 try:
                     command = self._commands.get_nowait()

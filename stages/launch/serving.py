@@ -1,7 +1,7 @@
 """`prestage serve`'s work: check the serve extra, take the port, load the model once, run uvicorn on it.
 
     bind(host, port) -> socket        a port in use is a one-line ResourceError before anything is printed
-    serve(run_dir, upstream, params, sock, name, api_key, reporter, quiet)
+    serve(app, sock, quiet, loop)     uvicorn on a thread of its own, the engine loop on this one
 
 The socket is bound before the model loads, so `--port 0` announces the port the system picked, and the
 "serving on" line is printed only once the port is really ours.
@@ -61,10 +61,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, sock: socket.socket, quiet: bool) -> None:
-    """Run uvicorn on the bound socket; one log line per finished request on stderr unless quiet."""
+def serve(app, sock: socket.socket, quiet: bool, loop=None) -> None:
+    """Run uvicorn on the bound socket; one log line per finished request on stderr unless quiet. With `loop`
+    (an EngineLoop.on_this_thread), uvicorn runs on a thread of its own and the engine loop on this one, the
+    thread that loaded the model (engine_loop.py says why); SIGINT / SIGTERM stop both gracefully."""
     import logging
+    import signal
     import sys
+    import threading
 
     import uvicorn
 
@@ -77,4 +81,27 @@ def serve(app, sock: socket.socket, quiet: bool) -> None:
         log.propagate = False
 
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if loop is None:
+        server.run(sockets=[sock])
+        return
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            loop.stop()
+
+    def shut_down(signum, frame) -> None:
+        server.should_exit = True  # uvicorn finishes what it is answering, then its thread stops the loop
+
+    previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="prestage-http", daemon=True)
+    thread.start()
+    try:
+        loop.run_here()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
