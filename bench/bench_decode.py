@@ -103,6 +103,8 @@ def main() -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="prestage-bench-decode-"))
     model_dir = tmp / "qwen2-0.5b-random"
     params = build_checkpoint(model_dir)
+    os.sync()  # the checkpoint's write-back would otherwise run under the first measurements
+    time.sleep(2)
     vllm_venv = Path(os.environ.get("PRESTAGE_VLLM_VENV") or ROOT / ".venv-vllm")
     vllm_python = vllm_venv / "bin" / "python"
     if not vllm_python.exists():
