@@ -86,9 +86,13 @@ def serve(app, sock: socket.socket, quiet: bool, loop=None) -> None:
         server.run(sockets=[sock])
         return
 
+    failed: list[BaseException] = []
+
     def http() -> None:
         try:
             server.run(sockets=[sock])
+        except BaseException as e:  # raised again on this thread, once the loop has stopped
+            failed.append(e)
         finally:
             loop.stop()
 
@@ -105,3 +109,5 @@ def serve(app, sock: socket.socket, quiet: bool, loop=None) -> None:
         thread.join(timeout=15)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if failed:
+        raise failed[0]
