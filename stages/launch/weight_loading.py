@@ -6,7 +6,8 @@ Formats (fetch-weights `format`):
   safetensors / mistral  CPU target: each file is memory-mapped and each tensor copied once from the mapping into
                          its parameter, the mapped pages dropped after the copy (peak memory about the weights).
                          Where each tensor lies is remembered (`LoadStats.mapped`, `MappedTensor`): the decoder
-                         maps its tied embedding again to look rows up there once its LM head is pre-packed.
+                         maps its LM head again to pre-pack it from there, and a tied embedding's rows are then
+                         looked up in that mapping.
                          CUDA target: each shard is read whole by a thread pool (two files ahead) into one
                          pinned buffer, hashed as the bytes stream in when `verify_hashes`; its
                          tensors are views into that buffer (stages/safetensors.py parses and checks the header
@@ -155,7 +156,7 @@ def load_checkpoint(
             )
         loaded = model.load_weights(weights)
         if stats.mapped and isinstance(getattr(model, "mapped", None), dict):
-            model.mapped.update(stats.mapped)  # the decoder may map its tied embedding again (prepack_for_cpu)
+            model.mapped.update(stats.mapped)  # the decoder maps its LM head again to pack it (prepack_for_cpu)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start
