@@ -18,9 +18,9 @@ A bundle (a folder, or the same tree as one `.tar`) holds:
 The sha256 of each weight file and tokenizer file is the one the manifests recorded: nothing the run
 already hashed is hashed again (`prestage verify BUNDLE` re-reads every byte). Blobs keep the names they
 have in the source cache. The tar (tarfile's PAX format, each file's bytes copied in the kernel) is written
-under a temporary name, fsynced, then renamed to PATH; `--format oci` writes the same files as an OCI image
-layout (runner/oci.py); `--link` hard-links weight blobs into a folder or OCI bundle when both are on one
-filesystem. The bundle is reproducible: the same run gives the same file list and checksums.
+under a temporary name, fsynced, then renamed to PATH (its folder fsynced too); `--format oci` writes the same
+files as an OCI image layout (runner/oci.py); `--link` hard-links weight blobs into a folder or OCI bundle when
+both are on one filesystem. The bundle is reproducible: the same run gives the same file list and checksums.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 from prestage.runner import checksums, flush
 from prestage.stages import ORDER, errors, hub, paths
 from prestage.stages.digest import sha256_file
-from prestage.stages.manifest import manifest_path, read
+from prestage.stages.manifest import fsync_dir, manifest_path, read
 from prestage.stages.records import record_of
 
 FORMAT = "prestage.bundle"
@@ -351,6 +351,7 @@ def write_tar(entries: list[Entry], out: Path, sig: bytes | None = None) -> None
             w.close()
             os.fsync(fh.fileno())
         os.rename(tmp, out)
+        fsync_dir(out.parent)  # the rename is on disk too
     except BaseException:
         try:
             os.unlink(tmp)
