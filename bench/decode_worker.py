@@ -67,8 +67,9 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
     from pathlib import Path
     from types import SimpleNamespace
 
-    import torch
+    from prestage.stages.launch.torch_setup import import_torch
 
+    torch = import_torch()  # as launch and serve import it (prestage's process settings first)
     global TORCH_RSS
     TORCH_RSS = _rss()  # the floor every torch process pays before any weight
     from prestage.stages.configure.spec import build_spec

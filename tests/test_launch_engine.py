@@ -326,3 +326,81 @@ print(rss() - before)
     assert r.returncode == 0, r.stderr
     grew = int(r.stdout.split()[-1])
     assert grew < 16 * 1024**2, f"RSS grew by {grew / 1024**2:.0f} MiB for an untouched 256 MiB cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("rot", [64, 32], ids=["full", "partial"])
+def test_launch_rotation_by_roll_is_rotate_half_bit_for_bit(dtype, rot):
+    """The decoder rotates with x.roll(rot / 2) and a sin whose first half is negated, once per step: the result is
+    the textbook x * cos + rotate_half(x) * sin (transformers' form, in the activations' dtype) bit for bit."""
+    from prestage.stages.launch.rope import apply_rotary, rotation_tables
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 3, 64, generator=gen) * 4).to(dtype)  # [B, H, T, D]
+    angles = torch.randn(2, 3, rot, generator=gen) * 50  # [B, T, rot] float32, as RotaryEmbedding gives
+    cos32, sin32 = angles.cos(), angles.sin()
+    cos, sin = cos32[:, None].to(dtype), sin32[:, None].to(dtype)  # [B, 1, T, rot]
+    half = rot // 2
+    x_rot = x[..., :rot]
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)  # rotate_half
+    want = torch.cat((x_rot * cos + rotated * sin, x[..., rot:]), dim=-1)  # [B, H, T, D]
+    got = apply_rotary(x, *rotation_tables(cos32, sin32, dtype))
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_launch_cache_writes_land_where_indexing_puts_them():
+    """CacheWrites (one index_copy_ into the flat cache per layer for the keys, one for the values) writes each
+    row's keys and values at [slot, head, position], the same as indexing the 4-d cache by slot and position."""
+    from prestage.stages.launch.models.decoder import CacheWrites
+
+    gen = torch.Generator().manual_seed(4)
+    B, T, Hkv, D, slots, S_max = 3, 2, 2, 8, 5, 16
+    index = torch.tensor([4, 0, 2])  # not contiguous
+    positions = torch.tensor([[3, 4], [0, 1], [14, 15]])  # [B, T]
+    k = torch.randn(B, Hkv, T, D, generator=gen)  # as the decoder holds them
+    v = torch.randn(B, T, Hkv, D, generator=gen)
+    got = torch.zeros(3, 2, slots, Hkv, S_max, D)  # [L, 2, slots, Hkv, S_max, D]
+    want = got.clone()
+    CacheWrites(index, positions, tuple(got.shape))(got[1], k, v)
+    rows = index[:, None].expand(B, T)  # [B, T]
+    want[1, 0][rows, :, positions] = k.transpose(1, 2)
+    want[1, 1][rows, :, positions] = v
+    assert torch.equal(got, want) and got[0].abs().sum() == 0 and got[2].abs().sum() == 0
+
+
+def test_launch_engine_process_asks_torch_for_huge_pages():
+    """launch and serve import torch through torch_setup: PyTorch's THP_MEM_ALLOC_ENABLE is set before torch's
+    first allocation (none of the modules the launch path imports first pulls torch in), so the packed weights
+    are allocated on transparent huge pages; a value the user set is kept."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import os, sys
+from prestage.stages.launch import completions, inference, stage  # what `prestage launch` imports first
+assert 'torch' not in sys.modules, 'torch imported before torch_setup'
+from prestage.stages.launch.torch_setup import import_torch
+torch = import_torch()
+packed = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(4096, 1024, dtype=torch.bfloat16), 1) for _ in range(4)]
+huge = next(int(x.split()[1]) for x in open('/proc/self/smaps_rollup') if x.startswith('AnonHugePages:'))
+print(os.environ['THP_MEM_ALLOC_ENABLE'], huge * 1024)
+"""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp = mode.read_text().split("[")[1].split("]")[0] if mode.exists() else "never"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    setting, huge = r.stdout.split()
+    assert setting == "1"
+    if thp != "never":  # the kernel gives huge pages where madvise asks (the 4 packed weights are 8 MiB each)
+        assert int(huge) >= 8 * 1024**2, f"{int(huge)} bytes on huge pages (kernel THP mode {thp!r})"
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "0"

@@ -147,7 +147,9 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     """Tokenizer, model, weights and engine from the run's manifests (`upstream`: stage name -> Manifest)."""
     check_prestage_can_run(upstream["configure"].record)
     t = time.perf_counter()
-    import torch
+    from prestage.stages.launch.torch_setup import import_torch
+
+    torch = import_torch()  # huge pages for the weights: set before torch's first allocation
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
 
     from prestage.stages.launch.engine import Engine, plan_kv_cache

@@ -125,22 +125,24 @@ def _longrope_inv_freq(
     return 1.0 / (ext * theta**exponents), float(scaling)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [..., rot]
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, rot] float32 -> cos, signed sin [B, 1, T, rot] in the activations' dtype (transformers
+    rotates in that dtype), built once per step for every layer. The signed sin has its first half negated:
+    rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], is then x.roll(rot / 2) * signed sin, bit for bit
+    (negating is exact), one op per call where rotate_half takes four."""
+    cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)  # [B, 1, T, rot] each
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # [B, 1, T, rot] each
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, rot] (or [B, 1, T, rot] already in x's dtype, as the decoder passes them once
-    per step) with rot <= D: rotate the first `rot` dims, pass the rest."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos, signed_sin [B, 1, T, rot] from `rotation_tables`, rot <= D: x * cos + rotate_half(x) *
+    sin on the first `rot` dims, the rest passed through."""
     rot = cos.shape[-1]
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, rot]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # transformers rotates in the activations' dtype
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin  # [B, H, T, D]
+        return x * cos + x.roll(rot // 2, -1) * signed_sin  # [B, H, T, D]
     x_rot, x_pass = x[..., :rot], x[..., rot:]  # [B, H, T, rot], [B, H, T, D-rot]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)  # [B, H, T, D]
+    return torch.cat((x_rot * cos + x_rot.roll(rot // 2, -1) * signed_sin, x_pass), dim=-1)  # [B, H, T, D]
 
 
 class RotaryEmbedding(nn.Module):
