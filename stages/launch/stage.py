@@ -11,6 +11,7 @@
     sampling.py          the on-device sampler (sampling_params.py: SamplingParams, torch-free);
                          detokenizer.py: incremental text
     inference.py         load_for_inference(): manifests -> ready engine (the stage and the server share it)
+    torch_setup.py       import_torch(): the process settings the engine wants before torch's first import
     vllm_table.py        vLLM's architecture and config-class tables, as data (configure reads them)
     vllm_handoff.py      the `vllm serve` command and environment for a run; finding vLLM
     vllm_launch.py       --engine vllm: the completions from vLLM's Python API (vllm_offline.py, in its Python)
