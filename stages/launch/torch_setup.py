@@ -1,9 +1,9 @@
 """What the engine asks of the process before torch is first imported, and the import itself.
 
 `import_torch()` turns on PyTorch's own `THP_MEM_ALLOC_ENABLE` (unless the environment already sets it) and
-imports torch. With it, torch's CPU allocator puts every allocation of 2 MiB or more on 2 MiB-aligned memory and
-asks the kernel for transparent huge pages there (madvise), so the pre-packed weights, which a decode step streams
-from memory once per token, sit on huge pages: fewer TLB misses and page walks per byte read. Measured with the
+imports torch. With it, torch's CPU allocator asks the kernel for transparent huge pages (madvise) for every
+allocation of 2 MiB or more, so the pre-packed weights, which a decode step streams from memory once per token,
+sit on huge pages: fewer TLB misses and page walks per byte read. Measured with the
 Qwen2-0.5B shape on this project's 2-core bench machine, a batch-1 bf16 step took 5-7% less time with the weights
 on huge pages, in one process alternating between two copies of the model, one of them moved onto huge pages
 with madvise (so the machine's drift cancels out).
