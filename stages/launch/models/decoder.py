@@ -204,11 +204,10 @@ class Attention(nn.Module):
         kind = args.layer_types[layer] if args.layer_types else "sliding_attention"
         self.sliding = bool(args.sliding_window) and kind == "sliding_attention"
 
-    def forward(self, x, cos, sin, kv_cache, rows, positions, mask, write, S):
+    def forward(self, x, cos, sin, kv_cache, rows, mask, write, S):
         # x [B, T, hidden]; cos/sin [B, 1, T, rot] from rotation_tables; kv_cache [2, slots, Hkv, S_max, D] (this
-        # layer, every slot); rows: Rows (the batch's cache slots); positions [B, T]; mask [B, 1, T, S] additive in
-        # x's dtype, or None when nothing is masked; write: CacheWrites (where each new key and value goes);
-        # S = attend_len
+        # layer, every slot); rows: Rows (the batch's cache slots); mask [B, 1, T, S] additive in x's dtype, or
+        # None when nothing is masked; write: CacheWrites (where each new key and value goes); S = attend_len
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)  # [B, T, H + 2*Hkv, D]
@@ -313,8 +312,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, factory)
         self.mlp = MLP(args, factory)
 
-    def forward(self, x, cos, sin, kv_cache, rows, positions, mask, write, S):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, rows, positions, mask, write, S)
+    def forward(self, x, cos, sin, kv_cache, rows, mask, write, S):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, rows, mask, write, S)
         x = x + h  # [B, T, hidden]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, hidden]
 
@@ -391,7 +390,7 @@ class DecoderForCausalLM(nn.Module):
         self.last_attend_len = attend_len
         for i, layer in enumerate(self.model.layers):
             mask = masks[True] if layer.self_attn.sliding and self.window else masks[False]
-            x = layer(x, cos, sin, self.kv_cache[i], rows, positions, mask, write, attend_len)  # [B, T, hidden]
+            x = layer(x, cos, sin, self.kv_cache[i], rows, mask, write, attend_len)  # [B, T, hidden]
         return self.model.norm(x)  # [B, T, hidden]
 
     @staticmethod
