@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prestage.stages.errors import InvalidModelError, UnsupportedError
+from prestage.stages.launch.models import cpu_gemv
 from prestage.stages.launch.rope import RotaryEmbedding, apply_rotary, rotation_tables
 from prestage.stages.records import ModelSpec
 
@@ -159,16 +160,21 @@ class Linear(nn.Module):
         self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
         self.shards = shards or {}
         self.packed: torch.Tensor | None = None  # the weight pre-packed for oneDNN (CPU bf16), see prepack()
+        self.batch_one: cpu_gemv.BatchOneLinear | None = None  # the bf16 one-row kernel on `packed`, if usable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_one is not None and x.numel() == x.shape[-1] and x.dtype == torch.bfloat16:
+            return self.batch_one(x)  # one row (a batch-1 decode step): [..., out]
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
 
     def prepack(self) -> None:
         """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
-        weights at about half the memory bandwidth. The dense weight is dropped: the module is inference-only."""
+        weights at about half the memory bandwidth. The dense weight is dropped: the module is inference-only.
+        A one-row input then reads the same packed buffer with cpu_gemv's kernel where it is usable."""
         self.packed = _pack(self.weight)  # opaque oneDNN layout
+        self.batch_one = cpu_gemv.for_packed(self.packed, self.weight, self.bias)
         self.weight = None
 
 
@@ -351,6 +357,7 @@ class DecoderForCausalLM(nn.Module):
         self.unused_weights: list[str] = []
         self.mapped: dict = {}  # checkpoint name -> weight_loading.MappedTensor, filled by the CPU loader
         self.head_packed: list[torch.Tensor] | None = None  # the LM head in HEAD_CHUNK_ROWS-row packed pieces
+        self.head_batch_one: list | None = None  # [(first row, cpu_gemv kernel)] per piece, when all are usable
         self.embed_rows: torch.Tensor | None = None  # [V, hidden] mapped from the checkpoint once the head is packed
 
     # ---- forward -------------------------------------------------------------------------------------------
@@ -411,6 +418,12 @@ class DecoderForCausalLM(nn.Module):
         return F.embedding(input_ids, self.model.embed_tokens.weight)  # [B, T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_batch_one is not None and hidden.numel() == hidden.shape[-1] and hidden.dtype == torch.bfloat16:
+            logits = torch.empty(*hidden.shape[:-1], self.args.vocab_size, dtype=hidden.dtype)  # [..., V]
+            flat = logits.view(-1)
+            for lo, kernel in self.head_batch_one:
+                kernel(hidden, out=flat[lo : lo + kernel.out_features])  # one chunk's rows, in place
+            return logits
         if self.head_packed is not None:
             return torch.cat([_packed_linear(hidden, w, None) for w in self.head_packed], dim=-1)  # [..., V]
         return F.linear(hidden, self.lm_head.weight)  # [..., hidden] -> [..., V]
@@ -479,12 +492,15 @@ class DecoderForCausalLM(nn.Module):
             self.model.embed_tokens.weight = None
             self.embed_rows = view.tensor  # [V, hidden], in the checkpoint's dtype
         rows = view.tensor.shape[0]
-        chunks = []
+        chunks, kernels = [], []
         for lo in range(0, rows, HEAD_CHUNK_ROWS):
             hi = min(lo + HEAD_CHUNK_ROWS, rows)
             chunks.append(_pack(view.tensor[lo:hi].to(self.dtype)))  # [hi - lo, hidden], packed
+            kernels.append((lo, cpu_gemv.for_packed(chunks[-1], view.tensor[lo:hi])))
             view.drop_pages(lo, hi)
         self.head_packed = chunks
+        if all(kernel is not None for _, kernel in kernels):
+            self.head_batch_one = kernels
 
     def free_slot(self, slot: int) -> None:
         """Nothing to do: a slot's stale keys are never read (attention masks by position) and get overwritten."""
