@@ -381,7 +381,8 @@ def _greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]
 def test_launch_bf16_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied):
     """bf16 on CPU after a mapped safetensors load: prepack_for_cpu packs the LM head too, in row chunks, from the
     checkpoint's mapping; the dense head is dropped (a tied embedding then reads its rows from the mapping), and
-    logits and greedy tokens stay those of the dense model (through the batch-1 kernel, where it runs). A file changed since loading keeps the head dense."""
+    logits and greedy tokens stay those of the dense model (through the batch-1 kernel, where it runs). A file
+    changed since loading keeps the head dense."""
     import os
 
     import transformers
