@@ -20,6 +20,8 @@ On CPU in bfloat16 or float32 (`prepack_for_cpu`) every projection is pre-packed
 head when its rows can be mapped again from the checkpoint file (the loader records where each tensor lies): the
 dense head is dropped first and packed in row chunks from the mapping, and a tied embedding then looks its rows
 up in that mapping, so the weights stay one copy in memory.
+In bfloat16, a one-row input (a batch-1 decode step, a prompt's last logits) reads those same packed buffers
+with cpu_gemv.py's kernel where it can run (AVX512-BF16, a C compiler); more rows go to oneDNN.
 
 Engine interface (shared with the transformers backend): `kv_bytes_per_token`, `allocate_kv_cache`,
 `prefill`, `decode`, `free_slot`, `load_weights`.
