@@ -148,6 +148,14 @@ def main() -> dict:
             f"1.2x their sum {row['rss_bound_bytes'] / 1e9:.2f}GB; `import torch` alone "
             f"{ours['torch_import_rss_bytes'] / 1e9:.2f}GB)"
         )
+        ends = {"prestage": ours["rss_at_end_bytes"], "transformers": base["rss_at_end_bytes"]}
+        print(
+            f"    {'RSS at the end':<22} "
+            + "   ".join(
+                f"{who} anon {e['anon'] / 1e9:.2f}GB + file {e['file'] / 1e9:.2f}GB + shmem {e['shmem'] / 1e9:.2f}GB"
+                for who, e in ends.items()
+            )
+        )
         print(f"    batch 1 at {row['b1_share_of_bound']:.0%} of the bandwidth bound")
     served = worker("server", model_dir, "bfloat16")
     results["server_bfloat16"] = served

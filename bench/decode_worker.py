@@ -54,6 +54,18 @@ def _rss() -> int:
         return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("VmRSS:"))
 
 
+def _rss_parts() -> dict:
+    """Resident memory now, by kind (bytes): anonymous, file-backed (library code, mapped checkpoint rows) and
+    shared memory (the KV cache's anonymous shared mapping)."""
+    parts = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key[3:].lower()] = int(line.split()[1]) * 1024
+    return parts
+
+
 def _peak_rss() -> int:
     """This process's peak RSS since exec (VmHWM; ru_maxrss would start from the parent's at fork)."""
     with open("/proc/self/status") as fh:
@@ -131,6 +143,7 @@ def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
         "decode_tok_s_b1": round(_decode_rate(engine, 1), 2),
         "decode_tok_s_b8": round(_decode_rate(engine, 8), 2),
         "peak_rss_bytes": _peak_rss(),
+        "rss_at_end_bytes": _rss_parts(),
         "torch_import_rss_bytes": TORCH_RSS,
         "kv_cache_bytes": engine.model.kv_cache.numel() * engine.model.kv_cache.element_size(),
         "prepacked": engine.runner.prepacked,
@@ -168,6 +181,7 @@ def run_transformers(model_dir: str, dtype_name: str, spawned: float) -> dict:
         tn = min(gen(b, NEW) for _ in range(REPEAT))
         out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
     out["peak_rss_bytes"] = _peak_rss()
+    out["rss_at_end_bytes"] = _rss_parts()
     return out
 
 

@@ -216,9 +216,12 @@ def for_packed(packed: torch.Tensor, dense: torch.Tensor, bias=None) -> BatchOne
     if packed.dtype != torch.bfloat16 or not packed.is_mkldnn or dense.dim() != 2:
         return None
     fn = kernel()
-    if fn is None or torch.ops.mkldnn.data_ptr(packed) % 64:  # the kernel's loads are 64-byte aligned
+    if fn is None:
         return None
-    if not layout_matches(packed, dense):
+    try:  # torch's oneDNN ops for a packed tensor's memory (torch.ops.mkldnn.data_ptr and _nbytes)
+        if torch.ops.mkldnn.data_ptr(packed) % 64 or not layout_matches(packed, dense):  # 64: aligned loads
+            return None
+    except (AttributeError, RuntimeError):  # a torch without them
         return None
     out_features, in_features = dense.shape
     return BatchOneLinear(fn, packed, out_features, in_features, bias)
