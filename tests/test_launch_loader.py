@@ -381,13 +381,13 @@ def _greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]
 def test_launch_bf16_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied):
     """bf16 on CPU after a mapped safetensors load: prepack_for_cpu packs the LM head too, in row chunks, from the
     checkpoint's mapping; the dense head is dropped (a tied embedding then reads its rows from the mapping), and
-    logits and greedy tokens stay those of the dense model (through the batch-1 kernel, where it runs). A file
+    logits and greedy tokens stay those of the dense model (through the small-batch kernels, where they run). A file
     changed since loading keeps the head dense."""
     import os
 
     import transformers
 
-    from prestage.stages.launch.models import cpu_gemv, decoder
+    from prestage.stages.launch.models import decoder, small_batch
     from tests.support.checkpoints import build_checkpoint
 
     folder = build_checkpoint(
@@ -405,8 +405,8 @@ def test_launch_bf16_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(decoder, "HEAD_CHUNK_ROWS", 100)  # several chunks, the last one short
     assert packed.prepack_for_cpu()
     assert packed.lm_head.weight is None and len(packed.head_packed) == -(-args.vocab_size // 100)
-    # one-row logits (the prefill's last token, each decode step) come from the batch-1 kernel where it runs
-    assert (packed.head_batch_one is not None) == (cpu_gemv.kernel() is not None), cpu_gemv.status()
+    # one-row logits (the prefill's last token, each decode step) come from the small-batch kernels where they run
+    assert (packed.head_small_batch is not None) == (small_batch.kernels() is not None), small_batch.status()
     if tied:
         assert packed.model.embed_tokens.weight is None and packed.embed_rows.shape == (args.vocab_size, 64)
     else:

@@ -2,7 +2,7 @@
 
     registry.py          architecture -> implementation (importable without torch; configure uses it)
     models/decoder.py    the native decoder shared by Llama, Mistral, Qwen2 and Qwen3
-    models/cpu_gemv.py   one-row bf16 linears on CPU: builds and loads the AVX512-BF16 kernel gemv_bf16.c
+    models/small_batch.py  decode steps' linears on CPU (1 to 8 rows): builds and loads the kernels small_batch.c
     rope.py              rotary embeddings for every RoPE type
     hf_backend.py        any other causal LM transformers can build
     weight_loading.py    reads the weight files fetch-weights recorded into the model

@@ -20,8 +20,8 @@ On CPU in bfloat16 or float32 (`prepack_for_cpu`) every projection is pre-packed
 head when its rows can be mapped again from the checkpoint file (the loader records where each tensor lies): the
 dense head is dropped first and packed in row chunks from the mapping, and a tied embedding then looks its rows
 up in that mapping, so the weights stay one copy in memory.
-In bfloat16, a one-row input (a batch-1 decode step, a prompt's last logits) reads those same packed buffers
-with cpu_gemv.py's kernel where it can run (AVX512-BF16, a C compiler); more rows go to oneDNN.
+A decode step's few rows (1 to 8) read those same packed buffers with small_batch.py's kernels where they can run
+(AVX-512 with BF16, a C compiler); more rows go to oneDNN.
 
 Engine interface (shared with the transformers backend): `kv_bytes_per_token`, `allocate_kv_cache`,
 `prefill`, `decode`, `free_slot`, `load_weights`.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prestage.stages.errors import InvalidModelError, UnsupportedError
-from prestage.stages.launch.models import cpu_gemv
+from prestage.stages.launch.models import small_batch
 from prestage.stages.launch.rope import RotaryEmbedding, apply_rotary, rotation_tables
 from prestage.stages.records import ModelSpec
 
@@ -162,11 +162,11 @@ class Linear(nn.Module):
         self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
         self.shards = shards or {}
         self.packed: torch.Tensor | None = None  # the weight pre-packed for oneDNN (CPU bf16), see prepack()
-        self.batch_one: cpu_gemv.BatchOneLinear | None = None  # the bf16 one-row kernel on `packed`, if usable
+        self.small_batch: small_batch.SmallBatchLinear | None = None  # few-row kernel on `packed`, if usable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.batch_one is not None and x.numel() == x.shape[-1] and x.dtype == torch.bfloat16:
-            return self.batch_one(x)  # one row (a batch-1 decode step): [..., out]
+        if self.small_batch is not None and self.small_batch.accepts(x):
+            return self.small_batch(x)  # 1 to 8 rows (a decode step): [..., out]
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
@@ -174,9 +174,9 @@ class Linear(nn.Module):
     def prepack(self) -> None:
         """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
         weights at about half the memory bandwidth. The dense weight is dropped: the module is inference-only.
-        A one-row input then reads the same packed buffer with cpu_gemv's kernel where it is usable."""
+        A few rows (a decode step) then read the same packed buffer with small_batch's kernels where usable."""
         self.packed = _pack(self.weight)  # opaque oneDNN layout
-        self.batch_one = cpu_gemv.for_packed(self.packed, self.weight, self.bias)
+        self.small_batch = small_batch.for_packed(self.packed, self.weight, self.bias)
         self.weight = None
 
 
@@ -359,7 +359,7 @@ class DecoderForCausalLM(nn.Module):
         self.unused_weights: list[str] = []
         self.mapped: dict = {}  # checkpoint name -> weight_loading.MappedTensor, filled by the CPU loader
         self.head_packed: list[torch.Tensor] | None = None  # the LM head in HEAD_CHUNK_ROWS-row packed pieces
-        self.head_batch_one: list | None = None  # [(first row, cpu_gemv kernel)] per piece, when all are usable
+        self.head_small_batch: list | None = None  # [(first row, small_batch kernel)] per piece, if all usable
         self.embed_rows: torch.Tensor | None = None  # [V, hidden] mapped from the checkpoint once the head is packed
 
     # ---- forward -------------------------------------------------------------------------------------------
@@ -420,11 +420,11 @@ class DecoderForCausalLM(nn.Module):
         return F.embedding(input_ids, self.model.embed_tokens.weight)  # [B, T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head_batch_one is not None and hidden.numel() == hidden.shape[-1] and hidden.dtype == torch.bfloat16:
+        if self.head_small_batch is not None and self.head_small_batch[0][1].accepts(hidden):
             logits = torch.empty(*hidden.shape[:-1], self.args.vocab_size, dtype=hidden.dtype)  # [..., V]
-            flat = logits.view(-1)
-            for lo, kernel in self.head_batch_one:
-                kernel(hidden, out=flat[lo : lo + kernel.out_features])  # one chunk's rows, in place
+            rows = logits.view(-1, self.args.vocab_size)  # [rows, V]
+            for lo, kernel in self.head_small_batch:
+                kernel(hidden, out=rows[:, lo : lo + kernel.out_features])  # one piece's columns, in place
             return logits
         if self.head_packed is not None:
             return torch.cat([_packed_linear(hidden, w, None) for w in self.head_packed], dim=-1)  # [..., V]
@@ -498,11 +498,11 @@ class DecoderForCausalLM(nn.Module):
         for lo in range(0, rows, HEAD_CHUNK_ROWS):
             hi = min(lo + HEAD_CHUNK_ROWS, rows)
             chunks.append(_pack(view.tensor[lo:hi].to(self.dtype)))  # [hi - lo, hidden], packed
-            kernels.append((lo, cpu_gemv.for_packed(chunks[-1], view.tensor[lo:hi])))
+            kernels.append((lo, small_batch.for_packed(chunks[-1], view.tensor[lo:hi])))
             view.drop_pages(lo, hi)
         self.head_packed = chunks
         if all(kernel is not None for _, kernel in kernels):
-            self.head_batch_one = kernels
+            self.head_small_batch = kernels
 
     def free_slot(self, slot: int) -> None:
         """Nothing to do: a slot's stale keys are never read (attention masks by position) and get overwritten."""

@@ -1,0 +1,216 @@
+"""The CPU kernels for a decode step's few rows (stages/launch/models/small_batch.py): the same results as oneDNN on
+its own packed weights (bf16 and float32, 1 to 8 rows), each row's result independent of the rows beside it, the
+layout check, the fallbacks (switched off, no compiler, a compiler that fails), the build cache, and the engine
+through them (main thread and the server's loop thread).
+
+The tests that run the kernels need a CPU with AVX-512 BF16 and a C compiler; elsewhere they skip with the reason
+`small_batch.status()` gives, and the fallback tests still run (the engine then keeps every linear on oneDNN)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from prestage.stages.launch.models import small_batch
+from prestage.stages.launch.models.decoder import DecoderForCausalLM, Linear
+
+needs_kernels = pytest.mark.skipif(small_batch.kernels() is None, reason=f"CPU kernels {small_batch.status()}")
+DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """kernels() looked up again under the test's environment, and the session's restored after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    small_batch.kernels.cache_clear()
+    small_batch._unavailable.clear()
+    yield tmp_path / "cache" / "prestage" / "kernels"
+    small_batch.kernels.cache_clear()
+    small_batch._unavailable.clear()
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+
+def _onednn(x, packed, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@needs_kernels
+@DTYPES
+@pytest.mark.parametrize(
+    "out_features, in_features", [(1152, 896), (896, 4864), (64, 32), (100, 77), (130, 33), (17, 5)]
+)
+def test_kernels_match_onednn_on_its_packed_weight(dtype, out_features, in_features):
+    """Whole 64-output blocks and ragged ones, inputs a multiple of 32, odd and short, with a bias, 1 to 8 rows:
+    the outputs are within rounding of the float64 product, as oneDNN's are, and (bf16) at most one bfloat16 step
+    from oneDNN's, rarely."""
+    g = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)  # [out, in]
+    bias = torch.randn(out_features, generator=g).to(dtype)  # [out]
+    packed = _pack(w)
+    kernel = small_batch.for_packed(packed, w, bias)
+    assert kernel is not None and kernel.dtype == dtype
+    for rows in (1, 2, 3, 4, 5, 8):
+        x = torch.randn(rows, in_features, generator=g).to(dtype)  # [rows, in]
+        assert kernel.accepts(x)
+        ours, onednn = kernel(x).double(), _onednn(x, packed, bias).double()  # [rows, out]
+        exact = torch.nn.functional.linear(x.double(), w.double(), bias.double())  # [rows, out]
+        if dtype == torch.bfloat16:
+            step = exact.abs().clamp_min(1e-3) * 2**-7  # one bf16 step at each output's magnitude
+            assert ((ours - exact).abs() <= step).all() and ((onednn - exact).abs() <= step).all()
+            assert ((ours - onednn).abs() <= step).all() and (ours != onednn).double().mean() <= 0.01
+        else:
+            tol = 1e-5 * (x.double().abs() @ w.double().abs().T + 1)  # float32 summation error bound, loosely
+            assert ((ours - exact).abs() <= tol).all() and ((onednn - exact).abs() <= tol).all()
+        alone = torch.cat([kernel(x[i : i + 1]) for i in range(rows)])  # [rows, out]
+        assert torch.equal(kernel(x), alone)  # a row's result does not depend on the rows beside it
+    assert not kernel.accepts(torch.randn(9, in_features).to(dtype))  # more rows: oneDNN's
+    assert not kernel.accepts(torch.randn(1, in_features).to(torch.float16))
+
+
+@needs_kernels
+@DTYPES
+def test_kernels_write_into_a_slice_of_columns(dtype):
+    """The LM head's pieces write their columns of one [rows, V] tensor: nothing outside them is touched."""
+    w = torch.randn(100, 48).to(dtype)
+    kernel = small_batch.for_packed(_pack(w), w)
+    x = torch.randn(3, 48).to(dtype)
+    out = torch.full((3, 130), 7.0, dtype=dtype)
+    kernel(x, out=out[:, 20:120])
+    assert torch.equal(out[:, 20:120], kernel(x))
+    assert (out[:, :20] == 7).all() and (out[:, 120:] == 7).all()
+
+
+@needs_kernels
+@DTYPES
+def test_layout_check_compares_first_middle_and_last_blocks(dtype):
+    """layout_matches reads the packed buffer as the kernel will; a weight that differs from what was packed in
+    the first, a middle or the (ragged) last block of 64 outputs is refused, and so is another shape."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64 * 5 + 7, 96, generator=g).to(dtype)  # 6 blocks, the last one ragged
+    packed = _pack(w)
+    assert small_batch.layout_matches(packed, w)
+    for row in (0, 64 * 3 + 1, 64 * 5 + 6):  # blocks 0, 6 // 2 and 5
+        other = w.clone()
+        other[row, 7] += 1
+        assert not small_batch.layout_matches(packed, other), row
+    assert not small_batch.layout_matches(packed, w[:, :64])  # another shape: another buffer size
+    assert small_batch.for_packed(packed, w.double()) is not None  # compared in the packed dtype
+    assert small_batch.for_packed(w, w) is None  # a dense weight, not oneDNN's packing
+
+
+@needs_kernels
+def test_kernels_share_torch_openmp_runtime():
+    """The library is linked against the OpenMP runtime torch loaded: one thread pool in the process."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if Path(line.split()[-1]).name.startswith(("libgomp", "libiomp5"))}
+    assert runtimes == {str(small_batch.openmp_runtime())}, runtimes
+
+
+@needs_kernels
+def test_kernels_are_built_once_into_the_cache(fresh_kernels):
+    assert small_batch.kernels() is not None and small_batch.status() == "on"
+    (built,) = fresh_kernels.glob("small_batch-*.so")
+    stamp = built.stat().st_mtime_ns
+    small_batch.kernels.cache_clear()
+    assert small_batch.kernels() is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert [p.name for p in fresh_kernels.iterdir()] == [built.name]  # no temporary left behind
+
+
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({small_batch.SWITCH: "0"}, f"{small_batch.SWITCH}=0"),
+        ({"CC": "prestage-no-such-compiler"}, "no C compiler: 'prestage-no-such-compiler' is not on PATH"),
+        ({"CC": "false"}, "could not build small_batch.c"),
+    ],
+    ids=["switched-off", "no-compiler", "build-fails"],
+)
+def test_without_the_kernels_linears_stay_on_onednn(fresh_kernels, monkeypatch, env, reason):
+    """Switched off, no compiler, or a compiler that fails: status says why (one line), nothing is cached, and a
+    packed linear still computes its rows through oneDNN."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert small_batch.kernels() is None
+    text = small_batch.status()
+    assert text.startswith("off: ") and "\n" not in text
+    if small_batch._cpu_has_bf16() or small_batch.SWITCH in env:  # else the CPU is the (first) reason
+        assert reason in text, text
+    assert not fresh_kernels.exists() or not any(fresh_kernels.iterdir())
+    lin = Linear(48, 80, bias=True, factory={"dtype": torch.bfloat16})
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(1, 48).to(torch.bfloat16)
+    dense = lin(x)
+    lin.prepack()
+    assert lin.small_batch is None
+    torch.testing.assert_close(lin(x).float(), dense.float(), rtol=0.02, atol=0.05)
+
+
+def _engine_pair(dtype, seed):
+    from prestage.stages.launch.engine import Engine
+    from tests.test_launch_engine import _IdTokenizer, tiny_pair
+
+    _, dense = tiny_pair(seed)
+    model = DecoderForCausalLM(dense.args, dtype=dtype)
+    model.load_weights(dense.to(dtype).state_dict().items())
+    return model, Engine(model, _IdTokenizer(), [], "cpu", dtype, 64, 4, 256)
+
+
+@needs_kernels
+@DTYPES
+def test_engine_decode_uses_the_kernels_and_matches_onednn(dtype):
+    """After prepacking, every projection has a kernel; batches of 1 and 3 prompts decode to the same greedy tokens
+    with the kernels as with oneDNN alone, and a decode step's logits agree within rounding."""
+    from prestage.stages.launch.sampling import SamplingParams
+    from tests.test_launch_engine import GREEDY
+
+    model, engine = _engine_pair(dtype, 7)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    kernels = [m.small_batch for m in linears]
+    assert linears and all(k is not None for k in kernels)
+    prompts = [[5, 17, 300, 9], [8, 2], [40, 41, 42, 43, 44, 45]]
+
+    def run() -> tuple[list, torch.Tensor]:
+        sp = SamplingParams(max_tokens=12, **GREEDY)
+        tokens = [engine.generate([p], sp)[0]["token_ids"] for p in prompts[:1]]
+        tokens += [o["token_ids"] for o in engine.generate(prompts, sp)]
+        with torch.inference_mode():
+            logits = model.decode(torch.tensor([tokens[0][-1]]), torch.tensor([15]), 0, attend_len=16)  # [1, V]
+        return tokens, logits.float()
+
+    with_kernels = run()
+    for m in linears:
+        m.small_batch = None
+    try:
+        without = run()
+    finally:
+        for m, k in zip(linears, kernels, strict=True):
+            m.small_batch = k
+    assert with_kernels[0] == without[0]
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(with_kernels[1], without[1], rtol=tol, atol=tol)
+
+
+@needs_kernels
+def test_kernels_run_from_the_server_engine_loop_thread():
+    """`prestage serve` steps the engine from a background thread: the kernels' OpenMP team there gives the same
+    tokens as on the main thread."""
+    from prestage.stages.launch.sampling import SamplingParams
+    from tests.test_launch_engine import GREEDY
+
+    model, engine = _engine_pair(torch.bfloat16, 9)
+    assert model.model.layers[0].mlp.down_proj.small_batch is not None
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1]]
+    main = engine.generate(prompts, sp)
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(engine.generate(prompts, sp)))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and [o["token_ids"] for o in got[0]] == [o["token_ids"] for o in main]
