@@ -4,7 +4,7 @@ oneDNN's packed weights in place.
 At a decode step every projection multiplies a few rows by the whole weight, so the step is bound by how fast the
 weights stream from memory. oneDNN's kernels for so few rows read them well below the machine's bandwidth: on this
 project's 2-core bench machine (one process, the same packed weights, Qwen2-0.5B projections), bfloat16 at
-17-25 GB/s for one row and 14-22 GB/s for eight, where a plain `sum` reads 28-35 GB/s; small_batch.c reads them at
+17-25 GB/s for one row and 14-19 GB/s for eight, where a plain `sum` reads 28-35 GB/s; small_batch.c reads them at
 29-43 GB/s for one row and 20-25 GB/s for eight, and float32 at 21-26 against 16-23 GB/s for one row and 10-18
 against 10-15 for eight. The weights stay the one copy oneDNN packed: prefill and batches of more rows still go
 through oneDNN. The results are oneDNN's but for the order of the float32 additions (in bf16 about 1 output in
