@@ -10,7 +10,7 @@ Fixtures (see each docstring):
 
 Safety net: at import this module points HF_ENDPOINT at a closed loopback port and HF_HOME at a temp
 folder, so no test can reach huggingface.co or read a real token or cache by accident; XDG_CACHE_HOME (where the
-CPU kernel is compiled to) points into the same temp folder.
+CPU kernels are compiled to) points into the same temp folder.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-os.environ["XDG_CACHE_HOME"] = os.path.join(_SAFE_HOME, "xdg-cache")  # where the CPU kernel is compiled to
+os.environ["XDG_CACHE_HOME"] = os.path.join(_SAFE_HOME, "xdg-cache")  # where the CPU kernels are compiled to
 for _var in (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",

@@ -28,7 +28,7 @@ def test_pip_install_adds_only_the_prestage_namespace(tmp_path):
     assert tops == {"prestage", wheel.name.split("-py")[0] + ".dist-info"}, tops
     names = zipfile.ZipFile(wheel).namelist()
     assert "prestage/stages/records.py" in names and "prestage/runner/cli.py" in names
-    assert "prestage/stages/launch/models/gemv_bf16.c" in names  # the CPU kernel's source, compiled at first use
+    assert "prestage/stages/launch/models/small_batch.c" in names  # the CPU kernels' source, compiled at first use
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
