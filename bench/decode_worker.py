@@ -120,19 +120,7 @@ def _decode_rate(engine, batch: int) -> float:
     return best
 
 
-def _kernel_use(model, status: str) -> str:
-    """Whether the small-batch kernels run the decode steps' linears, or why not."""
-    from prestage.stages.launch.models.decoder import Linear
-
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    used = sum(m.small_batch is not None for m in linears)
-    if status != "on":
-        return status
-    return f"on for {used} of {len(linears)} linears" + (", and the LM head" if model.head_small_batch else "")
-
-
 def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
-    from prestage.stages.launch.models import small_batch
     from prestage.stages.launch.sampling import SamplingParams
 
     engine, _ = load_prestage(model_dir, dtype_name, 8)
@@ -147,7 +135,7 @@ def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
         "torch_import_rss_bytes": TORCH_RSS,
         "kv_cache_bytes": engine.model.kv_cache.numel() * engine.model.kv_cache.element_size(),
         "prepacked": engine.runner.prepacked,
-        "small_batch_kernels": _kernel_use(engine.model, small_batch.status()),
+        "small_batch_kernels": engine.model.small_batch_use(),
     }
 
 

@@ -83,6 +83,8 @@ def test_launch_cli_native_completions_match_transformers(prestage, checkpoint_d
     startup = m.volatile["startup"]
     assert {"imports_s", "tokenizer_s", "warmup_s", "first_token_s"} <= set(startup)
     assert startup["weights"]["hashed"] is True and startup["weights"]["bytes"] > 0
+    kernels = m.volatile["cpu_kernels"]  # the machine's: on for N of M linears, or off with the reason
+    assert kernels.startswith("on for ") or kernels.startswith("off: "), kernels
 
 
 def test_launch_takes_generation_config_defaults_as_vllm(prestage, checkpoint_dirs, artifacts_dir, offline_env):

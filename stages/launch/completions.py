@@ -45,6 +45,10 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         f"{inf.info['device']} {inf.info['dtype']}: weights {size_text(w['bytes'])} in {w['seconds']:.2f}s "
         f"({w['gb_per_s']:.2f} GB/s), KV cache {inf.info['kv_cache_tokens']} tokens"
     )
+    use = getattr(inf.model, "small_batch_use", None)
+    kernels = use() if use is not None and inf.info["device"] == "cpu" else None
+    if kernels is not None:
+        rep.detail(f"launch: small-batch CPU kernels {kernels}")
     sp = SamplingParams(**{k: inputs[k] for k in LAUNCH_FIELDS})
     prompt_ids = [list(inf.tokenizer.encode(p)) for p in prompts]
     results = inf.engine.generate(prompt_ids, sp)
@@ -66,4 +70,6 @@ def run_launch(ctx: Context, inputs: dict) -> StageResult:
         "generated_tokens": stats.get("generated_tokens", 0),
         "total_s": round(time.perf_counter() - start, 4),
     }
+    if kernels is not None:  # machine-dependent, hence volatile
+        volatile["cpu_kernels"] = kernels
     return StageResult(outputs=record, warnings=list(inf.warnings), volatile=volatile)

@@ -463,6 +463,11 @@ class DecoderForCausalLM(nn.Module):
         hidden = self.forward(input_ids[:, None], positions[:, None], positions + 1, slots, attend_len)  # [B, 1, h]
         return self.compute_logits(hidden[:, 0])  # [B, V]
 
+    def small_batch_use(self) -> str:
+        """Which linears the small-batch CPU kernels run (or why none do), for the launch manifest."""
+        linears = [m.small_batch for m in self.modules() if isinstance(m, Linear)]
+        return small_batch.usage(linears, self.head_small_batch is not None)
+
     def prepack_for_cpu(self) -> bool:
         """On CPU in bfloat16 or float32 with oneDNN: pre-pack every projection's weight, and the LM head when the
         loader recorded where it lies in the checkpoint (see `_pack_head`). Call after the weights are loaded; True

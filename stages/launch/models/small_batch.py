@@ -52,6 +52,15 @@ def status() -> str:
     return "on" if kernels() is not None else f"off: {_unavailable[0]}"
 
 
+def usage(linears: list, head: bool) -> str:
+    """Which of a model's linears have a kernel (`linears`: each one's SmallBatchLinear or None; `head`: the LM
+    head has them), or why none can: for the launch manifest and the bench."""
+    if kernels() is None:
+        return status()
+    used = sum(k is not None for k in linears)
+    return f"on for {used} of {len(linears)} linears" + (" and the LM head" if head else "")
+
+
 @functools.lru_cache(maxsize=1)
 def kernels() -> dict | None:
     """{torch dtype: loaded ctypes function}, or None with the reason in status()."""
