@@ -8,6 +8,7 @@ The tests that run the kernels need a CPU with AVX-512 BF16 and a C compiler; el
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from pathlib import Path
 
@@ -120,6 +121,23 @@ def test_kernels_are_built_once_into_the_cache(fresh_kernels):
     small_batch.kernels.cache_clear()
     assert small_batch.kernels() is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
     assert [p.name for p in fresh_kernels.iterdir()] == [built.name]  # no temporary left behind
+
+
+@needs_kernels
+def test_kernels_never_come_from_a_folder_others_can_write(fresh_kernels, monkeypatch, tmp_path):
+    """A cache folder (or a library in it) that another user could have written is passed over: the kernels are
+    built into a private folder in the system's temp folder instead, and loaded from there."""
+    fresh_kernels.mkdir(parents=True)
+    fresh_kernels.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert small_batch.kernels() is not None
+    assert not any(fresh_kernels.iterdir())
+    (built,) = (tmp_path / "tmp").glob("prestage-kernels-*/small_batch-*.so")
+    assert built.parent.stat().st_mode & 0o777 == 0o700 and built.stat().st_mode & 0o022 == 0
+    small_batch.kernels.cache_clear()
+    built.chmod(0o777)  # now writable by anyone: not loaded again, and the build has nowhere private to go
+    assert small_batch.kernels() is None and "no private, writable folder" in small_batch.status()
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ through oneDNN. The results are oneDNN's but for the order of the float32 additi
 row's result does not depend on how many rows run with it.
 
 The kernels are compiled once per machine with the system's C compiler (`$CC`, else gcc) into
-`$XDG_CACHE_HOME/prestage/kernels` (default ~/.cache), keyed by a hash of the source and the compiler, in about
-half a second. The library is linked against the OpenMP runtime torch has loaded, so it shares torch's threads.
-It is used only where all of this holds, else every linear stays on oneDNN, with the reason in `status()`:
+`$XDG_CACHE_HOME/prestage/kernels` (default ~/.cache; a private folder in the system's temp folder if that one
+is not writable), keyed by a hash of the source and the compiler, in about half a second; a folder or library
+another user could have written is never used. The library is linked against the OpenMP runtime torch has
+loaded, so it shares torch's threads. It is used only where all of this holds, else every linear stays on oneDNN, with the reason in `status()`:
 - Linux on x86-64, and the CPU has AVX-512 with BF16 (`avx512_bf16` in /proc/cpuinfo);
 - `PRESTAGE_CPU_KERNELS` is not `0` (set it to compare with oneDNN's kernels);
 - a C compiler that builds the file, and an OpenMP runtime mapped into the process by torch;
@@ -119,10 +120,12 @@ def _build(cc: str, omp: Path) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(omp), " ".join(FLAGS)]).encode()).hexdigest()
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"prestage-kernels-{os.getuid()}"):
         target = folder / f"small_batch-{key[:16]}.so"
-        if target.is_file():
-            return target
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not (_private(folder) and (not target.exists() or _private(target))):
+                continue  # a library this process loads must be one only its user can have put there
+            if target.is_file():
+                return target
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 obj, lib = Path(tmp) / "small_batch.o", Path(tmp) / "small_batch.so"
                 # compile with OpenMP, then link against torch's own runtime rather than the compiler's
@@ -135,11 +138,18 @@ def _build(cc: str, omp: Path) -> Path:
                     if done.returncode != 0:
                         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
                         raise _Unavailable(f"{Path(cc).name} could not build {SOURCE.name}: {last}")
+                os.chmod(lib, 0o755)  # whatever the umask: see _private
                 os.replace(lib, target)
             return target
         except (OSError, subprocess.TimeoutExpired):
             continue  # an unwritable cache: try the next folder
-    raise _Unavailable("no writable folder for the compiled kernels (set XDG_CACHE_HOME)")
+    raise _Unavailable("no private, writable folder for the compiled kernels (set XDG_CACHE_HOME)")
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (the system temp folder is shared: see _build)."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _load() -> dict:
