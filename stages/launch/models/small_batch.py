@@ -15,7 +15,8 @@ The kernels are compiled once per machine with the system's C compiler (`$CC`, e
 `$XDG_CACHE_HOME/prestage/kernels` (default ~/.cache; a private folder in the system's temp folder if that one
 is not writable), keyed by a hash of the source and the compiler, in about half a second; a folder or library
 another user could have written is never used. The library is linked against the OpenMP runtime torch has
-loaded, so it shares torch's threads. It is used only where all of this holds, else every linear stays on oneDNN, with the reason in `status()`:
+loaded, so it shares torch's threads. It is used only where all of this holds, else every linear stays on
+oneDNN, with the reason in `status()`:
 - Linux on x86-64, and the CPU has AVX-512 with BF16 (`avx512_bf16` in /proc/cpuinfo);
 - `PRESTAGE_CPU_KERNELS` is not `0` (set it to compare with oneDNN's kernels);
 - a C compiler that builds the file, and an OpenMP runtime mapped into the process by torch;
