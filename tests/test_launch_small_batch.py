@@ -101,6 +101,8 @@ def test_layout_check_compares_first_middle_and_last_blocks(dtype):
         other[row, 7] += 1
         assert not small_batch.layout_matches(packed, other), row
     assert not small_batch.layout_matches(packed, w[:, :64])  # another shape: another buffer size
+    for same in (torch.ones_like(w), w[:1].expand_as(w).contiguous(), w[:, :1].expand_as(w).contiguous()):
+        assert not small_batch.layout_matches(_pack(same), same)  # constant, repeated rows, repeated columns
     assert small_batch.for_packed(packed, w.double()) is not None  # compared in the packed dtype
     assert small_batch.for_packed(w, w) is None  # a dense weight, not oneDNN's packing
 

@@ -191,7 +191,8 @@ def layout_matches(packed: torch.Tensor, dense: torch.Tensor) -> bool:
     """Is `packed` (oneDNN's packing of the weight `dense` [out, in]) laid out as the kernel reads it? bf16:
     [out/64, in/32, 16 input pairs, 64 outputs, 2], zero-padded; float32: plain [out, in]. oneDNN picks a layout
     per shape and CPU, and a layout is one tiling of the whole weight, so the first, a middle and the last block of
-    64 outputs are compared with the dense rows bit for bit (padding included): three blocks' bytes, not a copy."""
+    64 outputs are compared with the dense rows bit for bit (padding included): three blocks' bytes, not a copy.
+    One of them must have distinct rows and distinct columns, or the comparison would prove nothing."""
     dtype = packed.dtype
     out_features, in_features = dense.shape
     n_pad, k_pad = _packed_shape(dtype, out_features, in_features)
@@ -201,6 +202,7 @@ def layout_matches(packed: torch.Tensor, dense: torch.Tensor) -> bool:
     flat = _buffer(packed, n_pad * k_pad, dtype)  # [n_pad * k_pad]
     bits = torch.int16 if size == 2 else torch.int32  # compared as bits: NaN included
     blocks = -(-n_pad // BLOCK_OUT)
+    compared = []
     for b in sorted({0, blocks // 2, blocks - 1}):
         lo, hi = b * BLOCK_OUT, min((b + 1) * BLOCK_OUT, n_pad)
         tile = flat[lo * k_pad : hi * k_pad]
@@ -213,7 +215,20 @@ def layout_matches(packed: torch.Tensor, dense: torch.Tensor) -> bool:
         expected[: rows.shape[0], :in_features] = rows
         if not torch.equal(tile.view(bits), expected.view(bits)):
             return False
-    return True
+        compared.append(rows)
+    return any(_distinct(rows) for rows in compared)  # else another layout could have looked the same
+
+
+def _distinct(tile: torch.Tensor) -> bool:
+    """Are the rows of `tile` [r, c] pairwise different, and its columns? Then a tile that matches shows the layout
+    (any weight with real values passes; a constant or repeated block is not evidence, and keeps oneDNN). Compared
+    through random projections: equal rows or columns always project equally; different ones almost never do, and
+    if they did, the weight would only stay on oneDNN."""
+    g = torch.Generator().manual_seed(0)
+    t = tile.float()
+    by_row = t @ torch.rand(t.shape[1], generator=g)  # [r]
+    by_col = torch.rand(t.shape[0], generator=g) @ t  # [c]
+    return by_row.unique().numel() == t.shape[0] and by_col.unique().numel() == t.shape[1]
 
 
 def _buffer(packed: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
