@@ -72,6 +72,7 @@ def test_kernels_match_onednn_on_its_packed_weight(dtype, out_features, in_featu
         assert torch.equal(kernel(x), alone)  # a row's result does not depend on the rows beside it
     assert not kernel.accepts(torch.randn(9, in_features).to(dtype))  # more rows: oneDNN's
     assert not kernel.accepts(torch.randn(1, in_features).to(torch.float16))
+    assert not kernel.accepts(torch.randn(1, in_features + 1).to(dtype))  # oneDNN names the shape error
 
 
 @needs_kernels

@@ -41,7 +41,7 @@ import torch
 SOURCE = Path(__file__).with_name("small_batch.c")
 SWITCH = "PRESTAGE_CPU_KERNELS"
 ABI = 2  # prestage_small_batch_abi() of the source this module calls
-MAX_ROWS = 8  # more rows (prefill, bigger batches) go to oneDNN, which is faster there
+MAX_ROWS = 8  # more rows (prefill, bigger batches) go to oneDNN (the kernels were measured up to 8)
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC"]
 COMPILE_TIMEOUT_S = 120
 BLOCK_OUT, BLOCK_IN = 64, 32  # oneDNN's bf16 AB16b64a2b blocks: 64 outputs x 32 inputs (16 pairs)
@@ -251,7 +251,11 @@ class SmallBatchLinear:
 
     def accepts(self, x: torch.Tensor) -> bool:
         """x [..., in] of this weight's dtype with 1 to MAX_ROWS rows."""
-        return x.dtype == self.dtype and 0 < x.numel() <= MAX_ROWS * self.in_features
+        return (
+            x.dtype == self.dtype
+            and x.shape[-1] == self.in_features  # else oneDNN, which names the shape mismatch
+            and 0 < x.numel() <= MAX_ROWS * self.in_features
+        )
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] (see `accepts`) -> [..., out]; or written into `out`, [rows, >= out] with unit column stride
