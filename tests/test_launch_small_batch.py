@@ -61,15 +61,22 @@ def test_kernels_match_onednn_on_its_packed_weight(dtype, out_features, in_featu
         assert kernel.accepts(x)
         ours, onednn = kernel(x).double(), _onednn(x, packed, bias).double()  # [rows, out]
         exact = torch.nn.functional.linear(x.double(), w.double(), bias.double())  # [rows, out]
-        if dtype == torch.bfloat16:
-            step = exact.abs().clamp_min(1e-3) * 2**-7  # one bf16 step at each output's magnitude
+        size = x.double().abs() @ w.double().abs().T + bias.double().abs()  # [rows, out]: what the sums add up
+        if dtype == torch.bfloat16:  # one bf16 step at each output's magnitude, and float32 summation error
+            step = exact.abs() * 2**-7 + size * 2**-20
             assert ((ours - exact).abs() <= step).all() and ((onednn - exact).abs() <= step).all()
             assert ((ours - onednn).abs() <= step).all() and (ours != onednn).double().mean() <= 0.01
         else:
-            tol = 1e-5 * (x.double().abs() @ w.double().abs().T + 1)  # float32 summation error bound, loosely
+            tol = 1e-5 * (size + 1)  # float32 summation error bound, loosely
             assert ((ours - exact).abs() <= tol).all() and ((onednn - exact).abs() <= tol).all()
         alone = torch.cat([kernel(x[i : i + 1]) for i in range(rows)])  # [rows, out]
         assert torch.equal(kernel(x), alone)  # a row's result does not depend on the rows beside it
+        strided = torch.randn(rows, 1, 2 * in_features, generator=g).to(dtype)[..., ::2]  # [rows, 1, in], strided
+        assert torch.equal(kernel(strided), kernel(strided.contiguous())) and kernel(strided).shape == (
+            rows,
+            1,
+            out_features,
+        )
     assert not kernel.accepts(torch.randn(9, in_features).to(dtype))  # more rows: oneDNN's
     assert not kernel.accepts(torch.randn(1, in_features).to(torch.float16))
     assert not kernel.accepts(torch.randn(1, in_features + 1).to(dtype))  # oneDNN names the shape error
@@ -86,6 +93,10 @@ def test_kernels_write_into_a_slice_of_columns(dtype):
     kernel(x, out=out[:, 20:120])
     assert torch.equal(out[:, 20:120], kernel(x))
     assert (out[:, :20] == 7).all() and (out[:, 120:] == 7).all()
+    wide = torch.zeros(3, 200, dtype=dtype)
+    for wrong in (out[:, 20:119], out[:2, 20:120], wide[:, ::2], out[:, 20:120].to(torch.float16)):
+        with pytest.raises(ValueError, match="out must be"):  # too narrow, too few rows, strided, another dtype
+            kernel(x, out=wrong)
 
 
 @needs_kernels
@@ -141,6 +152,34 @@ def test_kernels_never_come_from_a_folder_others_can_write(fresh_kernels, monkey
     small_batch.kernels.cache_clear()
     built.chmod(0o777)  # now writable by anyone: not loaded again, and the build has nowhere private to go
     assert small_batch.kernels() is None and "no private, writable folder" in small_batch.status()
+
+
+@needs_kernels
+def test_kernels_never_come_through_a_symlink(fresh_kernels, monkeypatch, tmp_path):
+    """A cache folder that is a symlink (another user could repoint it between the check and the load) is passed
+    over, even to a private folder of this user."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    fresh_kernels.parent.mkdir(parents=True)
+    fresh_kernels.symlink_to(private)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert small_batch.kernels() is not None
+    assert not any(private.iterdir()) and list((tmp_path / "tmp").glob("prestage-kernels-*/small_batch-*.so"))
+
+
+def test_a_library_that_does_not_load_keeps_onednn(fresh_kernels, monkeypatch):
+    """Built but not loadable (a noexec mount, an unresolved symbol): a one-line reason, not a failed launch."""
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(small_batch.ctypes, "CDLL", refuse)
+    assert small_batch.kernels() is None
+    if small_batch._cpu_has_bf16():
+        assert small_batch.status().startswith("off: cannot load the compiled kernels"), small_batch.status()
+    w = torch.randn(80, 48).to(torch.bfloat16)
+    assert small_batch.for_packed(_pack(w), w) is None
 
 
 @pytest.mark.parametrize(

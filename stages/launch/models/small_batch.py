@@ -32,6 +32,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -123,34 +124,46 @@ def _build(cc: str, omp: Path) -> Path:
         target = folder / f"small_batch-{key[:16]}.so"
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not (_private(folder) and (not target.exists() or _private(target))):
+            if not (_private(folder) and (not os.path.lexists(target) or _private(target))):
                 continue  # a library this process loads must be one only its user can have put there
             if target.is_file():
                 return target
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                obj, lib = Path(tmp) / "small_batch.o", Path(tmp) / "small_batch.so"
-                # compile with OpenMP, then link against torch's own runtime rather than the compiler's
-                steps = [
-                    [cc, *FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                    [cc, "-shared", str(obj), str(omp), "-o", str(lib)],
-                ]
-                for step in steps:
-                    done = subprocess.run(step, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-                    if done.returncode != 0:
-                        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                        raise _Unavailable(f"{Path(cc).name} could not build {SOURCE.name}: {last}")
-                os.chmod(lib, 0o755)  # whatever the umask: see _private
-                os.replace(lib, target)
+                os.replace(_compile(cc, omp, Path(tmp)), target)
             return target
-        except (OSError, subprocess.TimeoutExpired):
+        except OSError:
             continue  # an unwritable cache: try the next folder
     raise _Unavailable("no private, writable folder for the compiled kernels (set XDG_CACHE_HOME)")
 
 
+def _compile(cc: str, omp: Path, folder: Path) -> Path:
+    """The library, built in `folder`: compiled with OpenMP, then linked against torch's own runtime rather than
+    the compiler's (every symbol resolved at link time)."""
+    obj, lib = folder / "small_batch.o", folder / "small_batch.so"
+    steps = [
+        [cc, *FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+        [cc, "-shared", "-Wl,--no-undefined", str(obj), str(omp), "-o", str(lib)],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise _Unavailable(f"{Path(cc).name} took over {COMPILE_TIMEOUT_S} s to build {SOURCE.name}") from None
+        except OSError as e:  # the compiler went away, or cannot run
+            raise _Unavailable(f"the C compiler {cc} does not run: {e}") from None
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise _Unavailable(f"{Path(cc).name} could not build {SOURCE.name}: {last}")
+    os.chmod(lib, 0o755)  # whatever the umask: see _private
+    return lib
+
+
 def _private(path: Path) -> bool:
-    """Owned by this user and writable by no one else (the system temp folder is shared: see _build)."""
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+    """A real folder or file (not a symlink, which another user could point elsewhere later), owned by this user
+    and writable by no one else: the system's temp folder is shared (see _build)."""
+    st = os.lstat(path)
+    kind_ok = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+    return kind_ok and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _load() -> dict:
@@ -165,7 +178,11 @@ def _load() -> dict:
     omp = openmp_runtime()
     if omp is None:
         raise _Unavailable("torch loaded no OpenMP runtime")
-    lib = ctypes.CDLL(str(_build(_compiler(), omp)))
+    path = _build(_compiler(), omp)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # a noexec mount, say
+        raise _Unavailable(f"cannot load the compiled kernels ({path}): {e}") from None
     if lib.prestage_small_batch_abi() != ABI:
         raise _Unavailable(f"the compiled kernels' ABI is {lib.prestage_small_batch_abi()}, not {ABI}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -258,12 +275,16 @@ class SmallBatchLinear:
         )
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., in] (see `accepts`) -> [..., out]; or written into `out`, [rows, >= out] with unit column stride
+        """x [..., in] (see `accepts`) -> [..., out]; or written into `out`, [rows, out] with unit column stride
         (a slice of columns of a wider tensor: the LM head's pieces)."""
         x = x.contiguous()
         rows = x.numel() // self.in_features
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=self.dtype) if out is None else out
-        stride = self.out_features if out is None else out.stride(0) if out.dim() > 1 else self.out_features
+        if out is None:
+            y, stride = torch.empty(*x.shape[:-1], self.out_features, dtype=self.dtype), self.out_features
+        elif out.dtype != self.dtype or tuple(out.shape) != (rows, self.out_features) or out.stride(-1) != 1:
+            raise ValueError(f"out must be [{rows}, {self.out_features}] {self.dtype} with unit column stride")
+        else:
+            y, stride = out, out.stride(0)
         bias = self.bias.data_ptr() if self.bias is not None else None
         args = [self.address, x.data_ptr(), bias, y.data_ptr(), rows, stride, self.out_features, self.in_features]
         if self.dtype == torch.bfloat16:
@@ -284,4 +305,6 @@ def for_packed(packed: torch.Tensor, dense: torch.Tensor, bias=None) -> SmallBat
     except (AttributeError, RuntimeError):  # a torch without them
         return None
     out_features, in_features = dense.shape
+    if bias is not None and bias.numel() != out_features:
+        return None
     return SmallBatchLinear(found[packed.dtype], packed, out_features, in_features, bias)
