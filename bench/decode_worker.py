@@ -48,31 +48,28 @@ class _IdTokenizer:
         return "".join(chr(0x4E00 + i % 20000) for i in ids)
 
 
+def _status_bytes() -> dict[str, int]:
+    """The memory fields of /proc/self/status (VmRSS, VmHWM, RssAnon, ...), in bytes."""
+    with open("/proc/self/status") as fh:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in fh) if v.endswith("kB\n")}
+
+
 def _rss() -> int:
     """This process's RSS now (VmRSS)."""
-    with open("/proc/self/status") as fh:
-        return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("VmRSS:"))
+    return _status_bytes()["VmRSS"]
 
 
 def _rss_parts() -> dict:
     """Resident memory now, by kind (bytes): anonymous, file-backed (library code, mapped checkpoint rows) and
     shared memory (the KV cache's anonymous shared mapping)."""
-    parts = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key = line.split(":")[0]
-            if key in ("RssAnon", "RssFile", "RssShmem"):
-                parts[key[3:].lower()] = int(line.split()[1]) * 1024
-    return parts
+    status = _status_bytes()
+    return {kind.lower(): status[f"Rss{kind}"] for kind in ("Anon", "File", "Shmem")}
 
 
 def _peak_rss() -> int:
     """This process's peak RSS since exec (VmHWM; ru_maxrss would start from the parent's at fork)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes().get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def load_prestage(model_dir: str, dtype_name: str, slots: int):

@@ -213,7 +213,7 @@ def layout_matches(packed: torch.Tensor, dense: torch.Tensor) -> bool:
     dtype = packed.dtype
     out_features, in_features = dense.shape
     n_pad, k_pad = _packed_shape(dtype, out_features, in_features)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     if torch.ops.mkldnn._nbytes(packed) != n_pad * k_pad * size:
         return False
     flat = _buffer(packed, n_pad * k_pad, dtype)  # [n_pad * k_pad]
@@ -251,7 +251,7 @@ def _distinct(tile: torch.Tensor) -> bool:
 def _buffer(packed: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
     """The opaque packed tensor's memory as a flat tensor (a view: it lives as long as `packed`)."""
     address = torch.ops.mkldnn.data_ptr(packed)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     raw = (ctypes.c_uint8 * (count * size)).from_address(address)
     return torch.frombuffer(raw, dtype=dtype)
 
