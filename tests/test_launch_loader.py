@@ -367,7 +367,7 @@ print((peak - base) * 1024)
 
 def _greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
     """(the prompt's last logits [V] in float32, `steps` greedy tokens) from the model's own prefill/decode."""
-    model.allocate_kv_cache(1, 64, "cpu", torch.bfloat16)
+    model.allocate_kv_cache(1, 64, "cpu", model.dtype)
     with torch.inference_mode():
         logits = model.prefill(torch.tensor([ids]), torch.tensor([len(ids)]), 0)  # [1, V]
         first, tokens = logits[0].float(), []
@@ -377,12 +377,13 @@ def _greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]
     return first, tokens
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_launch_bf16_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied):
-    """bf16 on CPU after a mapped safetensors load: prepack_for_cpu packs the LM head too, in row chunks, from the
-    checkpoint's mapping; the dense head is dropped (a tied embedding then reads its rows from the mapping), and
-    logits and greedy tokens stay those of the dense model (through the small-batch kernels, where they run). A file
-    changed since loading keeps the head dense."""
+def test_launch_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied, dtype):
+    """bf16 or fp32 on CPU after a mapped safetensors load (a bf16 checkpoint): prepack_for_cpu packs the LM head
+    too, in row chunks, from the checkpoint's mapping; the dense head is dropped (a tied embedding then reads its
+    rows from the mapping), and logits and greedy tokens stay those of the dense model (through the small-batch
+    kernels, where they run). A file changed since loading keeps the head dense."""
     import os
 
     import transformers
@@ -397,7 +398,7 @@ def test_launch_bf16_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeyp
     assert args.tie_word_embeddings is tied
 
     def loaded() -> DecoderForCausalLM:
-        model = DecoderForCausalLM(args, dtype=torch.bfloat16)
+        model = DecoderForCausalLM(args, dtype=dtype)
         load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
         return model
 

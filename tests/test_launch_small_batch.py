@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prestage.stages.launch.models import small_batch
+from prestage.stages.launch.models import decoder, small_batch
 from prestage.stages.launch.models.decoder import DecoderForCausalLM, Linear
 
 needs_kernels = pytest.mark.skipif(small_batch.kernels() is None, reason=f"CPU kernels {small_batch.status()}")
@@ -56,7 +56,7 @@ def test_kernels_match_onednn_on_its_packed_weight(dtype, out_features, in_featu
     packed = _pack(w)
     kernel = small_batch.for_packed(packed, w, bias)
     assert kernel is not None and kernel.dtype == dtype
-    for rows in (1, 2, 3, 4, 5, 8):
+    for rows in range(1, 9):
         x = torch.randn(rows, in_features, generator=g).to(dtype)  # [rows, in]
         assert kernel.accepts(x)
         ours, onednn = kernel(x).double(), _onednn(x, packed, bias).double()  # [rows, out]
@@ -116,7 +116,39 @@ def test_layout_check_compares_first_middle_and_last_blocks(dtype):
     for same in (torch.ones_like(w), w[:1].expand_as(w).contiguous(), w[:, :1].expand_as(w).contiguous()):
         assert not small_batch.layout_matches(_pack(same), same)  # constant, repeated rows, repeated columns
     assert small_batch.for_packed(packed, w.double()) is not None  # compared in the packed dtype
-    assert small_batch.for_packed(w, w) is None  # a dense weight, not oneDNN's packing
+    if dtype == torch.bfloat16:
+        assert small_batch.for_packed(w, w) is None  # a dense weight, not oneDNN's packing
+    else:  # plain rows: what the float32 kernel reads (see the test below)
+        x = torch.randn(3, 96)
+        assert torch.equal(small_batch.for_packed(w, w)(x), small_batch.for_packed(packed, w)(x))
+        assert small_batch.for_packed(torch.randn(96, 64 * 5 + 7).T, w) is None  # not contiguous
+
+
+@needs_kernels
+def test_float32_weights_that_onednn_would_only_copy_are_used_as_they_are(monkeypatch):
+    """oneDNN's float32 packing is plain rows on this CPU (the kernels read it so): the loaded weight is then what
+    oneDNN's linear and the kernels read. The first weight of a shape is packed and compared; the next ones are not
+    copied at all; every result is the packed copy's, bit for bit. A weight that cannot tell (a constant one) is
+    packed and decides nothing; bf16 is always re-laid out."""
+    monkeypatch.setattr(decoder, "_PLAIN_PACKING", {})
+    g = torch.Generator().manual_seed(5)
+    first, second, bias = (torch.randn(*shape, generator=g) for shape in ((200, 96), (200, 96), (200,)))
+    onednn = torch.ops.mkldnn._reorder_linear_weight(second, 1)
+    assert small_batch.is_plain_copy(_pack(first), first) is True
+    assert small_batch.is_plain_copy(onednn, first) is False  # another weight's packing
+    assert small_batch.is_plain_copy(_pack(first.bfloat16()), first.bfloat16()) is False
+    constant = torch.ones(200, 96)
+    assert small_batch.is_plain_copy(_pack(constant), constant) is None
+    assert decoder._pack(constant).is_mkldnn and decoder._PLAIN_PACKING == {}  # it decided nothing
+    assert decoder._pack(first).data_ptr() == first.data_ptr()
+    assert decoder._PLAIN_PACKING == {(torch.float32, 200, 96): True}
+    kept = decoder._pack(second)  # not packed: the decision is the shape's
+    assert not kept.is_mkldnn and kept.data_ptr() == second.data_ptr()
+    for rows in (1, 9, 33):
+        x = torch.randn(2, rows, 96, generator=g)  # [2, rows, in]
+        assert torch.equal(decoder._packed_linear(x, kept, bias), decoder._packed_linear(x, onednn, bias))
+    assert decoder._pack(second.bfloat16()).is_mkldnn
+    assert decoder._PLAIN_PACKING[(torch.bfloat16, 200, 96)] is False
 
 
 @needs_kernels
@@ -234,6 +266,8 @@ def test_engine_decode_uses_the_kernels_and_matches_onednn(dtype):
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     kernels = [m.small_batch for m in linears]
     assert linears and all(k is not None for k in kernels)
+    if dtype == torch.float32:  # oneDNN's float32 packing is plain rows here: the loaded weights are kept as they are
+        assert not any(m.packed.is_mkldnn for m in linears)
     prompts = [[5, 17, 300, 9], [8, 2], [40, 41, 42, 43, 44, 45]]
 
     def run() -> tuple[list, torch.Tensor]:

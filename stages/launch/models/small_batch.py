@@ -236,6 +236,25 @@ def layout_matches(packed: torch.Tensor, dense: torch.Tensor) -> bool:
     return any(_distinct(rows) for rows in compared)  # else another layout could have looked the same
 
 
+def is_plain_copy(packed: torch.Tensor, dense: torch.Tensor) -> bool | None:
+    """Is oneDNN's packing `packed` of the float32 weight `dense` [out, in] a plain copy of it, byte for byte? On
+    CPUs whose float32 kernels read plain rows (AVX-512 ones, this project's bench machine among them) it is, and
+    oneDNN's linear then reads the dense weight as it is: the packed copy is not needed. The whole buffer is
+    compared. None when this weight cannot tell: a weight without distinct rows and columns in its first block
+    (see `_distinct`) would look the same in other layouts."""
+    if not packed.is_mkldnn or packed.dtype != torch.float32 or dense.dtype != torch.float32 or dense.dim() != 2:
+        return False
+    try:
+        if torch.ops.mkldnn._nbytes(packed) != dense.numel() * 4:
+            return False
+        flat = _buffer(packed, dense.numel(), torch.float32)  # [out * in]
+    except (AttributeError, RuntimeError):  # a torch without torch.ops.mkldnn.data_ptr and _nbytes
+        return False
+    if not torch.equal(flat.view(torch.int32), dense.contiguous().view(-1).view(torch.int32)):  # bits: NaN too
+        return False
+    return True if _distinct(dense[:BLOCK_OUT]) else None
+
+
 def _distinct(tile: torch.Tensor) -> bool:
     """Are the rows of `tile` [r, c] pairwise different, and its columns? Then a tile that matches shows the layout
     (any weight with real values passes; a constant or repeated block is not evidence, and keeps oneDNN). Compared
@@ -261,7 +280,7 @@ class SmallBatchLinear:
 
     def __init__(self, fn, packed: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None):
         self.fn, self.packed, self.dtype = fn, packed, packed.dtype  # holding `packed` keeps its buffer alive
-        self.address = torch.ops.mkldnn.data_ptr(packed)
+        self.address = torch.ops.mkldnn.data_ptr(packed) if packed.is_mkldnn else packed.data_ptr()
         self.out_features, self.in_features = out_features, in_features
         self.in_padded = _packed_shape(packed.dtype, out_features, in_features)[1]
         self.bias = bias.detach().float().contiguous() if bias is not None else None  # [out] float32
@@ -295,15 +314,22 @@ class SmallBatchLinear:
 
 def for_packed(packed: torch.Tensor, dense: torch.Tensor, bias=None) -> SmallBatchLinear | None:
     """The small-batch kernel for `packed`, oneDNN's packing of the weight `dense` [out, in] (still readable: see
-    `layout_matches`), or None where oneDNN keeps the weight (see the module docstring)."""
+    `layout_matches`), or None where oneDNN keeps the weight (see the module docstring). A float32 `packed` may
+    also be the dense weight itself (where oneDNN's packing would be a plain copy: see `is_plain_copy`): plain rows
+    are what the float32 kernel reads."""
     found = kernels()
-    if found is None or packed.dtype not in found or not packed.is_mkldnn or dense.dim() != 2:
+    if found is None or packed.dtype not in found or dense.dim() != 2:
         return None
-    try:  # torch's oneDNN ops for a packed tensor's memory (torch.ops.mkldnn.data_ptr and _nbytes)
-        if torch.ops.mkldnn.data_ptr(packed) % 64 or not layout_matches(packed, dense):  # 64: aligned loads
+    if not packed.is_mkldnn:
+        plain = packed.dtype == torch.float32 and packed.is_contiguous() and packed.shape == dense.shape
+        if not plain or packed.data_ptr() % 64:  # 64: aligned loads
             return None
-    except (AttributeError, RuntimeError):  # a torch without them
-        return None
+    else:
+        try:  # torch's oneDNN ops for a packed tensor's memory (torch.ops.mkldnn.data_ptr and _nbytes)
+            if torch.ops.mkldnn.data_ptr(packed) % 64 or not layout_matches(packed, dense):
+                return None
+        except (AttributeError, RuntimeError):  # a torch without them
+            return None
     out_features, in_features = dense.shape
     if bias is not None and bias.numel() != out_features:
         return None
