@@ -377,13 +377,18 @@ def _greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]
     return first, tokens
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "dtype, file_dtype",
+    [(torch.bfloat16, "bfloat16"), (torch.float32, "bfloat16"), (torch.float32, "float32")],
+    ids=["bf16", "fp32-from-bf16", "fp32"],
+)
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_launch_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied, dtype):
-    """bf16 or fp32 on CPU after a mapped safetensors load (a bf16 checkpoint): prepack_for_cpu packs the LM head
-    too, in row chunks, from the checkpoint's mapping; the dense head is dropped (a tied embedding then reads its
-    rows from the mapping), and logits and greedy tokens stay those of the dense model (through the small-batch
-    kernels, where they run). A file changed since loading keeps the head dense."""
+def test_launch_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch, tied, dtype, file_dtype):
+    """bf16 or fp32 on CPU after a mapped safetensors load: prepack_for_cpu packs the LM head too, in row chunks,
+    from the checkpoint's mapping; the dense head is dropped (a tied embedding then reads its rows from the
+    mapping), and logits and greedy tokens stay those of the dense model (through the small-batch kernels, where
+    they run). The head's pieces are memory of their own, even where packing keeps a float32 weight as it is:
+    overwriting an untied head in the file changes nothing. A file changed since loading keeps the head dense."""
     import os
 
     import transformers
@@ -392,7 +397,7 @@ def test_launch_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch,
     from tests.support.checkpoints import build_checkpoint
 
     folder = build_checkpoint(
-        tmp_path / "m", config_overrides={"tie_word_embeddings": tied}, dtype="bfloat16", with_tokenizer=False
+        tmp_path / "m", config_overrides={"tie_word_embeddings": tied}, dtype=file_dtype, with_tokenizer=False
     )
     args = DecoderArgs.from_hf_config(transformers.AutoConfig.from_pretrained(folder))
     assert args.tie_word_embeddings is tied
@@ -415,6 +420,17 @@ def test_launch_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch,
     (a, dense_tokens), (b, packed_tokens) = _greedy(dense, IDS, 8), _greedy(packed, IDS, 8)
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
     assert packed_tokens == dense_tokens
+    if not tied:  # the head is read from the pieces, not from the file: zeros written over it change nothing
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            head_bytes = f.get_tensor("lm_head.weight").numel() * (2 if file_dtype == "bfloat16" else 4)
+        source = packed.mapped["lm_head.weight"]
+        with open(folder / "model.safetensors", "r+b") as fh:
+            fh.seek(source.offset)
+            fh.write(bytes(head_bytes))
+        again, again_tokens = _greedy(packed, IDS, 8)
+        assert torch.equal(again, b) and again_tokens == packed_tokens
 
     stale = loaded()
     st = (folder / "model.safetensors").stat()

@@ -521,8 +521,12 @@ class DecoderForCausalLM(nn.Module):
         chunks, kernels = [], []
         for lo in range(0, rows, HEAD_CHUNK_ROWS):
             hi = min(lo + HEAD_CHUNK_ROWS, rows)
-            chunks.append(_pack(view.tensor[lo:hi].to(self.dtype)))  # [hi - lo, hidden], packed
-            kernels.append((lo, small_batch.for_packed(chunks[-1], view.tensor[lo:hi])))
+            mapped = view.tensor[lo:hi]  # [hi - lo, hidden], in the checkpoint's file
+            piece = _pack(mapped.to(self.dtype))  # packed (or kept as is: float32)
+            if not piece.is_mkldnn and piece.data_ptr() == mapped.data_ptr():  # fp32 from an fp32 file: its pages
+                piece = piece.clone()  # the head is memory of its own, as the packed pieces are
+            chunks.append(piece)
+            kernels.append((lo, small_batch.for_packed(piece, mapped)))
             view.drop_pages(lo, hi)
         self.head_packed = chunks
         if all(kernel is not None for _, kernel in kernels):
