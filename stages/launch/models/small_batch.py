@@ -5,9 +5,10 @@ At a decode step every projection multiplies a few rows by the whole weight, so 
 weights stream from memory. oneDNN's kernels for so few rows read them well below the machine's bandwidth: on this
 project's 2-core bench machine (one process, the same packed weights, Qwen2-0.5B projections), bfloat16 at
 17-25 GB/s for one row and 14-19 GB/s for eight, where a plain `sum` reads 28-35 GB/s; small_batch.c reads them at
-29-43 GB/s for one row and 20-25 GB/s for eight, and float32 at 21-26 against 16-23 GB/s for one row and 10-18
-against 10-15 for eight. The weights stay the one copy oneDNN packed: prefill and batches of more rows still go
-through oneDNN. The results are oneDNN's but for the order of the float32 additions (in bf16 about 1 output in
+29-43 GB/s for one row and 20-25 GB/s for eight, and float32 at 21-32 against 16-25 GB/s for one row (a batch-1
+float32 step 5-8% faster) and 17-23 against 14 for eight (a batch-8 float32 step 14% faster than with tiles of 4
+rows). The weights stay the one copy oneDNN packed (in float32, where that packing is a plain copy, the loaded
+weight itself): prefill and batches of more rows still go through oneDNN. The results are oneDNN's but for the order of the float32 additions (in bf16 about 1 output in
 1,000 is one bfloat16 step apart), the same difference there is between oneDNN and transformers' own matmul; each
 row's result does not depend on how many rows run with it.
 
@@ -21,7 +22,7 @@ oneDNN, with the reason in `status()`:
 - `PRESTAGE_CPU_KERNELS` is not `0` (set it to compare with oneDNN's kernels);
 - a C compiler that builds the file, and an OpenMP runtime mapped into the process by torch;
 - oneDNN packed the weight in the layout the kernel reads (bf16: 64-output blocks of input pairs; float32: plain
-  rows), checked on each weight as it is packed (`layout_matches`).
+  rows), checked on each weight as it is packed (`layout_matches`; `is_plain_copy` for a kept float32 weight).
 """
 
 from __future__ import annotations
