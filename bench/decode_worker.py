@@ -237,25 +237,36 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
 
     # Each client count is measured offline, then through the server, twice in turn, the best of each kept (as
     # for the decode rates): this VM's speed drifts within minutes, and measuring the two side by side keeps the
-    # drift out of their ratio.
+    # drift out of their ratio. The main thread hands the engine to the loop for each served round.
     order = [c for c in (1, 8, 32) for _ in range(2)]
     offline: dict[int, float] = {}
     served: dict[int, float] = {}
-    turn = threading.Semaphore(0)  # the main thread hands the engine to the server for one round
+    turn = threading.Semaphore(0)  # the main thread's go for the driver's next round
+    failed = threading.Event()  # set by the driver before its last loop.stop(): the main thread stops too
+    quit_driver = threading.Event()  # set by the main thread when it stops early: the driver stops too
+    errors: list[BaseException] = []
 
     def drive() -> None:  # the clients, from other threads while the main thread runs the engine loop
         try:
+            deadline = time.monotonic() + 60
             while not server.started:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the bench's uvicorn server did not start within 60 s")
                 time.sleep(0.05)
             ask(PROMPT)  # a warm-up of the HTTP path
             loop.stop()
             for c in order:
                 turn.acquire()
+                if quit_driver.is_set():
+                    return
                 counts: list[int] = []
 
                 def client(prompt, out=counts) -> None:
-                    for _ in range(ROUNDS):
-                        out.append(ask(prompt))
+                    try:
+                        for _ in range(ROUNDS):
+                            out.append(ask(prompt))
+                    except BaseException as e:  # reported by the driver, after every client is done
+                        errors.append(e)
 
                 threads = [threading.Thread(target=client, args=(p,)) for p in _prompts(c)]
                 t0 = time.perf_counter()
@@ -263,27 +274,36 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
                     t.start()
                 for t in threads:
                     t.join()
+                if errors:
+                    raise errors[0]
                 served[c] = max(served.get(c, 0.0), sum(counts) / (time.perf_counter() - t0))
                 loop.stop()
-        finally:
-            server.should_exit = True
+        except BaseException as e:
+            if not errors or errors[0] is not e:
+                errors.append(e)
+            failed.set()
             loop.stop()  # the main thread is not left waiting in run_here
 
-    driver = threading.Thread(target=drive)
+    driver = threading.Thread(target=drive, daemon=True)
     driver.start()
-    loop.run_here()  # until the warm-up request is answered
-    for c in order:
-        if not driver.is_alive():
-            break  # a client failed: the error is in its thread's traceback
-        t0, tokens = time.perf_counter(), 0
-        for _ in range(ROUNDS):
-            tokens += sum(len(o["token_ids"]) for o in engine.generate(_prompts(c), sp))
-        offline[c] = max(offline.get(c, 0.0), tokens / (time.perf_counter() - t0))
+    try:
+        loop.run_here()  # until the warm-up request is answered
+        for c in order:
+            if failed.is_set():
+                break
+            t0, tokens = time.perf_counter(), 0
+            for _ in range(ROUNDS):
+                tokens += sum(len(o["token_ids"]) for o in engine.generate(_prompts(c), sp))
+            offline[c] = max(offline.get(c, 0.0), tokens / (time.perf_counter() - t0))
+            turn.release()
+            loop.run_here()  # until the driver's round is over
+    finally:
+        quit_driver.set()  # a driver still waiting for its turn ends (it has none left after the last round)
         turn.release()
-        loop.run_here()  # until the driver's round is over
-    driver.join()
-    if set(served) != set(order):
-        raise RuntimeError("the server bench's clients did not finish (see the traceback above)")
+        server.should_exit = True
+    driver.join(timeout=60)
+    if errors:
+        raise RuntimeError(f"the server bench failed: {errors[0]!r}") from errors[0]
     return {
         "offline_tok_s": {str(c): round(v, 2) for c, v in offline.items()},
         "server_tok_s": {str(c): round(v, 2) for c, v in served.items()},

@@ -178,7 +178,7 @@ class Linear(nn.Module):
         self.weight = _empty(out_features, in_features, factory=factory)  # [out, in]
         self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
         self.shards = shards or {}
-        self.packed: torch.Tensor | None = None  # the weight as oneDNN reads it (CPU bf16, fp32): see prepack()
+        self.packed: torch.Tensor | None = None  # the weight as oneDNN reads it (CPU): packed, or kept (see _pack)
         self.small_batch: small_batch.SmallBatchLinear | None = None  # few-row kernel on `packed`, if usable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +191,10 @@ class Linear(nn.Module):
     def prepack(self) -> None:
         """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
         weights at about half the memory bandwidth, and its float32 one (MKL) took 1.3 to 2.2 times oneDNN's time
-        at 8 to 128 rows here. The dense weight is dropped (or kept as the one copy: see `_pack`): the module is
-        inference-only. A few rows (a decode step) then read the same buffer with small_batch's kernels where
-        usable."""
+        at 8 to 128 rows here. The dense weight is dropped (or kept as the one copy: see `_pack`; then `packed`
+        shares the old parameter's memory, so a caller still holding that parameter must not change it): the
+        module is inference-only. A few rows (a decode step) then read the same buffer with small_batch's kernels
+        where usable."""
         self.packed = _pack(self.weight)  # oneDNN's layout
         self.small_batch = small_batch.for_packed(self.packed, self.weight, self.bias)
         self.weight = None
@@ -377,7 +378,7 @@ class DecoderForCausalLM(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.unused_weights: list[str] = []
         self.mapped: dict = {}  # checkpoint name -> weight_loading.MappedTensor, filled by the CPU loader
-        self.head_packed: list[torch.Tensor] | None = None  # the LM head in HEAD_CHUNK_ROWS-row packed pieces
+        self.head_packed: list[torch.Tensor] | None = None  # the LM head in HEAD_CHUNK_ROWS-row pieces, as `_pack`
         self.head_small_batch: list | None = None  # [(first row, small_batch kernel)] per piece, if all usable
         self.embed_rows: torch.Tensor | None = None  # [V, hidden] mapped from the checkpoint once the head is packed
 

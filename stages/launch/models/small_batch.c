@@ -103,9 +103,9 @@ void prestage_linear_bf16(const uint16_t *w, const uint16_t *x, const float *bia
 /* ---- float32 -------------------------------------------------------------------------------------------- */
 
 /* outputs [o0, o0 + O) of w [n, k] against rows x[0..R) (row stride k); y rows have stride ldy. Up to 4 rows, the
- * rows' 16 inputs are loaded once per step (4 + 16 registers); 5 to 8 rows keep 32 sums in the registers and take
- * the inputs from memory (L1) in each multiply-add, so the tile's weights are read once for all 8 rows. Each sum's
- * order of additions is the same in both. Always inlined: each constant tile shape gets its own unrolled code (as a
+ * rows' 16 inputs are loaded once per step (4 + 16 registers); 5 to 8 rows keep up to 32 sums (at 8 rows gcc keeps
+ * 30 of them in registers and two on the stack) and take the inputs from memory (L1) in each multiply-add, so the
+ * tile's weights are read once for all 8 rows. Each sum's order of additions is the same in both. Always inlined: each constant tile shape gets its own unrolled code (as a
  * plain inline function, gcc left the eight shapes as one generic call, 10-20% slower). */
 static inline __attribute__((always_inline)) void f32_tile(const float *w, const float *x, int64_t k, const int O,
                                                             const int R, const float *bias, float *y, int64_t ldy,

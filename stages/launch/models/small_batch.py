@@ -8,9 +8,10 @@ project's 2-core bench machine (one process, the same packed weights, Qwen2-0.5B
 29-43 GB/s for one row and 20-25 GB/s for eight, and float32 at 21-32 against 16-25 GB/s for one row (a batch-1
 float32 step 5-8% faster) and 17-23 against 14 for eight (a batch-8 float32 step 14% faster than with tiles of 4
 rows). The weights stay the one copy oneDNN packed (in float32, where that packing is a plain copy, the loaded
-weight itself): prefill and batches of more rows still go through oneDNN. The results are oneDNN's but for the order of the float32 additions (in bf16 about 1 output in
-1,000 is one bfloat16 step apart), the same difference there is between oneDNN and transformers' own matmul; each
-row's result does not depend on how many rows run with it.
+weight itself): prefill and batches of more rows still go through oneDNN. The results are oneDNN's but for the
+order of the float32 additions (in bf16 about 1 output in 1,000 is one bfloat16 step apart), the same difference
+there is between oneDNN and transformers' own matmul; each row's result does not depend on how many rows run with
+it.
 
 The kernels are compiled once per machine with the system's C compiler (`$CC`, else gcc) into
 `$XDG_CACHE_HOME/prestage/kernels` (default ~/.cache; a private folder in the system's temp folder if that one
@@ -22,7 +23,9 @@ oneDNN, with the reason in `status()`:
 - `PRESTAGE_CPU_KERNELS` is not `0` (set it to compare with oneDNN's kernels);
 - a C compiler that builds the file, and an OpenMP runtime mapped into the process by torch;
 - oneDNN packed the weight in the layout the kernel reads (bf16: 64-output blocks of input pairs; float32: plain
-  rows), checked on each weight as it is packed (`layout_matches`; `is_plain_copy` for a kept float32 weight).
+  rows), checked on each packed weight (`layout_matches`); or the weight is a float32 one kept as it was loaded,
+  because oneDNN's packing of its shape was found to be a plain copy on the first weight of that shape
+  (`is_plain_copy`, models/decoder.py's `_pack`).
 """
 
 from __future__ import annotations
@@ -277,7 +280,8 @@ def _buffer(packed: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tenso
 
 
 class SmallBatchLinear:
-    """y = x W^T (+ b) for up to MAX_ROWS rows of x, from a oneDNN-packed bf16 or float32 weight (`for_packed`)."""
+    """y = x W^T (+ b) for up to MAX_ROWS rows of x, from a oneDNN-packed bf16 or float32 weight, or a kept dense
+    float32 one (`for_packed`)."""
 
     def __init__(self, fn, packed: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None):
         self.fn, self.packed, self.dtype = fn, packed, packed.dtype  # holding `packed` keeps its buffer alive
