@@ -1,9 +1,11 @@
 """One measurement of bench_decode, in its own process (so peak RSS and start-up are that engine's alone).
 
     python -m bench.decode_worker prestage|transformers|vllm|server MODEL_DIR bfloat16|float32 SPAWN_TIME
+    python -m bench.decode_worker prestage-start|transformers-start MODEL_DIR bfloat16|float32 SPAWN_TIME
 
 Prints one line: "bench-result: " and JSON. `prestage`: start to first token (from SPAWN_TIME), decode tok/s
-at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS. `transformers`: the same with
+at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS (`-start`: start to first token only, for
+more samples of it). `transformers`: the same with
 `from_pretrained` + `generate`. `vllm`: vLLM's CPU build, run with .venv-vllm's python. `server`: the offline
 engine and the OpenAI server (loopback HTTP, token-id prompts) on the same prompts at 1 / 8 / 32 concurrent
 clients (each sending ROUNDS requests in turn), generated tokens per second, offline and served measured in turn
@@ -118,12 +120,14 @@ def _decode_rate(engine, batch: int) -> float:
     return best
 
 
-def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
+def run_prestage(model_dir: str, dtype_name: str, spawned: float, start_only: bool = False) -> dict:
     from prestage.stages.launch.sampling import SamplingParams
 
     engine, _ = load_prestage(model_dir, dtype_name, 8)
     engine.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0))
     first = time.time() - spawned
+    if start_only:
+        return {"start_to_first_token_s": round(first, 3)}
     return {
         "start_to_first_token_s": round(first, 3),
         "decode_tok_s_b1": round(_decode_rate(engine, 1), 2),
@@ -137,7 +141,7 @@ def run_prestage(model_dir: str, dtype_name: str, spawned: float) -> dict:
     }
 
 
-def run_transformers(model_dir: str, dtype_name: str, spawned: float) -> dict:
+def run_transformers(model_dir: str, dtype_name: str, spawned: float, start_only: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -161,6 +165,8 @@ def run_transformers(model_dir: str, dtype_name: str, spawned: float) -> dict:
     gen(1, 1)
     first = time.time() - spawned
     out = {"start_to_first_token_s": round(first, 3)}
+    if start_only:
+        return out
     for b in (1, 8):
         gen(b, 2)  # warm-up: a decode step at this batch size has run once (as for prestage)
         t1 = min(gen(b, 1) for _ in range(REPEAT))
@@ -312,6 +318,10 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
 
 def main() -> None:
     kind, model_dir, dtype_name, spawned = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    if kind in ("prestage-start", "transformers-start"):  # start to first token only, then exit
+        fn = run_prestage if kind == "prestage-start" else run_transformers
+        print(MARK + json.dumps(fn(model_dir, dtype_name, spawned, start_only=True)), flush=True)
+        return
     fn = {"prestage": run_prestage, "transformers": run_transformers, "server": run_server, "vllm": run_vllm}[kind]
     print(MARK + json.dumps(fn(model_dir, dtype_name, spawned)), flush=True)
 
