@@ -81,7 +81,7 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
 
     from prestage.stages.launch.torch_setup import import_torch
 
-    torch = import_torch()  # as launch and serve import it (prestage's process settings first)
+    torch = import_torch(huge_pages=dtype_name != "float32")  # as launch and serve import it
     global TORCH_RSS
     TORCH_RSS = _rss()  # the floor every torch process pays before any weight
     from prestage.stages.configure.spec import build_spec

@@ -371,7 +371,8 @@ def test_launch_cache_writes_land_where_indexing_puts_them():
 def test_launch_engine_process_asks_torch_for_huge_pages():
     """launch and serve import torch through torch_setup: PyTorch's THP_MEM_ALLOC_ENABLE is set before torch's
     first allocation (none of the modules the launch path imports first pulls torch in), so the packed weights
-    are allocated on transparent huge pages; a value the user set is kept."""
+    are allocated on transparent huge pages; a value the user set is kept. For float32 on CPU
+    (`huge_pages=False`) it is left unset: torch's default, no huge pages."""
     import subprocess
     import sys
     from pathlib import Path
@@ -404,3 +405,13 @@ print(os.environ['THP_MEM_ALLOC_ENABLE'], huge * 1024)
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "0"
+    float32 = script.replace("import_torch()", "import_torch(huge_pages=False)").replace(
+        "os.environ[", "os.environ.get("
+    )
+    float32 = float32.replace("'THP_MEM_ALLOC_ENABLE']", "'THP_MEM_ALLOC_ENABLE', 'unset')")
+    r = subprocess.run([sys.executable, "-c", float32], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    setting, huge = r.stdout.split()
+    assert setting == "unset"  # float32 on CPU: torch's default
+    if thp == "madvise":  # nothing asked for huge pages, so none
+        assert huge == "0", f"{huge} bytes on huge pages"

@@ -149,7 +149,9 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     t = time.perf_counter()
     from prestage.stages.launch.torch_setup import import_torch
 
-    torch = import_torch()  # huge pages for the weights: set before torch's first allocation
+    requested = str(params.get("dtype") or "auto").lower()  # pick_dtype's choice on CPU, before torch is imported
+    cpu_dtype = requested if requested != "auto" else str(upstream["configure"].record.dtype.cpu).lower()
+    torch = import_torch(huge_pages=cpu_dtype != "float32")  # for the weights: before torch's first allocation
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
 
     from prestage.stages.launch.engine import Engine, plan_kv_cache
