@@ -4,13 +4,13 @@
     python -m bench.decode_worker prestage-start|transformers-start MODEL_DIR bfloat16|float32 SPAWN_TIME
 
 Prints one line: "bench-result: " and JSON. `prestage`: start to first token (from SPAWN_TIME), decode tok/s
-at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS (`-start`: start to first token only, for
-more samples of it). `transformers`: the same with
+at batch 1 and 8 (the decode steps only, prefill excluded), peak RSS. `transformers`: the same with
 `from_pretrained` + `generate`. `vllm`: vLLM's CPU build, run with .venv-vllm's python. `server`: the offline
 engine and the OpenAI server (loopback HTTP, token-id prompts) on the same prompts at 1 / 8 / 32 concurrent
 clients (each sending ROUNDS requests in turn), generated tokens per second, offline and served measured in turn
 twice for each client count, the best of each kept. Every engine runs a short decode at each batch size before
-that batch size is timed, and its decode rate is the best of REPEAT runs.
+that batch size is timed, and its decode rate is the best of REPEAT runs. `prestage-start`, `transformers-start`:
+start to first token only (more samples of it).
 """
 
 from __future__ import annotations

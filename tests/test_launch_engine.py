@@ -415,3 +415,28 @@ print(os.environ['THP_MEM_ALLOC_ENABLE'], huge * 1024)
     assert setting == "unset"  # float32 on CPU: torch's default
     if thp == "madvise":  # nothing asked for huge pages, so none
         assert huge == "0", f"{huge} bytes on huge pages"
+
+
+@pytest.mark.parametrize(
+    "given, recorded, expected",
+    [
+        (None, "float32", "float32"),
+        ("auto", "bfloat16", "bfloat16"),
+        ("float", "bfloat16", "float32"),
+        ("half", "float32", "float16"),
+        ("FLOAT32", "bfloat16", "float32"),
+        (" torch.bfloat16 ", "float32", "bfloat16"),
+    ],
+)
+def test_launch_knows_the_cpu_dtype_before_importing_torch(given, recorded, expected):
+    """launch decides huge pages (not for float32) before torch is imported, from --dtype (as configure reads it:
+    aliases, case, a torch. prefix) or configure's CPU dtype: the same dtype pick_dtype then runs on CPU."""
+    from types import SimpleNamespace
+
+    from prestage.stages.launch import inference
+
+    conf = SimpleNamespace(dtype=SimpleNamespace(cpu=recorded, gpu="bfloat16"))
+    params = {} if given is None else {"dtype": given}
+    assert inference.cpu_dtype_name(conf, params) == expected
+    picked = inference.pick_dtype(conf, torch.device("cpu"), [], inference.requested_dtype(params))
+    assert picked == getattr(torch, expected)

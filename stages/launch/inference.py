@@ -63,6 +63,20 @@ def pick_dtype(conf: ConfigureRecord, device, warnings: list, requested: str | N
     return dtype
 
 
+def requested_dtype(params: dict) -> str:
+    """serve's or run's --dtype, read as configure reads it ("float" is float32, "half" float16; "auto" unset)."""
+    from prestage.stages.configure.dtype import normalize_requested
+
+    return normalize_requested(params.get("dtype"))
+
+
+def cpu_dtype_name(conf: ConfigureRecord, params: dict) -> str:
+    """The dtype pick_dtype chooses on CPU, known before torch is imported (the device is not: on a GPU the
+    choice only sets import_torch's huge pages for host memory)."""
+    requested = requested_dtype(params)
+    return requested if requested != "auto" else str(conf.dtype.cpu).lower()
+
+
 def hf_config(conf: ConfigureRecord, model_dir: Path | None):
     """The transformers config configure recorded (patched), rebuilt as a config object."""
     from transformers import AutoConfig
@@ -149,8 +163,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     t = time.perf_counter()
     from prestage.stages.launch.torch_setup import import_torch
 
-    requested = str(params.get("dtype") or "auto").lower()  # pick_dtype's choice on CPU, before torch is imported
-    cpu_dtype = requested if requested != "auto" else str(upstream["configure"].record.dtype.cpu).lower()
+    cpu_dtype = cpu_dtype_name(upstream["configure"].record, params)
     torch = import_torch(huge_pages=cpu_dtype != "float32")  # for the weights: before torch's first allocation
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
 
@@ -172,7 +185,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     timings["tokenizer_s"] = time.perf_counter() - t
 
     device = pick_device(params.get("device"))
-    dtype = pick_dtype(conf, device, warnings, params.get("dtype"))
+    dtype = pick_dtype(conf, device, warnings, requested_dtype(params))
     model_dir = paths.model_dir(run_dir, upstream["resolve"], params)
     t = time.perf_counter()
     try:
