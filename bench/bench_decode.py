@@ -125,16 +125,16 @@ def main() -> dict:
         vllm = worker("vllm", model_dir, dtype, str(vllm_python)) if vllm_python else None
         # start to first token varies by up to 1.5x from one process start to the next here (fresh memory costs
         # this VM more in some states): more starts of each, in turn, and the median of each engine's
+        starts = {"prestage": ours, "transformers": base}
+        for row in starts.values():
+            row["start_to_first_token_runs_s"] = [row["start_to_first_token_s"]]
         for _ in range(STARTS - 1):
-            for who, row in (("prestage", ours), ("transformers", base)):
-                row.setdefault("start_to_first_token_runs_s", [row["start_to_first_token_s"]])
+            for who, row in starts.items():
                 row["start_to_first_token_runs_s"].append(
                     worker(f"{who}-start", model_dir, dtype)["start_to_first_token_s"]
                 )
-        for row in (ours, base):
-            row["start_to_first_token_s"] = statistics.median(
-                row.get("start_to_first_token_runs_s", [row["start_to_first_token_s"]])
-            )
+        for row in starts.values():
+            row["start_to_first_token_s"] = statistics.median(row["start_to_first_token_runs_s"])
         # this VM's bandwidth drifts by 15% within minutes: measured again after the workers, and the higher
         # reading sets the bound (the share of it is then, if anything, understated)
         again = read_bandwidth_gbs()
@@ -156,8 +156,8 @@ def main() -> dict:
             f"    {'start to first token':<22} prestage {ours['start_to_first_token_s']:7.2f}s   "
             f"transformers {base['start_to_first_token_s']:7.2f}s   "
             f"x{ours['start_to_first_token_s'] / base['start_to_first_token_s']:.2f} (lower is better; the median "
-            f"of {STARTS} starts each: {ours.get('start_to_first_token_runs_s')} / "
-            f"{base.get('start_to_first_token_runs_s')})"
+            f"of {STARTS} starts each: {ours['start_to_first_token_runs_s']} / "
+            f"{base['start_to_first_token_runs_s']})"
         )
         kv = ours["kv_cache_bytes"]
         row["rss_bound_bytes"] = round(1.2 * (weight_bytes + kv))

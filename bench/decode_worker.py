@@ -285,7 +285,7 @@ def run_server(model_dir: str, dtype_name: str, spawned: float) -> dict:
                 served[c] = max(served.get(c, 0.0), sum(counts) / (time.perf_counter() - t0))
                 loop.stop()
         except BaseException as e:
-            if not errors or errors[0] is not e:
+            if e not in errors:  # a client's error, raised again above, is already there
                 errors.append(e)
             failed.set()
             loop.stop()  # the main thread is not left waiting in run_here

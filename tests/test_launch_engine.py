@@ -437,6 +437,7 @@ def test_launch_knows_the_cpu_dtype_before_importing_torch(given, recorded, expe
 
     conf = SimpleNamespace(dtype=SimpleNamespace(cpu=recorded, gpu="bfloat16"))
     params = {} if given is None else {"dtype": given}
-    assert inference.cpu_dtype_name(conf, params) == expected
-    picked = inference.pick_dtype(conf, torch.device("cpu"), [], inference.requested_dtype(params))
+    requested = inference.requested_dtype(params)
+    assert inference.cpu_dtype_name(conf, requested) == expected
+    picked = inference.pick_dtype(conf, torch.device("cpu"), [], requested)
     assert picked == getattr(torch, expected)

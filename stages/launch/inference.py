@@ -70,10 +70,9 @@ def requested_dtype(params: dict) -> str:
     return normalize_requested(params.get("dtype"))
 
 
-def cpu_dtype_name(conf: ConfigureRecord, params: dict) -> str:
-    """The dtype pick_dtype chooses on CPU, known before torch is imported (the device is not: on a GPU the
-    choice only sets import_torch's huge pages for host memory)."""
-    requested = requested_dtype(params)
+def cpu_dtype_name(conf: ConfigureRecord, requested: str) -> str:
+    """The dtype pick_dtype chooses on CPU for `requested` (requested_dtype's), known before torch is imported (the
+    device is not: on a GPU the choice only sets import_torch's huge pages for host memory)."""
     return requested if requested != "auto" else str(conf.dtype.cpu).lower()
 
 
@@ -163,8 +162,10 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     t = time.perf_counter()
     from prestage.stages.launch.torch_setup import import_torch
 
-    cpu_dtype = cpu_dtype_name(upstream["configure"].record, params)
-    torch = import_torch(huge_pages=cpu_dtype != "float32")  # for the weights: before torch's first allocation
+    requested = requested_dtype(params)
+    torch = import_torch(
+        huge_pages=cpu_dtype_name(upstream["configure"].record, requested) != "float32"
+    )  # for the weights: before torch's first allocation
     import transformers  # noqa: F401  (timed here, not inside the tokenizer step)
 
     from prestage.stages.launch.engine import Engine, plan_kv_cache
@@ -185,7 +186,7 @@ def load_for_inference(run_dir: Path, upstream: dict, params: dict, max_num_seqs
     timings["tokenizer_s"] = time.perf_counter() - t
 
     device = pick_device(params.get("device"))
-    dtype = pick_dtype(conf, device, warnings, requested_dtype(params))
+    dtype = pick_dtype(conf, device, warnings, requested)
     model_dir = paths.model_dir(run_dir, upstream["resolve"], params)
     t = time.perf_counter()
     try:
