@@ -439,3 +439,72 @@ def test_launch_packs_the_head_from_the_mapped_checkpoint(tmp_path, monkeypatch,
     st = (folder / "model.safetensors").stat()
     os.utime(folder / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert stale.prepack_for_cpu() and stale.head_packed is None and stale.lm_head.weight is not None
+
+
+@pytest.mark.parametrize("order", ["file", "interleaved"])
+def test_bf16_projections_are_packed_as_they_load(tmp_path, order):
+    """bf16 on CPU with `pack_while_loading`: each projection is packed as soon as its weight is complete, from
+    the checkpoint's tensor or (q/k/v, gate/up) a reused staging buffer, and its dense parameter is never
+    written. The packed weights are oneDNN's same bytes as packing after loading, so logits and tokens are equal,
+    bit for bit, whatever the order: pieces of same-shaped weights interleaved, biases after their weights."""
+    import transformers
+
+    from prestage.stages.launch.models import decoder
+    from prestage.stages.launch.weight_loading import LoadStats, _mapped_safetensors_weights
+    from tests.support.checkpoints import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "m", dtype="bfloat16", with_tokenizer=False)
+    args = DecoderArgs.from_hf_config(transformers.AutoConfig.from_pretrained(folder))
+    assert args.qkv_bias and args.num_hidden_layers >= 2  # biases, and weights of the same shape in turn
+    after = DecoderForCausalLM(args, dtype=torch.bfloat16)  # packed by the engine, after loading
+    load_checkpoint(after, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
+    assert after.prepack_for_cpu()
+
+    model = DecoderForCausalLM(args, dtype=torch.bfloat16)
+    assert model.pack_while_loading()
+    if order == "file":
+        load_checkpoint(model, weights_record(safetensors_outputs(folder)), folder, tmp_path, "cpu")
+    else:
+        path = folder / "model.safetensors"
+        rec = SimpleNamespace(path=path.name, size=path.stat().st_size, sha256=None)
+        tensors = [(n, t.clone()) for n, t in _mapped_safetensors_weights([(path, rec)], False, LoadStats("s"))]
+
+        def key(item):  # every layer's q, then every layer's k, ...; each bias after all the weights
+            name = item[0]
+            parts = name.split(".")
+            layer = int(parts[2]) if name.startswith("model.layers.") else -1
+            return (name.endswith(".bias"), parts[-2] if layer >= 0 else name, layer)
+
+        loaded = model.load_weights(sorted(tensors, key=key))
+        assert loaded == {n for n, _ in DecoderForCausalLM(args, dtype=torch.bfloat16).named_parameters()}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, decoder.Linear)]
+    assert linears and all(m.weight is None and m.packed is not None and m.small_batch is None for _, m in linears)
+    assert model.prepack_for_cpu()
+    packed_after = dict(after.named_modules())
+    x = torch.randn(3, args.hidden_size).bfloat16()
+    for name, m in linears:
+        ref = packed_after[name]
+        assert (m.small_batch is None) == (ref.small_batch is None)
+        inputs = x if m.shape[1] == args.hidden_size else torch.randn(3, m.shape[1]).bfloat16()
+        assert torch.equal(
+            decoder._packed_linear(inputs, m.packed, m.bias), decoder._packed_linear(inputs, ref.packed, ref.bias)
+        )
+    (a, tokens_after), (b, tokens) = _greedy(after, IDS, 8), _greedy(model, IDS, 8)
+    assert torch.equal(a, b) and tokens == tokens_after
+
+    dense = DecoderForCausalLM(args, dtype=torch.float32)
+    assert not dense.pack_while_loading()  # float32 packs after loading (a plain layout keeps the loaded weight)
+
+
+def test_staging_buffers_are_reused_by_the_next_weight_of_their_shape():
+    from prestage.stages.launch.models.decoder import _Staging
+
+    staging = _Staging(torch.bfloat16)
+    first = staging.rows("a", (8, 4), 0, 4)
+    second = staging.rows("b", (8, 4), 0, 4)  # "a" is still being assembled: another buffer
+    assert first.data_ptr() != second.data_ptr()
+    whole = staging.take("a")
+    assert whole.shape == (8, 4) and whole.data_ptr() == first.data_ptr()
+    staging.give_back((8, 4), "a")
+    assert staging.rows("c", (8, 4), 4, 4).data_ptr() == first.data_ptr() + 4 * 4 * 2  # a's buffer, rows 4-8
+    assert staging.rows("d", (2, 4), 0, 2).data_ptr() not in (first.data_ptr(), second.data_ptr())

@@ -323,3 +323,20 @@ def test_kernels_run_from_the_server_engine_loop_thread():
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive() and [o["token_ids"] for o in got[0]] == [o["token_ids"] for o in main]
+
+
+@needs_kernels
+def test_the_layout_is_checked_on_the_first_weight_of_each_shape(monkeypatch):
+    """oneDNN picks its layout per dtype and shape: `fits` compares blocks for the first weight of a shape that
+    can tell (a constant one cannot, and decides nothing), then only checks the buffer size of later ones."""
+    monkeypatch.setattr(small_batch, "_LAYOUT_SEEN", {})
+    g = torch.Generator().manual_seed(5)
+    first, later = (torch.randn(64 * 3 + 5, 160, generator=g).bfloat16() for _ in range(2))
+    constant = torch.ones_like(first)
+    assert not small_batch.fits(_pack(constant), constant) and not small_batch._LAYOUT_SEEN
+    assert small_batch.fits(_pack(first), first)
+    compared = []
+    monkeypatch.setattr(small_batch, "layout_matches", lambda *a: compared.append(a) or True)
+    assert small_batch.fits(_pack(later), later) and not compared
+    assert not small_batch.fits(_pack(later[:, :96]), first)  # not that shape's buffer: refused, not compared
+    assert not compared

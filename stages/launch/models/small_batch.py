@@ -23,7 +23,8 @@ oneDNN, with the reason in `status()`:
 - `PRESTAGE_CPU_KERNELS` is not `0` (set it to compare with oneDNN's kernels);
 - a C compiler that builds the file, and an OpenMP runtime mapped into the process by torch;
 - oneDNN packed the weight in the layout the kernel reads (bf16: 64-output blocks of input pairs; float32: plain
-  rows), checked on each packed weight (`layout_matches`); or the weight is a float32 one kept as it was loaded,
+  rows), checked on the first packed weight of each shape (`layout_matches`; oneDNN picks its layout per dtype,
+  shape and CPU, so later weights of that shape only have their buffer size checked); or the weight is a float32 one kept as it was loaded,
   because oneDNN's packing of its shape was found to be a plain copy on the first weight of that shape
   (`is_plain_copy`, models/decoder.py's `_pack`).
 """
@@ -52,6 +53,7 @@ COMPILE_TIMEOUT_S = 120
 BLOCK_OUT, BLOCK_IN = 64, 32  # oneDNN's bf16 AB16b64a2b blocks: 64 outputs x 32 inputs (16 pairs)
 
 _unavailable: list[str] = []  # why the kernels are not used (first reason), once looked for
+_LAYOUT_SEEN: dict[tuple, int] = {}  # (dtype, out, in) -> packed bytes, for shapes `layout_matches` confirmed
 
 
 def status() -> str:
@@ -318,24 +320,39 @@ class SmallBatchLinear:
 
 
 def for_packed(packed: torch.Tensor, dense: torch.Tensor, bias=None) -> SmallBatchLinear | None:
-    """The small-batch kernel for `packed`, oneDNN's packing of the weight `dense` [out, in] (still readable: see
-    `layout_matches`), or None where oneDNN keeps the weight (see the module docstring). A float32 `packed` may
-    also be the dense weight itself (where oneDNN's packing would be a plain copy: see `is_plain_copy`): plain rows
-    are what the float32 kernel reads."""
+    """The small-batch kernel for `packed`, oneDNN's packing of the weight `dense` [out, in] (see `fits`), or None
+    where oneDNN keeps the weight (see the module docstring)."""
+    return kernel_for(packed, tuple(dense.shape), bias) if fits(packed, dense) else None
+
+
+def fits(packed: torch.Tensor, dense: torch.Tensor) -> bool:
+    """Can the kernels read `packed`, oneDNN's packing of the weight `dense` [out, in] (still readable: see
+    `layout_matches`)? A float32 `packed` may also be the dense weight itself (where oneDNN's packing would be a
+    plain copy: see `is_plain_copy`): plain rows are what the float32 kernel reads. Asked once, when the weight is
+    packed (the decoder may pack a weight as it loads, before its bias is there: then `kernel_for` comes later)."""
     found = kernels()
     if found is None or packed.dtype not in found or dense.dim() != 2:
-        return None
+        return False
     if not packed.is_mkldnn:
         plain = packed.dtype == torch.float32 and packed.is_contiguous() and packed.shape == dense.shape
-        if not plain or packed.data_ptr() % 64:  # 64: aligned loads
-            return None
-    else:
-        try:  # torch's oneDNN ops for a packed tensor's memory (torch.ops.mkldnn.data_ptr and _nbytes)
-            if torch.ops.mkldnn.data_ptr(packed) % 64 or not layout_matches(packed, dense):
-                return None
-        except (AttributeError, RuntimeError):  # a torch without them
-            return None
-    out_features, in_features = dense.shape
+        return plain and packed.data_ptr() % 64 == 0  # 64: aligned loads
+    key = (packed.dtype, *dense.shape)
+    try:  # torch's oneDNN ops for a packed tensor's memory (torch.ops.mkldnn.data_ptr and _nbytes)
+        if torch.ops.mkldnn.data_ptr(packed) % 64:
+            return False
+        if key in _LAYOUT_SEEN:  # oneDNN picks its layout per dtype and shape: the buffer's size still must agree
+            return torch.ops.mkldnn._nbytes(packed) == _LAYOUT_SEEN[key]
+        if not layout_matches(packed, dense):
+            return False
+    except (AttributeError, RuntimeError):  # a torch without them
+        return False
+    _LAYOUT_SEEN[key] = torch.ops.mkldnn._nbytes(packed)
+    return True
+
+
+def kernel_for(packed: torch.Tensor, shape: tuple[int, int], bias=None) -> SmallBatchLinear | None:
+    """The kernel for a packed weight `fits` accepted, of `shape` (out, in), with its bias [out] (or None)."""
+    out_features, in_features = shape
     if bias is not None and bias.numel() != out_features:
         return None
-    return SmallBatchLinear(found[packed.dtype], packed, out_features, in_features, bias)
+    return SmallBatchLinear(kernels()[packed.dtype], packed, out_features, in_features, bias)
