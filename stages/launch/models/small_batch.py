@@ -24,9 +24,9 @@ oneDNN, with the reason in `status()`:
 - a C compiler that builds the file, and an OpenMP runtime mapped into the process by torch;
 - oneDNN packed the weight in the layout the kernel reads (bf16: 64-output blocks of input pairs; float32: plain
   rows), checked on the first packed weight of each shape (`layout_matches`; oneDNN picks its layout per dtype,
-  shape and CPU, so later weights of that shape only have their buffer size checked); or the weight is a float32 one kept as it was loaded,
-  because oneDNN's packing of its shape was found to be a plain copy on the first weight of that shape
-  (`is_plain_copy`, models/decoder.py's `_pack`).
+  shape and CPU, so later weights of that shape only have their buffer size checked); or the weight is a float32
+  one kept as it was loaded, because oneDNN's packing of its shape was found to be a plain copy on the first
+  weight of that shape (`is_plain_copy`, models/decoder.py's `_pack`).
 """
 
 from __future__ import annotations
