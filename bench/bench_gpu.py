@@ -222,10 +222,10 @@ def run_prestage(folder: Path, device: str, spawned: float, batches: list[int]) 
 
 
 def run_transformers(folder: Path, device: str, spawned: float, batches: list[int]) -> dict:
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM
-
-    import importlib.util
 
     # device_map loads straight onto the device, and needs accelerate; without it, the CPU load and a copy
     how = "device_map" if importlib.util.find_spec("accelerate") else "from_pretrained, then .to(device)"
