@@ -178,7 +178,6 @@ def run_prestage(folder: Path, device: str, spawned: float, batches: list[int]) 
     config = json.loads((folder / "config.json").read_text())
     spec = build_spec(SimpleNamespace(**config), native=True, weight_dtype="bfloat16", sliding_window=None)
     model = DecoderForCausalLM(DecoderArgs.from_spec(spec, config["architectures"][0]), torch.bfloat16, device)
-    model.pack_while_loading()  # as launch builds it (on CPU: bf16 packed as it loads)
     files = [{"path": f.name, "size": f.stat().st_size, "sha256": "", "kind": "safetensors"} for f in _files(folder)]
     record = WeightsRecord.from_dict(
         {

@@ -95,7 +95,6 @@ def load_prestage(model_dir: str, dtype_name: str, slots: int):
     config = json.loads((Path(model_dir) / "config.json").read_text())
     spec = build_spec(SimpleNamespace(**config), native=True, weight_dtype=dtype_name, sliding_window=None)
     model = DecoderForCausalLM(DecoderArgs.from_spec(spec, config["architectures"][0]), dtype=dtype)
-    model.pack_while_loading()  # as launch's build_model does
     path = Path(model_dir) / "model.safetensors"
     rec = SimpleNamespace(path=path.name, size=path.stat().st_size, sha256=None)
     stats = LoadStats("safetensors")

@@ -110,7 +110,6 @@ def build_model(conf: ConfigureRecord, checkpoint_tensors, dtype, device, model_
             warnings.append("tie_word_embeddings is true but the checkpoint has lm_head.weight: loading it untied")
         model = DecoderForCausalLM(args, dtype=dtype, device=device)
         model.untied_by_checkpoint = conf.spec.tie_word_embeddings and not args.tie_word_embeddings
-        model.pack_while_loading()  # bf16 on CPU: the engine packs every projection anyway; do it as they load
         return model
     if cls_ref == registry.TRANSFORMERS_BACKEND:
         from prestage.stages.launch.hf_backend import TransformersForCausalLM

@@ -177,10 +177,8 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _empty(out_features, in_features, factory=factory)  # [out, in]
         self.bias = _empty(out_features, factory=factory) if bias else None  # [out]
-        self.shape = (out_features, in_features)
         self.shards = shards or {}
         self.packed: torch.Tensor | None = None  # the weight as oneDNN reads it (CPU): packed, or kept (see _pack)
-        self.kernel_fits = False  # small_batch's kernels can read `packed` (asked when it is packed)
         self.small_batch: small_batch.SmallBatchLinear | None = None  # few-row kernel on `packed`, if usable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,28 +188,16 @@ class Linear(nn.Module):
             return _packed_linear(x, self.packed, self.bias)  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., in] -> [..., out]
 
-    def pack_from(self, dense: torch.Tensor, owned: bool = True) -> None:
-        """Pack the weight from `dense` [out, in] (in the model's dtype) and drop the dense parameter. `owned`:
-        `dense` is this weight's own memory, which may be kept as the one copy (see `_pack`); else it is memory
-        the caller reuses or a view of the checkpoint file (the decoder packing bf16 weights as they load), and
-        a kept weight is copied out of it."""
-        packed = _pack(dense)
-        if not owned and not packed.is_mkldnn:
-            packed = packed.clone()  # kept as it is: not in memory the caller will reuse
-        self.packed, self.kernel_fits = packed, small_batch.fits(packed, dense)
-        self.weight = None
-
     def prepack(self) -> None:
-        """Re-lay the weight out for oneDNN once (what vLLM's CPU path does), unless the loader already did
-        (`pack_from`): torch's default bf16 matmul reads weights at about half the memory bandwidth, and its
-        float32 one (MKL) took 1.3 to 2.2 times oneDNN's time at 8 to 128 rows here. The dense weight is dropped
-        (or kept as the one copy: see `_pack`; then `packed` shares the old parameter's memory, so a caller still
-        holding that parameter must not change it): the module is inference-only. A few rows (a decode step) then
-        read the same buffer with small_batch's kernels where usable (made here, once the bias is loaded)."""
-        if self.packed is None:
-            self.pack_from(self.weight)
-        if self.kernel_fits and self.small_batch is None:
-            self.small_batch = small_batch.kernel_for(self.packed, self.shape, self.bias)
+        """Re-lay the weight out for oneDNN once (what vLLM's CPU path does): torch's default bf16 matmul reads
+        weights at about half the memory bandwidth, and its float32 one (MKL) took 1.3 to 2.2 times oneDNN's time
+        at 8 to 128 rows here. The dense weight is dropped (or kept as the one copy: see `_pack`; then `packed`
+        shares the old parameter's memory, so a caller still holding that parameter must not change it): the
+        module is inference-only. A few rows (a decode step) then read the same buffer with small_batch's kernels
+        where usable."""
+        self.packed = _pack(self.weight)  # oneDNN's layout
+        self.small_batch = small_batch.for_packed(self.packed, self.weight, self.bias)
+        self.weight = None
 
 
 class RMSNorm(nn.Module):
@@ -395,7 +381,6 @@ class DecoderForCausalLM(nn.Module):
         self.head_packed: list[torch.Tensor] | None = None  # the LM head in HEAD_CHUNK_ROWS-row pieces, as `_pack`
         self.head_small_batch: list | None = None  # [(first row, small_batch kernel)] per piece, if all usable
         self.embed_rows: torch.Tensor | None = None  # [V, hidden] mapped from the checkpoint once the head is packed
-        self.packing_while_loading = False  # see pack_while_loading
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(
@@ -507,26 +492,15 @@ class DecoderForCausalLM(nn.Module):
         """On CPU in bfloat16 or float32 with oneDNN: pre-pack every projection's weight, and the LM head when the
         loader recorded where it lies in the checkpoint (see `_pack_head`). Call after the weights are loaded; True
         when it packed."""
-        if not self._packs_for_cpu((torch.bfloat16, torch.float32)):  # float16: no fast oneDNN path on most CPUs
+        w = self.model.layers[0].mlp.down_proj.weight if len(self.model.layers) else None
+        packable = (torch.bfloat16, torch.float32)  # float16 has no fast oneDNN path on most CPUs
+        if w is None or w.device.type != "cpu" or w.dtype not in packable or not torch.backends.mkldnn.is_available():
             return False
         for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepack()  # or only its kernel, where the loader packed it (pack_while_loading)
+            if isinstance(module, Linear) and module.packed is None:
+                module.prepack()
         self._pack_head()
         return True
-
-    def pack_while_loading(self) -> bool:
-        """bf16 on CPU: have `load_weights` pack each projection as soon as its weight is complete, straight from
-        the checkpoint's tensor (a fused one from a staging buffer reused by the next weight of its shape), so
-        the dense parameters are never written: loading costs one pass over fresh memory, not two (the dense
-        copy, then oneDNN's). bf16 packing is always a re-layout, never the dense weight kept (see `_pack`), so
-        nothing packed refers to the checkpoint's memory. True when it will."""
-        self.packing_while_loading = self._packs_for_cpu((torch.bfloat16,))
-        return self.packing_while_loading
-
-    def _packs_for_cpu(self, dtypes: tuple) -> bool:
-        on_cpu = self.model.norm.weight.device.type == "cpu"
-        return on_cpu and len(self.model.layers) > 0 and self.dtype in dtypes and torch.backends.mkldnn.is_available()
 
     def _pack_head(self) -> None:
         """The head is a quarter of a small model's bytes, read every step: pack it too, from the checkpoint's
@@ -570,7 +544,6 @@ class DecoderForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         shards_seen: dict[str, set] = {}
         loaded: set[str] = set()
-        staging = _Staging(self.dtype) if self.packing_while_loading else None
         for name, tensor in weights:
             if name.endswith(IGNORED_SUFFIXES):
                 continue
@@ -585,9 +558,9 @@ class DecoderForCausalLM(nn.Module):
             if param is None:
                 self.unused_weights.append(name)
                 continue
-            module = self.get_submodule(target.rsplit(".", 1)[0])
             dest = param.data
             if shard is not None:
+                module = self.get_submodule(target.rsplit(".", 1)[0])
                 offset, size = module.shards[shard]
                 dest = dest.narrow(0, offset, size)  # rows of this shard
             if tuple(dest.shape) != tuple(tensor.shape):
@@ -595,44 +568,12 @@ class DecoderForCausalLM(nn.Module):
                     f"checkpoint tensor {name} has shape {list(tensor.shape)}, the model expects "
                     f"{list(dest.shape)}: the weights do not match config.json"
                 )
-            packs = staging is not None and isinstance(module, Linear) and param is module.weight
-            if packs and shard is None:
-                module.pack_from(tensor.to(self.dtype), owned=False)  # from the checkpoint's tensor itself
-            elif packs:
-                staging.rows(target, module.shape, offset, size).copy_(tensor)
+            dest.copy_(tensor, non_blocking=True)
+            if shard is None:
+                loaded.add(target)
             else:
-                dest.copy_(tensor, non_blocking=True)
-            if shard is not None:
                 shards_seen.setdefault(target, set()).add(shard)
-                if shards_seen[target] != set(module.shards):
-                    continue
-                if packs:
-                    module.pack_from(staging.take(target), owned=False)
-                    staging.give_back(module.shape, target)
-            loaded.add(target)
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                if shards_seen[target] == set(module.shards):
+                    loaded.add(target)
         return loaded
-
-
-class _Staging:
-    """The buffers fused weights are assembled in while the decoder packs as it loads (see
-    `DecoderForCausalLM.pack_while_loading`): one per weight being assembled, handed to the next weight of the
-    same shape once packed, so a model's q/k/v and gate/up weights pass through a few buffers, not fresh memory
-    each. Checkpoints usually keep a weight's pieces together; one that does not only takes more buffers."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.busy: dict[str, torch.Tensor] = {}  # parameter name -> its buffer [out, in]
-        self.free: dict[tuple, list[torch.Tensor]] = {}  # shape -> buffers no weight is using
-
-    def rows(self, name: str, shape: tuple[int, int], offset: int, size: int) -> torch.Tensor:
-        """Rows [offset, offset + size) of the buffer `name` is assembled in (one taken or made on first use)."""
-        if name not in self.busy:
-            spare = self.free.get(shape)
-            self.busy[name] = spare.pop() if spare else torch.empty(shape, dtype=self.dtype)
-        return self.busy[name].narrow(0, offset, size)
-
-    def take(self, name: str) -> torch.Tensor:
-        return self.busy[name]
-
-    def give_back(self, shape: tuple[int, int], name: str) -> None:
-        self.free.setdefault(shape, []).append(self.busy.pop(name))

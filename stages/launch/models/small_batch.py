@@ -320,16 +320,20 @@ class SmallBatchLinear:
 
 
 def for_packed(packed: torch.Tensor, dense: torch.Tensor, bias=None) -> SmallBatchLinear | None:
-    """The small-batch kernel for `packed`, oneDNN's packing of the weight `dense` [out, in] (see `fits`), or None
-    where oneDNN keeps the weight (see the module docstring)."""
-    return kernel_for(packed, tuple(dense.shape), bias) if fits(packed, dense) else None
+    """The small-batch kernel for `packed`, oneDNN's packing of the weight `dense` [out, in] (see `fits`), with
+    its bias [out] (or None); None where oneDNN keeps the weight (see the module docstring)."""
+    if not fits(packed, dense):
+        return None
+    out_features, in_features = dense.shape
+    if bias is not None and bias.numel() != out_features:
+        return None
+    return SmallBatchLinear(kernels()[packed.dtype], packed, out_features, in_features, bias)
 
 
 def fits(packed: torch.Tensor, dense: torch.Tensor) -> bool:
     """Can the kernels read `packed`, oneDNN's packing of the weight `dense` [out, in] (still readable: see
     `layout_matches`)? A float32 `packed` may also be the dense weight itself (where oneDNN's packing would be a
-    plain copy: see `is_plain_copy`): plain rows are what the float32 kernel reads. Asked once, when the weight is
-    packed (the decoder may pack a weight as it loads, before its bias is there: then `kernel_for` comes later)."""
+    plain copy: see `is_plain_copy`): plain rows are what the float32 kernel reads."""
     found = kernels()
     if found is None or packed.dtype not in found or dense.dim() != 2:
         return False
@@ -348,11 +352,3 @@ def fits(packed: torch.Tensor, dense: torch.Tensor) -> bool:
         return False
     _LAYOUT_SEEN[key] = torch.ops.mkldnn._nbytes(packed)
     return True
-
-
-def kernel_for(packed: torch.Tensor, shape: tuple[int, int], bias=None) -> SmallBatchLinear | None:
-    """The kernel for a packed weight `fits` accepted, of `shape` (out, in), with its bias [out] (or None)."""
-    out_features, in_features = shape
-    if bias is not None and bias.numel() != out_features:
-        return None
-    return SmallBatchLinear(kernels()[packed.dtype], packed, out_features, in_features, bias)
