@@ -236,3 +236,138 @@ def test_streamed_chat_starts_with_the_role(served):
     chunks = _events(client.post("/v1/chat/completions", json={**body, "stream": True}))
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+
+
+def test_a_top_k_beyond_the_vocabulary_is_off_and_harms_no_other_request(served):
+    """top_k >= 2**63 used to overflow the sampler's tensor, failing the engine step for every running request."""
+    client, _ = served
+    base = {"prompt": PROMPT, "max_tokens": 4, "temperature": 1.0, "seed": 7}
+    want = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    for top_k in (2**63, 10**30):
+        r = client.post("/v1/completions", json={**base, "top_k": top_k})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want  # top_k over the vocabulary: the same as no top_k
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500(served):
+    client, _ = served
+    for raw in (b"[" * 100_000, b'{"prompt": ' + b"[" * 100_000):
+        r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("prompt", ["\ud800", ["ok", "a\udfffb"]])
+def test_a_lone_surrogate_in_the_prompt_is_a_400_not_a_500(served, prompt):
+    client, _ = served
+    body = json.dumps({"prompt": prompt, "max_tokens": 2})  # ASCII, with the surrogate as a \\u escape
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] in ("prompt", "prompt[1]")
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("part", [{"type": "text", "text": 5}, {"type": "text", "text": None}, {"type": "text"}])
+def test_a_text_part_without_a_string_is_a_400_not_a_500(served, part):
+    client, _ = served
+    body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages"
+
+
+def test_streamed_logprobs_text_offsets_continue_across_chunks(served):
+    """text_offset is the token's position in the whole completion, streamed or not (each chunk used to restart
+    at 0)."""
+    client, _ = served
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert sum((lp["tokens"] for lp in lps), []) == whole["tokens"]
+    assert sum((lp["text_offset"] for lp in lps), []) == whole["text_offset"]
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-300])
+def test_a_temperature_below_vllms_epsilon_is_greedy(served, temperature):
+    """As vLLM (temperature < 1e-5 is greedy); 1e-40 used to round to 0 in float32 and pick tokens from inf/nan."""
+    client, _ = served
+    body = {"prompt": PROMPT, "max_tokens": 8}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**body, "temperature": temperature})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy
+
+
+def test_engine_loop_survives_a_sink_whose_event_loop_closed(served):
+    """At shutdown uvicorn closes its event loop while a stream may still run: the engine loop's next delivery
+    raised `RuntimeError: Event loop is closed` out of `run_here`, so SIGTERM/SIGINT ended serve with exit 1 and
+    "internal error". The request is aborted instead and the loop stops cleanly."""
+    import asyncio
+    import threading
+
+    from prestage.stages.launch.engine_loop import EngineLoop
+    from prestage.stages.launch.sampling import SamplingParams
+
+    engine = served[0].inference.engine
+    dead = asyncio.new_event_loop()
+    dead.close()
+    got = []
+
+    def sink(out):
+        got.append(out)
+        dead.call_soon_threadsafe(print, out)  # what the server's sink does, on a closed loop
+
+    saved = engine.__dict__.pop("_engine_loop", None)  # the fixture's app has its own loop on this engine
+    try:
+        loop = EngineLoop.on_this_thread(engine)
+        ticket = loop.submit([1, 2, 3], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), sink)
+        threading.Timer(2.0, loop.stop).start()
+        loop.run_here()  # raised RuntimeError before the fix
+        assert [o.finish_reason for o in got] == [None, "abort"]  # the first delivery failed: the request ended
+        assert ticket.request_id not in loop._live and engine.slots_in_use == 0
+    finally:
+        engine._engine_loop = saved
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", ["1", "-0.5", True])
+def test_a_penalty_sent_as_a_string_or_bool_is_refused_not_ignored(served, field, value):
+    """A non-zero penalty is refused by name; as "1" (which pydantic coerces) it used to pass and be ignored."""
+    client, _ = served
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+    assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, field: "0"}).status_code == 200
+
+
+@pytest.mark.parametrize("dtype", ["auto", "half", "float", "float16", "bfloat16", "float32", "torch.float16"])
+def test_serve_takes_vllms_dtype_names(dtype):
+    """`vllm serve --dtype half` (or float) works, and launch's requested_dtype reads them; serve refused them."""
+    from prestage.stages.launch.serving import check_serve_params
+
+    check_serve_params({"dtype": dtype})
+
+
+def test_serve_refuses_an_unknown_dtype():
+    from prestage.stages.errors import UsageError
+    from prestage.stages.launch.serving import check_serve_params
+
+    with pytest.raises(UsageError, match="float64"):
+        check_serve_params({"dtype": "float64"})
+
+
+def test_a_batch_stops_tokenizing_at_the_first_prompt_over_the_context(served, monkeypatch):
+    """Each prompt of a list is checked as it is tokenized: an 8 MB list of over-long prompts used to be tokenized
+    whole (seconds on the event loop, every other request waiting) before the first was refused."""
+    client, _ = served
+    tok = client.inference.tokenizer
+    calls = []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, *a, **k: calls.append(len(text)) or real(text, *a, **k))
+    long = "ab " * 6000  # about 6000 tokens: over the tiny model's 4096, under the character bound
+    r = client.post("/v1/completions", json={"prompt": [long] * 20, "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt[0]"
+    assert len(calls) == 1

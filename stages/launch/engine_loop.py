@@ -156,7 +156,7 @@ class EngineLoop:
                     self.metrics.generation_tokens.inc(len(out.new_token_ids))
                 if out.finished:  # counted before the answer goes out, so a client reading /metrics next sees it
                     self._finish(ticket, out.finish_reason, None)
-                ticket.sink(out)
+                self._deliver(ticket, out)
             self.metrics.running.set(engine.num_running)
             self.metrics.waiting.set(engine.num_waiting)
             self.metrics.slots.set(engine.slots_in_use)
@@ -166,18 +166,28 @@ class EngineLoop:
             try:
                 ticket.request_id = self.engine.add_request(ticket.prompt, ticket.params)
             except Exception as e:
-                ticket.sink(e)
+                self._deliver(ticket, e)
                 return
             self._live[ticket.request_id] = ticket
             self.metrics.prompt_tokens.inc(len(ticket.prompt))
         elif ticket.request_id is not None and ticket.request_id in self._live:
             self.engine.abort(ticket.request_id)
 
+    def _deliver(self, ticket: Ticket, item) -> None:
+        """Hand `item` to the ticket's sink; a sink that fails (its receiver is gone, e.g. the HTTP server's event
+        loop closed at shutdown while a stream ran) ends its request instead of the loop."""
+        try:
+            ticket.sink(item)
+        except Exception as e:
+            log.debug("request %s: its receiver failed (%s); aborting it", ticket.request_id, e)
+            if ticket.request_id is not None and ticket.request_id in self._live:
+                self.engine.abort(ticket.request_id)
+
     def _finish(self, ticket: Ticket, status: str, error: Exception | None) -> None:
         self._live.pop(ticket.request_id, None)
         self.metrics.requests.labels(status=status).inc()
         if error is not None:
-            ticket.sink(error)
+            self._deliver(ticket, error)
         log.info(
             "request %s %s prompt_tokens=%d completion_tokens=%d latency=%.3fs",
             ticket.request_id,

@@ -90,6 +90,14 @@ class _Sampling(BaseModel):
             raise ValueError("an empty stop string would stop at once; drop it")
         return v
 
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v):
+        # refuse_unimplemented catches a JSON number; this, what pydantic coerces ("1", true) to one
+        if v:
+            raise ValueError("not supported by this server; send 0 or leave it out")
+        return v
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]

@@ -5,7 +5,8 @@ repetition_penalty 1.0, no seed); the launch stage's own CLI default is greedy (
 model's generation_config.json says otherwise. `penalize` applies the repetition penalty as vLLM and
 transformers do (a logit of a token already in the prompt or the output is divided by the penalty when
 positive, multiplied when not). `sample` picks one token per row on the logits' device: argmax where
-temperature is 0, else temperature, then top-k, then top-p, then min-p, then a draw by the exponential race
+temperature is below 1e-5 (vLLM's rule: a smaller one would overflow the scaled logits), else temperature, then
+top-k (at or over the vocabulary size: off), then top-p, then min-p, then a draw by the exponential race
 (argmax of p / E, E ~ Exp(1)), with E drawn from the request's own generator when it has a seed, so a seeded
 request gives the same tokens alone or in any batch.
 """
@@ -60,7 +61,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     B, V = logits.shape
     device = logits.device
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)  # [B]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)  # [B]
+    # a top_k at or over the vocabulary is off (as vLLM clamps it), so any int a request sends fits the tensor
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)  # [B]
     top_p = torch.tensor([p.top_p for p in params], device=device)  # [B]
     scaled = logits.float() / temps[:, None]  # [B, V]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V] each

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from prestage.stages.launch.sampling_defaults import check_sampling
 
+SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it is greedy
 # The sampling fields launch records in its inputs (the flag, else generation_config.json, else the default).
 LAUNCH_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop")
 
@@ -40,4 +41,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # as vLLM (_SAMPLING_EPS): a temperature this small is greedy; dividing the logits by one that rounds to 0
+        # (or under float32's range) would make them inf / nan and pick tokens at random
+        return self.temperature < SAMPLING_EPS

@@ -41,9 +41,11 @@ _DISCONNECT_POLL_S = 0.1
 def _text_of(content) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
     if len(parts) != len(content):
         raise ApiError(400, "only text content parts are supported by this model", "messages")
+    if not all(isinstance(p, str) for p in parts):
+        raise ApiError(400, 'a text content part needs a string \'text\': {"type": "text", "text": "..."}', "messages")
     return "".join(parts)
 
 
@@ -196,6 +198,8 @@ def create_app(
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:  # arrays or objects nested deeper than the JSON parser goes
+            raise ApiError(400, "the request body is nested too deeply to be a request") from None
         refuse_unimplemented(body)
         try:
             return model_cls.model_validate(body)
@@ -254,15 +258,25 @@ def create_app(
                 "can hold; shorten it",
                 param,
             )
-        return list(tokenizer.encode(text))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON "\\ud800"): no tokenizer takes it
+            raise ApiError(
+                400, f"{param} is not valid Unicode: {e.reason} at character {e.start}; send UTF-8 text", param
+            ) from None
+        return fits(list(tokenizer.encode(text)), param)  # checked now, before the request's next prompt
 
-    def check_ids(ids: list[int], param: str) -> list[int]:
-        if not ids:
-            raise ApiError(400, f"{param} is an empty list of token ids: give at least one token", param)
+    def fits(ids: list[int], param: str) -> list[int]:
         if len(ids) >= max_model_len:
             raise ApiError(
                 400, f"{param} has {len(ids)} tokens and this model's context is {max_model_len}; shorten it", param
             )
+        return ids
+
+    def check_ids(ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise ApiError(400, f"{param} is an empty list of token ids: give at least one token", param)
+        fits(ids, param)
         for i in ids:
             if not 0 <= i <= vocab_bound:
                 raise ApiError(400, f"{param}: token id {i} is out of vocabulary (0..{vocab_bound})", param)
@@ -370,9 +384,10 @@ def create_app(
         c = sum(completion_tokens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def completion_logprobs(entries, token_ids) -> dict:
+    def completion_logprobs(entries, token_ids, start: int = 0) -> dict:
+        """`start`: the text offset of the first of these tokens (a stream's chunks continue the offsets)."""
         tokens = [piece(t) for t in token_ids[: len(entries)]]
-        offsets, pos = [], 0
+        offsets, pos = [], start
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
@@ -434,8 +449,13 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+            offset = [0] * len(prompts)  # per prompt: where the next chunk's tokens start in the text
+
             def chunk(i, delta, finish, new):
-                lp = completion_logprobs(new.entries, new.token_ids) if want_lp else None
+                lp = None
+                if want_lp:
+                    lp = completion_logprobs(new.entries, new.token_ids, offset[i])
+                    offset[i] += sum(len(t) for t in lp["tokens"])
                 choice = {"index": i, "text": delta, "logprobs": lp, "finish_reason": finish}
                 return {**head, "choices": [choice], **({"usage": None} if include_usage else {})}
 

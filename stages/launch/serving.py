@@ -15,7 +15,6 @@ import socket
 from prestage.stages.errors import ResourceError, UnsupportedError, UsageError
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def check_serve_extra() -> None:
@@ -35,9 +34,9 @@ def check_serve_extra() -> None:
 
 
 def check_serve_params(params: dict) -> None:
-    dtype = str(params.get("dtype") or "auto").lower()
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {params.get('dtype')!r}: use one of {', '.join(DTYPES)}")
+    from prestage.stages.configure.dtype import normalize_requested
+
+    normalize_requested(params.get("dtype"))  # vLLM's names, as launch reads them: half, float, float16, ...
     mml = params.get("max_model_len")
     if mml is not None and int(mml) < 2:
         raise UsageError(f"--max-model-len {mml}: must be at least 2 (one prompt token and one generated)")
