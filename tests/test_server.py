@@ -371,3 +371,43 @@ def test_a_batch_stops_tokenizing_at_the_first_prompt_over_the_context(served, m
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "prompt[0]"
     assert len(calls) == 1
+
+
+def test_a_failed_engine_step_is_a_500_and_a_stream_it_ends_still_gets_done(served, monkeypatch):
+    """A step that fails is the server's fault, not the prompt's: a 500 `server_error` for a plain request; a
+    stream gets the error as an event, then `[DONE]` (as vLLM ends a failed stream). The next request runs."""
+    client, _ = served
+    engine = client.inference.engine
+    real, failures = engine.step, [1]
+
+    def step():
+        if failures:
+            failures.pop()
+            raise RuntimeError("injected step failure")
+        return real()
+
+    monkeypatch.setattr(engine, "step", step)
+    body = {"prompt": PROMPT, "max_tokens": 4}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["type"] == "server_error" and "injected step failure" in r.json()["error"]["message"]
+    failures.append(1)
+    events = client.post("/v1/completions", json={**body, "stream": True}).text.strip().split("\n\n")
+    assert json.loads(events[-2][6:])["error"]["code"] == 500 and events[-1] == "data: [DONE]"
+    assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_seeds_are_int64_and_stream_options_need_a_stream(served):
+    """As vLLM: a seed outside int64 is a 400 (2**64 - 1 used to act as -1), and so are stream_options without
+    stream: true."""
+    client, _ = served
+    for seed in (2**63, 2**64 - 1):
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    assert (
+        client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "seed": 2**63 - 1}).status_code == 200
+    )
+    body = {"prompt": PROMPT, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+    assert client.post("/v1/completions", json={**body, "stream": True}).status_code == 200

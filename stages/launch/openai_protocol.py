@@ -72,7 +72,7 @@ class _Sampling(BaseModel):
     repetition_penalty: Finite | None = Field(None, gt=0, le=10)
     presence_penalty: Finite | None = Field(None, ge=-2, le=2)
     frequency_penalty: Finite | None = Field(None, ge=-2, le=2)
-    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as vLLM's
     stop: str | list[str] | None = None
     n: StrictInt = Field(1, ge=1)
     stream: StrictBool = False

@@ -25,6 +25,7 @@ import json
 import time
 import uuid
 
+from prestage.stages.errors import UsageError
 from prestage.stages.launch.openai_protocol import (
     ApiError,
     ChatRequest,
@@ -214,6 +215,8 @@ def create_app(
             )
         if req.n != 1:
             raise ApiError(400, f"n={req.n} is not supported; send n=1 (one completion per prompt)", "n")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true (as vLLM)", "stream_options")
 
     defaults = {**_OPENAI_DEFAULTS, **{k: v for k, v in (generation_defaults or {}).items() if k != "max_tokens"}}
     default_max_tokens = (generation_defaults or {}).get("max_tokens")
@@ -309,6 +312,15 @@ def create_app(
             tickets.append(loop.submit(p, sp, lambda out, i=i: aloop.call_soon_threadsafe(events.put_nowait, (i, out))))
         return events, tickets
 
+    def engine_error(e: Exception) -> ApiError:
+        """What the engine loop sent a request instead of tokens: the engine refusing it (a UsageError: the
+        request's fault, a 400), or a failed step (every running request gets it: the server's fault, a 500)."""
+        if isinstance(e, UsageError):
+            return ApiError(400, str(e), "prompt")
+        return ApiError(
+            500, f"the engine failed while running this request: {type(e).__name__}: {e}", None, "server_error"
+        )
+
     def abort_all(tickets, done: set) -> None:
         for i, t in enumerate(tickets):
             if i not in done:
@@ -332,7 +344,7 @@ def create_app(
                 if out is None:
                     continue
                 if isinstance(out, Exception):
-                    raise ApiError(400, str(out), "prompt")
+                    raise engine_error(out)
                 acc[i]["logprobs"].extend(out.new_logprobs)
                 if out.finished:
                     finals[i] = {
@@ -355,13 +367,14 @@ def create_app(
             sent = [0] * len(prompts)
             done: set[int] = set()
             completion = [0] * len(prompts)
+            failed = False
             try:
                 while len(done) < len(prompts):
                     i, out = await events.get()
-                    if isinstance(out, Exception):
-                        error = error_body(str(out), "server_error", None, 500)
-                        yield f"data: {json.dumps(error)}\n\n"
-                        return
+                    if isinstance(out, Exception):  # then [DONE], as vLLM ends a stream that failed
+                        yield f"data: {json.dumps(engine_error(out).body())}\n\n"
+                        failed = True
+                        break
                     text, finish = out.text, out.finish_reason
                     completion[i] = len(out.token_ids)
                     upto = len(text) if finish else max(sent[i], len(text) - hold[i])
@@ -371,7 +384,7 @@ def create_app(
                         sent[i] = upto
                     if finish:
                         done.add(i)
-                if include_usage:
+                if include_usage and not failed:
                     yield f"data: {json.dumps(usage_chunk(usage_of(prompts, completion)))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (the generator is closed) or the stream ended
