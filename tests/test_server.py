@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -411,3 +412,39 @@ def test_seeds_are_int64_and_stream_options_need_a_stream(served):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
     assert client.post("/v1/completions", json={**body, "stream": True}).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_tokenizing_a_prompt_does_not_hold_up_other_requests(served, monkeypatch, route):
+    """Tokenizing and chat templates run off the event loop (as vLLM's server does): while one request's slow
+    tokenization runs, /health still answers at once (it waited for the whole tokenization before)."""
+    import threading
+
+    client, _ = served
+    tok = client.inference.tokenizer
+    started = threading.Event()
+    name = "encode" if route == "completions" else "apply_chat_template"
+    real = getattr(tok, name)
+
+    def slow(*args, **kwargs):
+        started.set()
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tok, name, slow)
+    if route == "completions":
+        path, body = "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}
+    else:
+        if not getattr(tok, "chat_template", None):
+            pytest.skip("the tiny model has no chat template")
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(client.post(path, json=body)))
+    worker.start()
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    assert client.get("/health").status_code == 200
+    waited = time.perf_counter() - t0
+    worker.join(30)
+    assert answers and answers[0].status_code == 200, answers
+    assert waited < 1.0, f"/health waited {waited:.2f}s for another request's tokenization"

@@ -24,6 +24,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from prestage.stages.errors import UsageError
 from prestage.stages.launch.openai_protocol import (
@@ -167,6 +168,14 @@ def create_app(
     loop = EngineLoop.of(engine)
     created = int(time.time())
     char_bound = max_model_len * max_token_chars(tokenizer)
+    # tokenizing and chat templates run on one worker thread, off the event loop (as vLLM's server does), so a
+    # long prompt does not hold up the other requests' streams; one thread: a fast tokenizer is not safe to call
+    # from two at once
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prestage-tokenize")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+
     vocab_bound = (getattr(engine.model, "vocab_size", None) or len(tokenizer)) - 1
     token_text: dict[int, str] = {}
 
@@ -454,7 +463,7 @@ def create_app(
         check_common(req)
         if req.echo:
             raise ApiError(400, "echo=true is not supported; send echo=false", "echo")
-        prompts = prompts_of(req.prompt)
+        prompts = await off_loop(prompts_of, req.prompt)
         params = [sampling(req, req.max_tokens, len(p), 16, req.logprobs) for p in prompts]
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": now, "model": served_model_name}
@@ -490,6 +499,17 @@ def create_app(
             "usage": usage_of(prompts, [len(o["token_ids"]) for o in outs]),
         }
 
+    def chat_ids(messages: list[dict]) -> list[int]:
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
+            raise ApiError(
+                400, f"the chat template rejected the messages: {' '.join(str(e).split())}", "messages"
+            ) from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return check_ids(list(ids), "messages")
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
@@ -508,15 +528,7 @@ def create_app(
             raise ApiError(
                 400, f"the messages are longer than this model's context of {max_model_len} tokens", "messages"
             )
-        try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
-            raise ApiError(
-                400, f"the chat template rejected the messages: {' '.join(str(e).split())}", "messages"
-            ) from None
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = check_ids(list(ids), "messages")
+        ids = await off_loop(chat_ids, messages)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, req.max_completion_tokens or req.max_tokens, len(ids), None, logprobs)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
