@@ -116,6 +116,11 @@ class EngineLoop:
     def abort(self, ticket: Ticket) -> None:
         self._commands.put(("abort", ticket))
 
+    def abort_all(self) -> None:
+        """Abort every running and waiting request (any thread): each ends at the next step, finish_reason
+        "abort" (the server's shutdown: streams end at once instead of being cut at uvicorn's grace period)."""
+        self._commands.put(("abort_all", None))
+
     # ---- the loop thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
@@ -161,7 +166,7 @@ class EngineLoop:
             self.metrics.waiting.set(engine.num_waiting)
             self.metrics.slots.set(engine.slots_in_use)
 
-    def _apply(self, kind: str, ticket: Ticket) -> None:
+    def _apply(self, kind: str, ticket: Ticket | None) -> None:
         if kind == "add":
             try:
                 ticket.request_id = self.engine.add_request(ticket.prompt, ticket.params)
@@ -170,6 +175,9 @@ class EngineLoop:
                 return
             self._live[ticket.request_id] = ticket
             self.metrics.prompt_tokens.inc(len(ticket.prompt))
+        elif kind == "abort_all":
+            for request_id in list(self._live):
+                self.engine.abort(request_id)
         elif ticket.request_id is not None and ticket.request_id in self._live:
             self.engine.abort(ticket.request_id)
 

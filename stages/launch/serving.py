@@ -97,6 +97,7 @@ def serve(app, sock: socket.socket, quiet: bool, loop=None) -> None:
 
     def shut_down(signum, frame) -> None:
         server.should_exit = True  # uvicorn finishes what it is answering, then its thread stops the loop
+        loop.abort_all()  # and what it is answering ends now: running requests finish as "abort"
 
     previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="prestage-http", daemon=True)
