@@ -319,12 +319,16 @@ def meta_of(b) -> dict:
     return meta
 
 
-def hash_stream(fh: BinaryIO, out: BinaryIO | None = None, chunk: int = 8 * 1024 * 1024) -> tuple[int, str]:
-    """(size, sha256) of what `fh` holds, copying it to `out` on the way when given."""
+def hash_stream(
+    fh: BinaryIO, out: BinaryIO | None = None, chunk: int = 8 * 1024 * 1024, limit: int | None = None
+) -> tuple[int, str]:
+    """(size, sha256) of what `fh` holds, copying it to `out` on the way when given. With `limit`, at most
+    limit + 1 bytes are read (a size above the limit tells the caller the source sent too much)."""
     h = hashlib.sha256()
     size = 0
     while True:
-        block = fh.read(chunk)
+        want = chunk if limit is None else min(chunk, limit + 1 - size)
+        block = fh.read(want) if want > 0 else b""
         if not block:
             break
         h.update(block)

@@ -7,6 +7,7 @@ bytes, same mtime), so make-style chains don't cascade. Anything else runs the s
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import platform
 import re
@@ -125,6 +126,10 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     run_dir = Path(run_dir)
     upstream = load_upstream(stage, run_dir)
     params = stage_params(params, run_dir, upstream)
+    if "fetch-weights" in upstream:
+        # as status says: never load a weight file whose bytes changed since fetch-weights hashed it (a missing
+        # or resized file is left to the stage's own check, which names it)
+        _refuse_changed_weights(run_dir, upstream["fetch-weights"], params)
     inputs = stage.inputs(params, upstream)
     up_digests = {n: m.digest for n, m in upstream.items()}
     try:
@@ -144,6 +149,9 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
         if old is not None and old.fingerprint == fp:
             try:
                 reason = stage.check_outputs(run_dir, old, params)
+                if reason is None and name == "fetch-weights":
+                    changed = _weights_changed(run_dir, old, params)
+                    reason = f"{changed} changed since fetched" if changed else None
             except errors.BadManifestError as e:
                 reason = str(e)
             if reason is None:
@@ -239,7 +247,42 @@ def _weights_changed(run_dir: Path, m: Manifest, params: dict) -> str | None:
     rec = record_of(m)
     if rec.format == "dummy":
         return None
-    return changed_since_fetched(paths.weights_dir(run_dir, m, params=params), rec, m.volatile)
+    rehashed: dict[str, int] = {}
+    changed = changed_since_fetched(paths.weights_dir(run_dir, m, params=params), rec, m.volatile, rehashed)
+    if changed is None and rehashed:
+        _remember_mtimes(run_dir, m, rehashed)
+    return changed
+
+
+def _remember_mtimes(run_dir: Path, m: Manifest, rehashed: dict[str, int]) -> None:
+    """These weight files were hashed again and hold the bytes fetch-weights recorded (a run copied with `cp -r`,
+    say): record their new mtimes in the manifest's volatile section (outside its digest: nothing downstream
+    changes), so the next check does not hash them again. Only over the manifest that was read (one another
+    process rewrote is left as it is), and best effort: a read-only run folder hashes again next time."""
+    path = manifest_path(run_dir, "fetch-weights")
+    volatile = {**m.volatile, "mtime_ns": {**(m.volatile.get("mtime_ns") or {}), **rehashed}}
+    try:
+        if path.read_bytes() == m.to_bytes():
+            write(path, dataclasses.replace(m, volatile=volatile))
+    except OSError:
+        pass
+
+
+def _refuse_changed_weights(run_dir: Path, m: Manifest, params: dict) -> None:
+    changed = _weights_changed(run_dir, m, params)
+    if changed is None:
+        return
+    rec = record_of(m)
+    f = next(f for f in rec.files if f.path == changed)
+    try:
+        same_size = (paths.weights_dir(run_dir, m, params=params) / f.path).stat().st_size == f.size
+    except OSError:
+        same_size = False
+    if same_size:
+        raise errors.IntegrityError(
+            f"weight file {changed}: changed since fetched (its sha256 is not the one fetch-weights recorded); "
+            f"re-run `prestage fetch-weights {run_dir.name} --force`"
+        )
 
 
 def _freshness(name: str, run_dir: Path, path: Path, state: dict[str, str], params: dict) -> dict:

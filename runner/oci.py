@@ -366,8 +366,8 @@ def pull(ref: str, out: Path, insecure: bool, reporter) -> dict:
                 with client.get_blob(container, desc["digest"], stream=True) as r:
                     r.raise_for_status()
                     r.raw.decode_content = True
-                    with open(dst, "wb") as fh:
-                        size, sha = hash_stream(r.raw, fh)
+                    with open(dst, "wb") as fh:  # never more than the descriptor says: a lying registry
+                        size, sha = hash_stream(r.raw, fh, limit=int(desc.get("size") or 0))
             except errors.PrestageError:
                 raise
             except Exception as e:

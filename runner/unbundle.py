@@ -158,7 +158,35 @@ def _check_staged(b, m, dst: Path, size: int, sha: str, want: str) -> None:
         os.utime(dst, ns=(m.mtime_ns, m.mtime_ns))
 
 
-def _check_manifests(t: _Targets, listing: dict, meta: dict, where: str) -> list[str]:
+def _check_scope(names, resolve, listing: dict, where: str) -> None:
+    """A hub bundle places only its own repo's cache folder (and its stored listing), and its config file is the
+    one resolve hashed; a local-folder model's bundle places nothing in the cache: a bundle must not plant
+    another repo's refs, snapshots or code in the target cache."""
+    if resolve.source != "hub":  # a local-folder model's bundle has model/ files, and nothing for the cache
+        stray = next((n for n in names if n.startswith("hub/")), None)
+        if stray is not None:
+            raise errors.IntegrityError(
+                f"{where}: {stray}: a cache file in the bundle of a local-folder model; the bundle is damaged or "
+                "hostile: nothing was placed"
+            )
+        return
+    folder = "models--" + resolve.repo_id.replace("/", "--")
+    allowed = (f"hub/{folder}/", f"hub/.prestage/listings/{folder}/")
+    for name in names:
+        if name.startswith("hub/") and not name.startswith(allowed):
+            raise errors.IntegrityError(
+                f"{where}: {name}: not a file of {resolve.repo_id}, the bundle's model (only hub/{folder}/ may be "
+                "placed in the cache); the bundle is damaged or hostile: nothing was placed"
+            )
+    config = f"hub/{resolve.snapshot}/{resolve.config_file}"
+    if resolve.config_sha256 and listing.get(config) != resolve.config_sha256:
+        raise errors.IntegrityError(
+            f"{where}: {config}: {checksums.NAME} does not give the sha256 resolve recorded; "
+            "the bundle was altered: nothing was placed"
+        )
+
+
+def _check_manifests(t: _Targets, listing: dict, meta: dict, where: str, names=()) -> list[str]:
     """The staged run's manifests: whole, chained by digest, and agreeing with the listed weight sha256s."""
     from prestage.stages.records import record_of
 
@@ -183,6 +211,7 @@ def _check_manifests(t: _Targets, listing: dict, meta: dict, where: str) -> list
                 )
     weights = record_of(found["fetch-weights"])
     resolve = record_of(found["resolve"])
+    _check_scope(names, resolve, listing, where)
     if weights.format != "dummy":
         base = f"hub/{resolve.snapshot}" if resolve.source == "hub" else "model"
         for f in weights.files:
@@ -250,7 +279,7 @@ def unbundle(path, artifacts: Path, hub_cache: Path, run: str | None, model_dir,
                 for c in checks:
                     if c is not None:
                         c.result()
-            stages = _check_manifests(t, listing, meta, b.where)
+            stages = _check_manifests(t, listing, meta, b.where, [m.name for m in files + links])
             staged = [d for d in (t.stage_art, t.stage_hub) if d is not None]
             flush.sync_filesystems(staged)  # every byte on disk before anything is renamed into place
             placed = _place(t, files, links, skipped)

@@ -283,6 +283,23 @@ def _tamper(kind: str, c: Connected, tmp: Path) -> Path:
         doc["outputs"]["max_model_len"] = 7
         p.write_bytes(msgpack.packb(doc, use_bin_type=True))
         _rewrite_sums(b)
+    elif kind == "other-repo-in-cache":  # another model's ref, snapshot and blob planted, checksums redone
+        other = b / "hub/models--other-org--victim"
+        (other / "refs").mkdir(parents=True)
+        (other / "refs/main").write_text("a" * 40)
+        (other / "blobs").mkdir()
+        (other / "blobs/cafe").write_text('{"architectures": ["Evil"]}')
+        (other / "snapshots" / ("a" * 40)).mkdir(parents=True)
+        (other / "snapshots" / ("a" * 40) / "config.json").symlink_to("../../blobs/cafe")
+        with open(b / "SHA256SUMS", "a") as fh:
+            for name in ("refs/main", "blobs/cafe", f"snapshots/{'a' * 40}/config.json"):
+                fh.write(
+                    f"{hashlib.sha256((other / name).read_bytes()).hexdigest()}  hub/models--other-org--victim/{name}\n"
+                )
+    elif kind == "edited-config":  # the snapshot's config.json changed and the checksums redone to match
+        blob = (snap / "config.json").resolve()
+        blob.write_text('{"architectures": ["Evil"]}')
+        _rewrite_sums(b)
     return b
 
 
@@ -295,6 +312,8 @@ TAMPERS = [
     ("unlisted-file", "not listed"),
     ("fifo", "special file"),
     ("edited-manifest", "configure"),
+    ("other-repo-in-cache", "not a file of test-org/tiny-single"),
+    ("edited-config", "sha256 resolve recorded"),
     ("tar-truncated", "truncated"),
     ("tar-dotdot", ".."),
     ("tar-symlink-escape", "escapes"),
@@ -406,6 +425,23 @@ def test_local_folder_model_bundles_under_model_and_unbundles_where_the_run_reco
     with tarfile.open(out) as tar:
         names = tar.getnames()
     assert "model/model.safetensors" in names and not any(n.startswith("hub/") for n in names)
+    # a local model's bundle places nothing in the cache: one that carries a hub/ file (listed, its sum right)
+    # is refused, and nothing is placed
+    planted = tmp_path / "planted"
+    assert _cli(["--artifacts", arts, "bundle", "loc", "-o", planted], env).returncode == 0
+    victim = planted / "hub/models--other-org--victim/refs/main"
+    victim.parent.mkdir(parents=True)
+    victim.write_text("a" * 40)
+    with open(planted / "SHA256SUMS", "a") as fh:
+        fh.write(f"{hashlib.sha256(victim.read_bytes()).hexdigest()}  hub/models--other-org--victim/refs/main\n")
+    cache = tmp_path / "victim-cache"
+    r = _cli(
+        ["--artifacts", tmp_path / "planted-arts", "unbundle", planted, "--model-dir", tmp_path / "ckpt"],
+        {**env, "HF_HUB_CACHE": str(cache)},
+    )
+    assert r.returncode == CODE["integrity"] and "local-folder model" in r.stderr, _show(r)
+    _nothing_placed(tmp_path / "planted-arts", cache)
+    assert not (tmp_path / "ckpt").exists()
     shutil.rmtree(src_root)  # the source machine is gone
 
     # the run records its model folder as ../../ckpt from the run folder: outside a fresh --artifacts

@@ -348,3 +348,30 @@ def test_in_process_cli_past_its_timeout_fails_the_test(hub, hf_env, tmp_path):
     hub.stall("answer")  # the hub never answers: resolve would wait for its read timeout
     with pytest.raises(pytest.fail.Exception, match="still running after 1 s"):
         run_cli(["--artifacts", tmp_path, "resolve", "test-org/tiny-single"], timeout=1)
+
+
+def test_launch_refuses_weights_changed_since_fetched_and_a_touched_file_stays_fresh(tmp_path, checkpoint_dirs):
+    """status, run and launch agree on the weights: a file whose bytes changed since fetch-weights is stale for
+    launch too (it used to generate from it, exit 0), and one whose mtime alone changed (a `cp -r` copy) is fresh."""
+    import os
+    import shutil
+
+    model = shutil.copytree(checkpoint_dirs["single"], tmp_path / "tiny")
+    arts = str(tmp_path / "arts")
+    assert cli("--artifacts", arts, "run", str(model), "--to", "fetch-weights").returncode == 0
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
+    rows = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)["stages"]
+    assert [x["state"] for x in rows][:4] == ["fresh"] * 4, rows
+    # the bytes were hashed and found unchanged: the new mtime is recorded, so the next check hashes nothing
+    from prestage.stages.manifest import read
+
+    fetched = read(Path(arts) / "tiny" / "fetch-weights.msgpack")
+    assert fetched.volatile["mtime_ns"]["model.safetensors"] == weights.stat().st_mtime_ns
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    r = cli("--artifacts", arts, "launch", "tiny", "--prompt", "hi", "--max-tokens", "1", "--device", "cpu")
+    assert r.returncode == CODE["integrity"], r.stderr
+    assert "model.safetensors: changed since fetched" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -68,6 +68,23 @@ def test_L01_linear_rope_scales_max_len():
     assert (r.max_model_len, r.key, r.derived) == (16384, "max_position_embeddings", 16384)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_position_embeddings": 0},
+        {"max_position_embeddings": -5},
+        {"max_position_embeddings": 4096, "rope_parameters": {"rope_type": "linear", "factor": -2}},
+        {"max_position_embeddings": 4096, "rope_parameters": {"rope_type": "linear", "factor": 0}},
+        {"max_position_embeddings": 4096, "rope_parameters": {"rope_type": "dynamic", "factor": float("nan")}},
+    ],
+)
+def test_L01_non_positive_length_or_factor_is_invalid_model(kw):
+    """A derived max_model_len below 1 (a zero/negative length key or rope factor) is refused by configure;
+    it used to be recorded (max_model_len -8192) and crash launch with an internal error."""
+    with pytest.raises(InvalidModelError, match="config.json"):
+        maxlen.resolve_max_model_len(cfg(**kw), None)
+
+
 def test_L02_dynamic_rope_scales_max_len():
     c = cfg(max_position_embeddings=2048, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
     assert maxlen.resolve_max_model_len(c, None).max_model_len == 4096

@@ -138,3 +138,61 @@ def test_push_pull_through_a_registry_then_launch(connected, registry, tmp_path)
     down = _cli(["pull", f"127.0.0.1:{closed}/p/t:v1", "-o", tmp_path / "d", "--plain-http"], env)
     assert down.returncode == CODE["network"] and "cannot be reached" in down.stderr, _show(down)
     assert time.monotonic() - t0 < 30  # no minutes of library retries
+
+
+def test_pull_reads_no_more_than_a_layer_descriptor_says(tmp_path, monkeypatch):
+    """A registry that streams endless bytes for a layer: pull stops after the descriptor's size + 1 and fails
+    with integrity (it used to write until the disk was full), leaving no partial layout."""
+    import hashlib
+    import io
+
+    from prestage.runner import oci
+    from prestage.stages import errors
+
+    data = b"x" * 1000
+    desc = {"mediaType": oci.WEIGHT, "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data)}
+    config = {"mediaType": oci.CONFIG, "digest": "sha256:" + hashlib.sha256(b"{}").hexdigest(), "size": 2}
+    manifest = {"artifactType": oci.ARTIFACT, "config": config, "layers": [desc]}
+
+    class Endless(io.RawIOBase):
+        served = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if Endless.served > 64 * 1024 * 1024:  # before the fix pull read on forever: stop it here
+                raise OSError("pull read 64 MB of a 1000-byte layer")
+            b[:] = b"\0" * len(b)
+            Endless.served += len(b)
+            return len(b)
+
+    class Resp:
+        def __init__(self, body):
+            self.raw = body
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def raise_for_status(self):
+            return None
+
+    class FakeClient:
+        def get_container(self, target):
+            return target
+
+        def get_manifest(self, container):
+            return manifest
+
+        def get_blob(self, container, digest, stream=True):
+            return Resp(io.BytesIO(b"{}") if digest == config["digest"] else Endless())
+
+    monkeypatch.setattr(oci, "_client", lambda host, insecure, ref: FakeClient())
+    out = tmp_path / "pulled"
+    with pytest.raises(errors.IntegrityError, match="other bytes"):
+        oci.pull("127.0.0.1:1/x/q:v1", out, True, None)
+    assert Endless.served <= len(data) + 1 + 8 * 1024 * 1024
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]

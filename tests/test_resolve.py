@@ -105,6 +105,17 @@ def test_R09_offline_not_cached(hub, hf_env, prestage, tmp_path):
     assert sum(hub.requests.values()) >= 0
 
 
+def test_R09_offline_commit_not_cached_is_offline_miss(hub, hf_env, prestage, tmp_path):
+    """A 40-hex --revision offline with an empty cache is an offline miss (5), not 'no config.json' (3)."""
+    commit = hub.resolve("test-org/tiny-single")
+    r = prestage(
+        ["--artifacts", str(tmp_path), "resolve", "test-org/tiny-single", "--revision", commit, "--offline"], env=hf_env
+    )
+    assert r.rc == CODE["offline-miss"], r.stderr
+    line = _one_line(r)
+    assert commit in line and "offline" in line
+
+
 def test_R06_repo_not_found(hub, hf_env, prestage, tmp_path):
     r = prestage(["--artifacts", str(tmp_path), "resolve", "nobody/does-not-exist"], env=hf_env)
     assert r.rc == CODE["not-found"]

@@ -360,6 +360,17 @@ def test_T04_hub_model_tokenizer_uses_resolve_commit_and_skips_weights(hub, hf_e
     assert offline == out and sum(hub.requests.values()) == 0
 
 
+def test_offline_tokenizer_files_missing_from_the_cache_is_an_offline_miss(hub, hf_env, tmp_path):
+    """resolve and configure online fill only config.json; tokenize-prep offline then lacks the tokenizer
+    files the listing names: an offline miss naming them (exit 5), not 'no tokenizer files' (exit 9)."""
+    run = tmp_path / "run"
+    params = {"model": "test-org/tiny-single"}
+    run_stage("resolve", run, params, QUIET, force=True)
+    run_stage("configure", run, params, QUIET, force=True)
+    with pytest.raises(errors.OfflineMissError, match="tokenizer.json"):
+        run_stage("tokenize-prep", run, {**params, "offline": True}, QUIET, force=True)
+
+
 def test_other_hub_tokenizer_is_pinned_and_goes_where_the_model_goes(hub, hf_env, tmp_path):
     run = tmp_path / "run"
     dl = tmp_path / "dl"

@@ -147,7 +147,16 @@ def resolve_max_model_len(
             factor = 1.0
         if isinstance(factor, bool) or not isinstance(factor, (int, float)):
             raise InvalidModelError(f"config.json rope factor {factor!r} is not a number; fix config.json")
+        if not factor > 0:  # a zero, negative or NaN factor would give a length launch cannot hold
+            raise InvalidModelError(
+                f"config.json rope factor {factor!r} must be a positive number; fix config.json or --hf-overrides"
+            )
         derived = derived * factor
+    if not derived >= 1:  # NaN, zero or negative: no sequence fits (launch would divide by it)
+        raise InvalidModelError(
+            f"config.json {key}={_num(derived)}: the model's maximum length must be at least 1; fix config.json "
+            "or --hf-overrides"
+        )
     longrope = any(rp.get("rope_type") == "longrope" for rp in dicts)
     if user is None or user == -1:
         if longrope:  # LongRoPE defaults to the short pre-training context (L-05)

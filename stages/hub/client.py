@@ -355,13 +355,51 @@ class HubClient:
                     f"{self.s.cache_dir} and offline mode is on; run once online to fetch it"
                 )
         pats = [p + "*" if p.endswith("/") else p for p in ignore_patterns]
+        missing: list[str] = []
         for item in paths:
             entry = item if isinstance(item, dict) else {"path": item}
             rel = names.repo_path(entry.get("path"), f"{repo_id}@{commit[:12]} listing")
             if any(fnmatch.fnmatchcase(rel, p) for p in pats):
                 continue
-            if verify_cached(self.s.cache_dir, repo_id, commit, rel, entry) is not None or self.s.offline:
+            if verify_cached(self.s.cache_dir, repo_id, commit, rel, entry) is not None:
+                continue
+            if self.s.offline:
+                if _needed_offline(rel):
+                    missing.append(rel)
                 continue
             self.download(repo_id, rel, commit, expect=entry if isinstance(item, dict) else None)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise errors.OfflineMissError(
+                f"{repo_id}@{commit[:12]}" + (f" ({what})" if what else "") + f": offline mode is on and "
+                f"{shown} {'is' if len(missing) == 1 else 'are'} not in the cache {self.s.cache_dir}; "
+                "run once online to fetch them"
+            )
         snap.mkdir(parents=True, exist_ok=True)
         return snap
+
+
+# Files a stage reads when they are listed (config, tokenizer, chat template, remote code): offline, a listed
+# one the cache lacks is an offline miss, named, rather than a misleading "no tokenizer files" later.
+_OFFLINE_NEEDED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tekken.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.model",
+    "tokenizer.model.v*",
+    "*.tiktoken",
+    "*.py",
+)
+
+
+def _needed_offline(rel: str) -> bool:
+    return "/" not in rel and any(fnmatch.fnmatchcase(rel, p) for p in _OFFLINE_NEEDED)

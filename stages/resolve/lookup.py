@@ -129,6 +129,11 @@ def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
             raise errors.OfflineMissError(
                 f"{where}: offline and revision '{rev}' is not in the cache {s.cache_dir}; run once online to fetch it"
             )
+        if not (Path(s.cache_dir) / hub.snapshot_rel(repo, commit)).is_dir():
+            # a 40-hex --revision is its own commit, but offline it must also be in the cache
+            raise errors.OfflineMissError(
+                f"{where}: offline and commit {commit} is not in the cache {s.cache_dir}; run once online to fetch it"
+            )
         listing = _snapshot_listing(s.cache_dir, repo, commit)
         source = "snapshot"
         warnings.append(
