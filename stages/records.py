@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from prestage.stages import names
 from prestage.stages.errors import BadManifestError
 
 R = TypeVar("R", bound="Record")
@@ -147,7 +148,15 @@ class Record:
             if k not in data:
                 raise _Mistyped(where, "is missing")
             kwargs[f.name] = _convert(hints[f.name], data[k], where)
-        return cls(**kwargs)
+        record = cls(**kwargs)
+        wrong = record._wrong_value()
+        if wrong is not None:
+            raise _Mistyped(f"{path}.{wrong[0]}" if path else wrong[0], wrong[1])
+        return record
+
+    def _wrong_value(self) -> tuple[str, str] | None:
+        """(field, problem) for a value of the right type that this record cannot hold; checked on reading."""
+        return None
 
     @classmethod
     def from_dict(cls: type[R], data: Any, where: str = "<manifest>") -> R:
@@ -209,6 +218,14 @@ class ResolveRecord(Record):
     config_sha256: str
     listing: str  # "full" (the hub's listing with sizes and sha256), "snapshot" (offline, partial), "local"
     files: list[RepoFile]
+
+    def _wrong_value(self) -> tuple[str, str] | None:
+        # later stages pass these to the hub client and into cache paths: an edited manifest must not steer them
+        if self.repo_id is not None and not names.is_repo_id(self.repo_id):
+            return "repo_id", f"is {self.repo_id!r}, not a Hugging Face repo id"
+        if self.commit is not None and not names.GIT_OID_RE.match(self.commit):
+            return "commit", f"is {self.commit!r}, not a 40-hex commit"
+        return None
 
 
 # ---- configure ---------------------------------------------------------------------------------------

@@ -441,3 +441,16 @@ def test_launch_knows_the_cpu_dtype_before_importing_torch(given, recorded, expe
     assert inference.cpu_dtype_name(conf, requested) == expected
     picked = inference.pick_dtype(conf, torch.device("cpu"), [], requested)
     assert picked == getattr(torch, expected)
+
+
+def test_a_rope_type_the_engine_does_not_run_is_a_one_line_unsupported_error():
+    """An unknown rope_type (configure passes what transformers only warns about) is refused by name, with the
+    supported list and the fix, as `unsupported` (it was an internal ValueError)."""
+    from prestage.stages.errors import UnsupportedError
+    from prestage.stages.launch.rope import RotaryEmbedding, inv_freq_and_scaling
+
+    bogus = {"rope_type": "bogus", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedError, match="rope_type 'bogus'.*--engine vllm"):
+        RotaryEmbedding(bogus, 16, 128)
+    with pytest.raises(UnsupportedError, match="longrope"):
+        inv_freq_and_scaling(bogus, 16, 128)

@@ -78,6 +78,9 @@ def test_round_trip_and_strict_reading():
         ({**RESOLVE, "files": {"x": 1}}, "'files' is dict, expected a list"),
         ({**RESOLVE, "extra": 1}, "'extra' is not a field"),
         ({**RESOLVE, "files": [{"path": "x", "size": True, "sha256": None, "lfs": False, "blob_id": None}]}, "is bool"),
+        # values later stages hand to the hub client and cache paths: an edited one must not steer them
+        ({**RESOLVE, "repo_id": "../../x"}, "'repo_id' is '../../x', not a Hugging Face repo id"),
+        ({**RESOLVE, "commit": "../../../../x"}, "'commit' is '../../../../x', not a 40-hex commit"),
     ]
     for data, match in cases:
         with pytest.raises(errors.BadManifestError, match=match) as e:

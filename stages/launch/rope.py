@@ -20,7 +20,16 @@ import math
 import torch
 from torch import nn
 
+from prestage.stages.errors import UnsupportedError
+
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def _unsupported(kind) -> UnsupportedError:
+    return UnsupportedError(
+        f"rope_type {kind!r} is not one prestage's engine runs ({', '.join(ROPE_TYPES)}); fix config.json (or "
+        "--hf-overrides), or run the model with --engine vllm if vLLM knows it"
+    )
 
 
 def rotary_dim(rope: dict, head_dim: int) -> int:
@@ -60,7 +69,7 @@ def inv_freq_and_scaling(
         return _yarn_inv_freq(rope, theta, dim, max_position_embeddings)
     if kind == "longrope":
         return _longrope_inv_freq(rope, theta, dim, max_position_embeddings, seq_len)
-    raise ValueError(f"unknown rope_type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    raise _unsupported(kind)
 
 
 def _llama3_inv_freq(rope: dict, theta: float, dim: int) -> torch.Tensor:
@@ -153,7 +162,7 @@ class RotaryEmbedding(nn.Module):
         self.rope = dict(rope)
         self.kind = rope.get("rope_type") or rope.get("type") or "default"
         if self.kind not in ROPE_TYPES:
-            raise ValueError(f"unknown rope_type {self.kind!r}; supported: {', '.join(ROPE_TYPES)}")
+            raise _unsupported(self.kind)
         self.dim = rotary_dim(rope, head_dim)
         self.max_position_embeddings = max_position_embeddings
         inv_freq, self.scaling = inv_freq_and_scaling(rope, head_dim, max_position_embeddings)
