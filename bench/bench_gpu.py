@@ -8,7 +8,7 @@ as the hub serves them), each engine in its own process:
 - loading, GB/s of checkpoint bytes: cold (the files' pages dropped from the page cache first, with
   posix_fadvise) and warm (a second process, the files cached): prestage's loader (`load_checkpoint`, the launch
   path: shards read by a thread pool into pinned memory, copied to the GPU while the next one is read) beside
-  transformers' `from_pretrained(device_map=...)`;
+  transformers' `from_pretrained(device_map=...)` (without the accelerate package: loaded on the CPU, then moved);
 - decode tok/s at batch 1 / 16 / 64 (the decode steps only, the prefill excluded; the best of a few runs): the
   engine with its CUDA graphs beside transformers' `generate`;
 - process start to first token (the cold process: import, load, engine with its CUDA graphs, one token).
@@ -68,6 +68,7 @@ SHARD_BYTES = 4 * 1024**3  # the hub's Qwen2 checkpoints come in shards of about
 MAX_MODEL_LEN = 1024
 NEW = 32  # tokens per sequence in a timed decode
 REPEAT = 3  # decode runs per batch size, the best kept
+WORKER_TIMEOUT_S = 1200
 TARGETS = {"decode_tok_s_b1_7b": 150.0, "warm_load_gb_s": 15.0, "start_to_first_token_s": 10.0}
 
 
@@ -271,7 +272,12 @@ def run_transformers(folder: Path, device: str, spawned: float, batches: list[in
 
 def worker(kind: str, folder: Path, device: str, batches: list[int]) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_gpu", "--worker", kind, str(folder), device, repr(time.time())]
-    r = subprocess.run([*cmd, ",".join(map(str, batches))], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    try:
+        r = subprocess.run(
+            [*cmd, ",".join(map(str, batches))], cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench-gpu: {kind} on {folder.name} ran over {WORKER_TIMEOUT_S} s") from None
     lines = [x for x in r.stdout.splitlines() if x.startswith(MARK)]
     if r.returncode != 0 or not lines:
         raise SystemExit(f"bench-gpu: {kind} on {folder.name} failed: {(r.stdout + r.stderr).strip()[-800:]}")
@@ -283,6 +289,10 @@ def measure(name: str, config: dict, device: str, batches: list[int], scratch: P
     folder = scratch / name
     t0 = time.perf_counter()
     size = build_checkpoint(folder, config, device)
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()  # the generator's blocks: the workers get the whole GPU
     print(f"  {name}: random checkpoint, {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f}s", flush=True)
     row: dict = {"checkpoint_bytes": size}
     for engine in ("prestage", "transformers"):
@@ -315,6 +325,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on CPU: checks the harness, no figures")
     parser.add_argument("--out", type=Path, default=OUT / "gpu.json")
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=OUT / "gpu-scratch",
+        help="where the random checkpoints are written (about 17 GB; on a disk, not tmpfs, or cold loads are warm)",
+    )
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -336,10 +352,31 @@ def main() -> None:
         device, shapes, batches = "cuda", {"qwen2-0.5b": QWEN2_05B, "qwen2-7b": QWEN2_7B}, [1, 16, 64]
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke run: not figures)"
     print(f"bench-gpu: {card}, torch {torch.__version__}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="prestage-bench-gpu-") as tmp:
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="prestage-bench-gpu-", dir=args.scratch) as tmp:
+        fs = _filesystem(Path(tmp))
+        print(f"bench-gpu: checkpoints in {tmp} ({fs})", flush=True)
+        if fs in ("tmpfs", "ramfs"):
+            print("bench-gpu: that is memory, not a disk: the cold loads will be warm (use --scratch DIR)")
         rows = {name: measure(name, config, device, batches, Path(tmp)) for name, config in shapes.items()}
     report(rows, batches)
-    _write(args.out, {"device": card, "torch": torch.__version__, "targets": TARGETS, "models": rows})
+    _write(args.out, {"device": card, "torch": torch.__version__, "scratch_fs": fs, "targets": TARGETS, "models": rows})
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the file system `path` is on (from /proc/mounts): on tmpfs the page cache cannot be dropped."""
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/")):
+            if len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind
 
 
 def _write(path: Path, payload: dict) -> None:

@@ -126,10 +126,7 @@ def run_stage(name: str, run_dir: Path, params: dict, reporter: Reporter, force:
     run_dir = Path(run_dir)
     upstream = load_upstream(stage, run_dir)
     params = stage_params(params, run_dir, upstream)
-    if "fetch-weights" in upstream:
-        # as status says: never load a weight file whose bytes changed since fetch-weights hashed it (a missing
-        # or resized file is left to the stage's own check, which names it)
-        _refuse_changed_weights(run_dir, upstream["fetch-weights"], params)
+    refuse_changed_weights(run_dir, upstream, params)
     inputs = stage.inputs(params, upstream)
     up_digests = {n: m.digest for n, m in upstream.items()}
     try:
@@ -259,8 +256,12 @@ def _remember_mtimes(run_dir: Path, m: Manifest, rehashed: dict[str, int]) -> No
     say): record their new mtimes in the manifest's volatile section (outside its digest: nothing downstream
     changes), so the next check does not hash them again. Only over the manifest that was read (one another
     process rewrote is left as it is), and best effort: a read-only run folder hashes again next time."""
+    from prestage.stages.fetch_weights.file_state import mtimes_host
+
     path = manifest_path(run_dir, "fetch-weights")
-    volatile = {**m.volatile, "mtime_ns": {**(m.volatile.get("mtime_ns") or {}), **rehashed}}
+    here = platform.node()
+    known = m.volatile.get("mtime_ns") if mtimes_host(m.volatile) == here else None
+    volatile = {**m.volatile, "mtime_ns": {**(known or {}), **rehashed}, "mtime_host": here}
     try:
         if path.read_bytes() == m.to_bytes():
             write(path, dataclasses.replace(m, volatile=volatile))
@@ -268,7 +269,12 @@ def _remember_mtimes(run_dir: Path, m: Manifest, rehashed: dict[str, int]) -> No
         pass
 
 
-def _refuse_changed_weights(run_dir: Path, m: Manifest, params: dict) -> None:
+def refuse_changed_weights(run_dir: Path, upstream: dict, params: dict) -> None:
+    """As status says: never load a weight file whose bytes changed since fetch-weights hashed it (launch, run,
+    serve with either engine). A missing or resized file is left to the loader's own check, which names it."""
+    m = upstream.get("fetch-weights")
+    if m is None:
+        return
     changed = _weights_changed(run_dir, m, params)
     if changed is None:
         return

@@ -28,7 +28,7 @@ def serve_command() -> click.Command:
     def callback(run, host, port, served_model_name, api_key, extra, **params):
         state: State = click.get_current_context().find_object(State)
         reporter = state.reporter()
-        from prestage.runner.chain import load_upstream, name_the_run, stage_params
+        from prestage.runner.chain import load_upstream, name_the_run, refuse_changed_weights, stage_params
         from prestage.stages.launch import generation_config_mode, generation_defaults
         from prestage.stages.launch.serving import bind, check_serve_extra, check_serve_params, serve
         from prestage.stages.launch.stage import engine_choice
@@ -37,6 +37,7 @@ def serve_command() -> click.Command:
         engine = engine_choice(params)
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
+        refuse_changed_weights(run_dir, upstream, stage_params(params, run_dir, upstream))
         if engine == "vllm":
             for flag, value in (("--api-key", api_key), ("--max-model-len", params.get("max_model_len"))):
                 if value is not None:

@@ -18,8 +18,8 @@ import re
 
 from prestage.stages import errors
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-GIT_OID_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")  # \Z: "$" would also take a trailing newline
+GIT_OID_RE = re.compile(r"^[0-9a-f]{40}\Z")
 MAX_NAME_BYTES = 255  # one path component, as most file systems allow
 MAX_PATH_BYTES = 1024  # a whole repo-relative path
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -34,7 +34,7 @@ def _show(value: object, limit: int = 80) -> str:
 
 # huggingface_hub's repo-id rule: "name" or "namespace/name" of word characters, "-" and "."; no "--" or "..",
 # not ending in ".git"
-_REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}$")
+_REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}\Z")
 
 
 def is_repo_id(value: str) -> bool:

@@ -43,7 +43,7 @@ def test_without_cuda_the_bench_says_why_and_writes_it(tmp_path):
 def test_the_smoke_run_measures_both_engines(tmp_path):
     out = tmp_path / "gpu.json"
     r = subprocess.run(
-        [sys.executable, "-m", "bench.bench_gpu", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench.bench_gpu", "--smoke", "--out", str(out), "--scratch", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,

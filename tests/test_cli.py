@@ -375,3 +375,40 @@ def test_launch_refuses_weights_changed_since_fetched_and_a_touched_file_stays_f
     r = cli("--artifacts", arts, "launch", "tiny", "--prompt", "hi", "--max-tokens", "1", "--device", "cpu")
     assert r.returncode == CODE["integrity"], r.stderr
     assert "model.safetensors: changed since fetched" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("--artifacts", arts, "serve", "tiny", "--port", "0", "--device", "cpu")  # serve refuses it too
+    assert r.returncode == CODE["integrity"] and "changed since fetched" in r.stderr, r.stderr
+
+
+def test_weights_on_another_host_are_hashed_once_then_trusted_by_mtime(tmp_path, checkpoint_dirs):
+    """A run copied or unbundled onto another machine: the recorded mtimes are another host's, so each weight
+    file is hashed (a changed byte, its mtime kept, is caught), and once found unchanged its mtime is recorded
+    with this host."""
+    import dataclasses
+    import os
+    import platform
+    import shutil
+
+    from prestage.stages.manifest import read, write
+
+    model = shutil.copytree(checkpoint_dirs["single"], tmp_path / "tiny")
+    arts = str(tmp_path / "arts")
+    assert cli("--artifacts", arts, "run", str(model), "--to", "fetch-weights").returncode == 0
+    path = Path(arts) / "tiny" / "fetch-weights.msgpack"
+    fetched = read(path)
+    write(path, dataclasses.replace(fetched, volatile={**fetched.volatile, "host": "elsewhere"}))
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the size and the mtime as recorded
+    rows = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)["stages"]
+    assert rows[3]["state"] == "stale" and "model.safetensors" in rows[3]["reason"], rows
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rows = json.loads(cli("--artifacts", arts, "status", "tiny", "--json").stdout)["stages"]
+    assert [x["state"] for x in rows][:4] == ["fresh"] * 4, rows
+    again = read(path).volatile
+    assert again["mtime_host"] == platform.node() and again["host"] == "elsewhere"
+    assert again["mtime_ns"] == {"model.safetensors": st.st_mtime_ns}

@@ -1,9 +1,10 @@
 """What fetch-weights saw of each weight file (size, mtime), and whether the file on disk still matches it.
 
 The sizes are outputs; the mtimes are host-specific, so fetch-weights records them in `volatile` as
-`mtime_ns` {path: st_mtime_ns}. `status` compares both; a file whose mtime moved is hashed, and reported when its
-bytes changed (a copy made with `cp -r` keeps them; its new mtime is then recorded, so the next check reads no
-byte again). A file changed with its mtime restored is for `prestage verify RUN`, which hashes everything.
+`mtime_ns` {path: st_mtime_ns} with the host. `status` compares both; a file whose mtime moved (or one on another
+host: a run copied or unbundled elsewhere) is hashed, and reported when its bytes changed (a copy made with
+`cp -r` keeps them; its mtime is then recorded, with this host as `mtime_host`, so the next check reads no byte
+again). A file changed with its mtime restored is for `prestage verify RUN`, which hashes everything.
 Importable without the heavy libraries.
 """
 
@@ -18,13 +19,19 @@ def mtimes(base: Path, paths) -> dict[str, int]:
     return {p: (Path(base) / p).stat().st_mtime_ns for p in paths}
 
 
+def mtimes_host(volatile: dict) -> str | None:
+    """The host whose mtimes `volatile` records: where fetch-weights ran, or where the files were last hashed."""
+    return volatile.get("mtime_host") or volatile.get("host")
+
+
 def changed_since_fetched(base: Path, record, volatile: dict, rehashed: dict | None = None) -> str | None:
-    """The path of the first recorded weight file whose size differs from what fetch-weights saw, or whose mtime
-    differs and whose bytes are no longer the recorded sha256 (or that is gone), else None. The mtimes are
-    compared only on the host that recorded them. A file whose mtime moved but whose bytes were hashed and
-    found unchanged goes into `rehashed` {path: st_mtime_ns}, for the caller to record."""
+    """The path of the first recorded weight file whose size differs from what fetch-weights saw, or that is gone,
+    or whose bytes are no longer the recorded sha256, else None. The bytes are hashed only where the mtime says
+    they may have changed: it moved, or no mtime of this host is recorded (a run copied or unbundled on another
+    machine). Each file hashed and found unchanged goes into `rehashed` {path: st_mtime_ns}, for the caller to
+    record with this host."""
     seen = volatile.get("mtime_ns")
-    if not isinstance(seen, dict) or volatile.get("host") != platform.node():
+    if not isinstance(seen, dict) or mtimes_host(volatile) != platform.node():
         seen = {}
     for f in record.files:  # the WeightsRecord's files
         try:
@@ -33,7 +40,7 @@ def changed_since_fetched(base: Path, record, volatile: dict, rehashed: dict | N
             return f.path
         if st.st_size != f.size:
             return f.path
-        if f.path in seen and st.st_mtime_ns != seen[f.path]:
+        if seen.get(f.path) != st.st_mtime_ns:
             # the mtime only says the file may have changed (a copy with `cp -r` changes it too): its bytes decide
             from prestage.stages.digest import sha256_hex
 

@@ -74,7 +74,8 @@ class EngineLoop:
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.slots_total.set(engine.num_slots)
-        self._commands: queue.Queue = queue.Queue()
+        # SimpleQueue: its put is reentrant, so serve's signal handler (on the loop's own thread) can abort
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, Ticket] = {}
         self._thread = None
         if thread:

@@ -169,9 +169,10 @@ def create_app(
     created = int(time.time())
     char_bound = max_model_len * max_token_chars(tokenizer)
     # tokenizing and chat templates run on one worker thread, off the event loop (as vLLM's server does), so a
-    # long prompt does not hold up the other requests' streams; one thread: a fast tokenizer is not safe to call
-    # from two at once
+    # long prompt does not hold up the other requests' streams; one thread, so requests are tokenized in turn
+    # (transformers' fast tokenizer may reset its truncation settings on a call to encode)
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prestage-tokenize")
+    app.router.on_shutdown.append(lambda: tokenizing.shutdown(wait=False))
 
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)

@@ -159,6 +159,9 @@ def load_checkpoint(
             model.mapped.update(stats.mapped)  # the decoder maps its LM head again to pack it (prepack_for_cpu)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:  # torch keeps freed pinned buffers (each rounded up to a power of two) for reuse
+                empty()  # the shards' staging buffers are done with: give that page-locked memory back
     stats.seconds = time.perf_counter() - start
     missing = sorted({n for n, _ in model.named_parameters()} - set(loaded))
     if missing:

@@ -23,7 +23,6 @@ from prestage.stages.manifest import write_atomic
 from prestage.stages.records import RepoFile, ResolveRecord
 
 # huggingface_hub's repo-id rule: "name" or "namespace/name", no "--" or "..", not ending in ".git".
-_REPO_ID_RE = re.compile(r"^(?:[\w\-.]{1,96}/)?[\w\-.]{1,96}$")
 
 
 def offline_reason(params: dict) -> str | None:
@@ -104,7 +103,7 @@ def resolve_local(ctx: Context, inputs: dict) -> StageResult:
 def resolve_hub(ctx: Context, inputs: dict) -> StageResult:
     repo, rev = inputs["repo_id"], inputs["revision"]
     where = f"{repo}@{rev}"
-    if not _REPO_ID_RE.match(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
+    if not names.is_repo_id(repo):
         shown = repo if len(repo) <= 120 else repo[:117] + "..."
         raise errors.NotFoundError(
             f"{shown}: not a local folder and not a valid hub id (org/name); check the path or the id"
