@@ -27,24 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import bench_decode
 from bench.common import OUT, ROOT
-from bench.decode_worker import MARK
+from bench.decode_worker import MARK, _decode_rate, _prompts, generate_seconds, transformers_decode_rate
 
-QWEN2_05B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-}
+QWEN2_05B = {**bench_decode.QWEN2_05B, "max_position_embeddings": 131072}  # as Qwen/Qwen2-0.5B's config.json
 QWEN2_7B = {
     **QWEN2_05B,
     "vocab_size": 152064,
@@ -66,8 +53,6 @@ TINY = {  # --smoke: the harness on CPU in seconds
 }
 SHARD_BYTES = 4 * 1024**3  # the hub's Qwen2 checkpoints come in shards of about 4 GB
 MAX_MODEL_LEN = 1024
-NEW = 32  # tokens per sequence in a timed decode
-REPEAT = 3  # decode runs per batch size, the best kept
 WORKER_TIMEOUT_S = 1200
 TARGETS = {"decode_tok_s_b1_7b": 150.0, "warm_load_gb_s": 15.0, "start_to_first_token_s": 10.0}
 
@@ -158,10 +143,6 @@ def _files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _prompts(n: int) -> list[list[int]]:
-    return [[(7 * t + 13 * j) % 1000 + 1 for t in range(16)] for j in range(n)]
-
-
 def run_prestage(folder: Path, device: str, spawned: float, batches: list[int]) -> dict:
     from types import SimpleNamespace
 
@@ -205,19 +186,8 @@ def run_prestage(folder: Path, device: str, spawned: float, batches: list[int]) 
         "load_s": round(stats.seconds, 3),
         "cuda_graphs": engine.graphs is not None,
     }
-    sp = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     for b in batches:
-        engine.generate(_prompts(b), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
-        best = 0.0
-        for _ in range(REPEAT):
-            for p in _prompts(b):
-                engine.add_request(p, sp)
-            engine.step()  # the prefill (and each sequence's first token)
-            t0, tokens = time.perf_counter(), 0
-            while engine.has_unfinished():
-                tokens += sum(len(o.new_token_ids) for o in engine.step())
-            best = max(best, tokens / (time.perf_counter() - t0))
-        out[f"decode_tok_s_b{b}"] = round(best, 2)
+        out[f"decode_tok_s_b{b}"] = round(_decode_rate(engine, b), 2)  # as bench_decode measures it on CPU
     return out
 
 
@@ -239,23 +209,7 @@ def run_transformers(folder: Path, device: str, spawned: float, batches: list[in
     load_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in _files(folder))
 
-    def gen(batch: int, new: int) -> float:
-        ids = torch.tensor(_prompts(batch), device=device)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    gen(1, 1)
+    generate_seconds(model, torch.tensor(_prompts(1), device=device), 1)
     out = {
         "start_to_first_token_s": round(time.time() - spawned, 3),
         "load_gb_s": round(size / load_s / 1e9, 3),
@@ -263,10 +217,7 @@ def run_transformers(folder: Path, device: str, spawned: float, batches: list[in
         "loaded_with": how,
     }
     for b in batches:
-        gen(b, 2)  # warm-up
-        t1 = min(gen(b, 1) for _ in range(REPEAT))
-        tn = min(gen(b, NEW) for _ in range(REPEAT))
-        out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
+        out[f"decode_tok_s_b{b}"] = round(transformers_decode_rate(model, torch.tensor(_prompts(b), device=device)), 2)
     return out
 
 

@@ -141,6 +141,35 @@ def run_prestage(model_dir: str, dtype_name: str, spawned: float, start_only: bo
     }
 
 
+def generate_seconds(model, ids, new: int) -> float:
+    """Seconds for transformers' greedy `generate` of exactly `new` tokens after the prompts `ids` [B, T] (on the
+    model's device; a CUDA run is synchronized before the clock stops)."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
+    return time.perf_counter() - t0
+
+
+def transformers_decode_rate(model, ids) -> float:
+    """Decode tok/s of `generate` for the batch `ids` [B, T]: NEW tokens timed against one, so the prefill drops
+    out, after a warm-up at this batch size (as for prestage), the best of REPEAT runs of each."""
+    generate_seconds(model, ids, 2)
+    t1 = min(generate_seconds(model, ids, 1) for _ in range(REPEAT))
+    tn = min(generate_seconds(model, ids, NEW) for _ in range(REPEAT))
+    return ids.shape[0] * (NEW - 1) / max(tn - t1, 1e-9)
+
+
 def run_transformers(model_dir: str, dtype_name: str, spawned: float, start_only: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -148,30 +177,13 @@ def run_transformers(model_dir: str, dtype_name: str, spawned: float, start_only
     dtype = getattr(torch, dtype_name)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
-    def gen(batch: int, new: int) -> float:
-        ids = torch.tensor(_prompts(batch))
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return time.perf_counter() - t0
-
-    gen(1, 1)
+    generate_seconds(model, torch.tensor(_prompts(1)), 1)
     first = time.time() - spawned
     out = {"start_to_first_token_s": round(first, 3)}
     if start_only:
         return out
     for b in (1, 8):
-        gen(b, 2)  # warm-up: a decode step at this batch size has run once (as for prestage)
-        t1 = min(gen(b, 1) for _ in range(REPEAT))
-        tn = min(gen(b, NEW) for _ in range(REPEAT))
-        out[f"decode_tok_s_b{b}"] = round(b * (NEW - 1) / max(tn - t1, 1e-9), 2)
+        out[f"decode_tok_s_b{b}"] = round(transformers_decode_rate(model, torch.tensor(_prompts(b))), 2)
     out["peak_rss_bytes"] = _peak_rss()
     out["rss_at_end_bytes"] = _rss_parts()
     return out
