@@ -2,7 +2,9 @@
 
 A stage is skipped ("cached") when its manifest exists, its fingerprint equals the one the current inputs
 and upstream manifests give, and its outputs still check out; the file is then left untouched (same
-bytes, same mtime), so make-style chains don't cascade. Anything else runs the stage and rewrites it.
+bytes, same mtime), so make-style chains don't cascade. Anything else runs the stage and rewrites it. One
+exception: a weight file whose mtime moved but whose bytes hash as recorded has its new mtime written into
+fetch-weights' volatile section (`_remember_mtimes`), so it is hashed once, not at every check.
 """
 
 from __future__ import annotations

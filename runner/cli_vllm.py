@@ -37,15 +37,15 @@ def serve_command() -> click.Command:
         engine = engine_choice(params)
         run_dir = state.run_dir(run)
         upstream = load_upstream(get_stage("launch"), run_dir)
-        refuse_changed_weights(run_dir, upstream, stage_params(params, run_dir, upstream))
+        staged = stage_params(params, run_dir, upstream)
+        refuse_changed_weights(run_dir, upstream, staged)
         if engine == "vllm":
             for flag, value in (("--api-key", api_key), ("--max-model-len", params.get("max_model_len"))):
                 if value is not None:
                     extra = (*extra, flag, str(value))  # vLLM's own flags of the same name
             if str(params.get("dtype") or "auto") != "auto":
                 raise errors.UsageError("--dtype with --engine vllm: vLLM runs configure's dtype; re-run configure")
-            params = stage_params(params, run_dir, upstream)
-            _exec_vllm_serve(run_dir, upstream, params, host, port, served_model_name, extra, reporter)
+            _exec_vllm_serve(run_dir, upstream, staged, host, port, served_model_name, extra, reporter)
             return
         if extra or any(params.get(k) not in (None, False) for k in _SCALE_OUT_DESTS):
             raise errors.UsageError("scale-out flags and arguments after -- are for --engine vllm")
@@ -55,7 +55,7 @@ def serve_command() -> click.Command:
         from prestage.stages.launch.inference import load_for_inference
 
         try:
-            inference = load_for_inference(run_dir, upstream, stage_params(params, run_dir, upstream))
+            inference = load_for_inference(run_dir, upstream, staged)
         except errors.PrestageError as e:
             name_the_run(e, run_dir.name)  # a hint's `prestage CMD RUN` names this run
             raise
